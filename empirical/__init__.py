@@ -1,0 +1,1 @@
+"""Empirical side: numba MSE sweeps, distribution fits, model loading, activation capture."""

@@ -1,0 +1,1 @@
+"""Experiments: one module per experiment, each writes a figure, a table and a JSON result."""

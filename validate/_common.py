@@ -1,0 +1,224 @@
+"""Shared helpers for experiments: output folders, provenance, atomic writes, tables, figures.
+
+Every experiment in ``validate/`` reads as load -> run -> compare with theory -> write, and writes
+through these helpers so that every artefact is written atomically (an interruption never leaves
+a half-written file) and every JSON result carries the same provenance block.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import io
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+__all__ = [
+    "default_out_dir",
+    "provenance",
+    "atomic_write_text",
+    "atomic_write_bytes",
+    "write_json",
+    "read_json",
+    "write_csv",
+    "write_latex_table",
+    "save_figure",
+    "to_jsonable",
+]
+
+_PACKAGES = (
+    "numpy", "scipy", "sympy", "statsmodels", "numba", "torch", "transformers",
+    "safetensors", "gguf", "matplotlib", "gflanguages",
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def default_out_dir(experiment: str) -> Path:
+    """``results/<experiment>`` under the project root (or ``$LANGQUANT_RESULTS``)."""
+    base = Path(os.environ.get("LANGQUANT_RESULTS", ROOT / "results"))
+    return base / experiment
+
+
+def git_commit() -> str | None:
+    """The commit of the project checkout, with ``-dirty`` when it has uncommitted changes."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
+                             text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def package_versions(names: Iterable[str] = _PACKAGES) -> dict[str, str | None]:
+    out: dict[str, str | None] = {}
+    for n in names:
+        try:
+            out[n] = metadata.version(n)
+        except metadata.PackageNotFoundError:
+            out[n] = None
+    return out
+
+
+def provenance(**config: Any) -> dict[str, Any]:
+    """Provenance block for a result: the experiment's configuration plus environment.
+
+    Pass what defines the run (model, corpus, languages, bits, grid, seed, ...) as keywords.
+    """
+    return {
+        "config": to_jsonable(config),
+        "git_commit": git_commit(),
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "packages": package_versions(),
+        "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv else None,
+    }
+
+
+def to_jsonable(obj: Any) -> Any:
+    """Convert numpy scalars/arrays, paths and enums to JSON types; non-finite floats to None."""
+    if isinstance(obj, Mapping):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return to_jsonable(obj.tolist())
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        f = float(obj)
+        return f if math.isfinite(f) else None
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "value") and isinstance(getattr(obj, "value"), (str, int)):
+        return obj.value
+    return obj
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` via a temporary file in the same folder and ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> Path:
+    """Atomically write ``obj`` as indented JSON (NaN/inf become null, never invalid JSON)."""
+    return atomic_write_text(path, json.dumps(to_jsonable(obj), indent=2, sort_keys=False,
+                                              allow_nan=False) + "\n")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    with open(path, encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def write_csv(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]],
+              columns: Sequence[str] | None = None) -> Path:
+    """Atomically write a list of dict rows as CSV."""
+    if columns is None:
+        columns = list(rows[0].keys()) if rows else []
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({c: _fmt_csv(r.get(c)) for c in columns})
+    return atomic_write_text(path, buf.getvalue())
+
+
+def _fmt_csv(v: Any) -> Any:
+    if isinstance(v, (float, np.floating)):
+        return repr(float(v))
+    return v
+
+
+_LATEX_SPECIAL = {"&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
+                  "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+
+
+def latex_escape(s: str) -> str:
+    return "".join(_LATEX_SPECIAL.get(c, c) for c in str(s))
+
+
+def _fmt_tex(v: Any, digits: int) -> str:
+    if v is None:
+        return "--"
+    if isinstance(v, (float, np.floating)):
+        f = float(v)
+        if not math.isfinite(f):
+            return "--"
+        return f"{f:.{digits}g}"
+    if isinstance(v, (int, np.integer)) and not isinstance(v, bool):
+        return str(int(v))
+    return latex_escape(v)
+
+
+def write_latex_table(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]],
+                      columns: Sequence[str], headers: Sequence[str] | None = None,
+                      caption: str | None = None, label: str | None = None,
+                      digits: int = 4) -> Path:
+    """Atomically write a booktabs ``tabular`` (wrapped in ``table`` when caption is given)."""
+    headers = list(headers) if headers is not None else [latex_escape(c) for c in columns]
+    align = "".join("l" if not _is_numeric_col(rows, c) else "r" for c in columns)
+    lines = []
+    if caption is not None:
+        lines += [r"\begin{table}[t]", r"\centering", rf"\caption{{{caption}}}"]
+        if label:
+            lines.append(rf"\label{{{label}}}")
+    lines += [rf"\begin{{tabular}}{{{align}}}", r"\toprule", " & ".join(headers) + r" \\", r"\midrule"]
+    for r in rows:
+        lines.append(" & ".join(_fmt_tex(r.get(c), digits) for c in columns) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    if caption is not None:
+        lines.append(r"\end{table}")
+    return atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+def _is_numeric_col(rows: Sequence[Mapping[str, Any]], c: str) -> bool:
+    vals = [r.get(c) for r in rows if r.get(c) is not None]
+    return bool(vals) and all(isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) for v in vals)
+
+
+def save_figure(fig, path: str | os.PathLike, dpi: int = 150) -> Path:
+    """Atomically save a matplotlib figure; the format follows the suffix (.png, .pdf)."""
+    path = Path(path)
+    buf = io.BytesIO()
+    fig.savefig(buf, format=path.suffix.lstrip(".") or "png", dpi=dpi, bbox_inches="tight")
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def use_agg() -> None:
+    """Select matplotlib's non-interactive backend (no display on CI machines)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
