@@ -1,2 +1,47 @@
-"""Analytic quantization theory (in progress)."""
-from .grids import Grid, grid_spec, levels, quantize, check_bits
+"""Analytic quantization theory: MSE-optimal clipping for every distribution and grid.
+
+The way in is flat::
+
+    from theory import Gaussian, Laplace, optimal_alpha, expected_mse
+    optimal_alpha(Laplace(b=0.02), bits=4, grid="aciq")   # = 0.02 * W(3 * 4^4)
+
+Definitions (grids, distributions) follow DESIGN.md. This package imports numpy, scipy and
+sympy only, never torch.
+"""
+
+from .derivations import Derivation, all_derivations, gaussian_aciq, laplace_aciq, to_latex
+from .distributions import (
+    FAMILIES,
+    Distribution,
+    Gaussian,
+    GeneralizedGaussian,
+    Laplace,
+    Lognormal,
+    StudentT,
+    family,
+)
+from .grids import MAX_BITS, MIN_BITS, Grid, GridSpec, check_bits, grid_spec, levels, quantize
+from .mse import clipping_mse, expected_mse, mse_derivative, rounding_mse
+from .optimal import (
+    allocate_bits,
+    bias_correct,
+    octav_alpha,
+    octav_objective,
+    optimal_alpha,
+    optimal_mse,
+)
+
+__all__ = [
+    # distributions
+    "Distribution", "Gaussian", "Laplace", "Lognormal", "GeneralizedGaussian", "StudentT",
+    "FAMILIES", "family",
+    # grids
+    "Grid", "GridSpec", "grid_spec", "levels", "quantize", "check_bits", "MIN_BITS", "MAX_BITS",
+    # MSE
+    "expected_mse", "clipping_mse", "rounding_mse", "mse_derivative",
+    # optimal clipping
+    "optimal_alpha", "optimal_mse", "octav_alpha", "octav_objective", "allocate_bits",
+    "bias_correct",
+    # derivations
+    "Derivation", "laplace_aciq", "gaussian_aciq", "to_latex", "all_derivations",
+]
