@@ -1,0 +1,297 @@
+"""Maximum-likelihood fits of the DESIGN.md distribution families to weights and activations.
+
+Each fit is a scipy.stats maximum-likelihood estimate on (a seeded subsample of) the data:
+
+==============  =======================  ======================================================
+family          scipy.stats              theory object (:meth:`FitResult.to_theory`)
+==============  =======================  ======================================================
+``gaussian``    ``norm``                 ``Gaussian(sigma)``
+``laplace``     ``laplace``              ``Laplace(b)``
+``gennorm``     ``gennorm``              ``GeneralizedGaussian(beta, scale)``
+``student_t``   ``t``                    ``StudentT(nu, scale)``
+``lognormal``   ``lognorm`` (loc = 0)    ``Lognormal(mu, sigma)`` (one-sided, x > 0)
+==============  =======================  ======================================================
+
+Models are compared by AIC = 2k - 2 ln L and BIC = k ln n - 2 ln L (Schwarz 1978), k the number
+of free parameters, and by the Kolmogorov-Smirnov distance sup |F_n - F|. The data's excess
+kurtosis (Fisher's definition, moment estimate on all data) is reported
+alongside, since it is the quantity that ties the families together (DESIGN.md), with
+statsmodels' quantile-based (robust) kurtosis measures of the fitted sample in ``extra``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from scipy import stats
+
+__all__ = ["FitResult", "FAMILIES_SIGNED", "FAMILIES_ONE_SIDED", "fit", "fit_all", "best_fit",
+           "subsample", "excess_kurtosis", "robust_excess_kurtosis"]
+
+FAMILIES_SIGNED = ("gaussian", "laplace", "gennorm", "student_t")
+FAMILIES_ONE_SIDED = ("lognormal",)
+_ALIASES = {"normal": "gaussian", "norm": "gaussian", "t": "student_t", "studentt": "student_t",
+            "generalized_gaussian": "gennorm", "lognorm": "lognormal"}
+MIN_SAMPLES = 20
+
+
+@dataclass
+class FitResult:
+    """One maximum-likelihood fit.
+
+    Attributes
+    ----------
+    family : str
+        Family name (the ``name`` of the theory class).
+    params : dict
+        Shape and scale parameters in theory's parametrisation (``sigma``, ``b``,
+        ``beta``/``scale``, ``nu``/``scale``, ``mu``/``sigma``).
+    loc : float
+        Fitted (or fixed) location; 0 for lognormal.
+    loglik, aic, bic : float
+        Log-likelihood on the fitted sample and the information criteria.
+    ks : float
+        Kolmogorov-Smirnov distance between the fitted sample and the fitted CDF.
+    excess_kurtosis : float
+        Excess kurtosis of the data (all of it, not only the subsample).
+    n : int
+        Number of samples the fit used.
+    n_total : int
+        Number of values in the data.
+    """
+
+    family: str
+    params: dict[str, float]
+    loc: float
+    loglik: float
+    aic: float
+    bic: float
+    ks: float
+    excess_kurtosis: float
+    n: int
+    n_total: int = 0
+    k: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_theory(self):
+        """The theory distribution with these parameters (location dropped: data centred)."""
+        import theory
+
+        p = self.params
+        if self.family == "gaussian":
+            return theory.Gaussian(p["sigma"])
+        if self.family == "laplace":
+            return theory.Laplace(p["b"])
+        if self.family == "gennorm":
+            return theory.GeneralizedGaussian(p["beta"], p["scale"])
+        if self.family == "student_t":
+            return theory.StudentT(p["nu"], p["scale"])
+        if self.family == "lognormal":
+            return theory.Lognormal(p["mu"], p["sigma"])
+        raise ValueError(f"no theory distribution for family {self.family!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"family": self.family, "params": dict(self.params), "loc": self.loc,
+                "loglik": self.loglik, "aic": self.aic, "bic": self.bic, "ks": self.ks,
+                "excess_kurtosis": self.excess_kurtosis, "n": self.n, "n_total": self.n_total,
+                "k": self.k, **self.extra}
+
+
+def _family_name(name: str) -> str:
+    key = str(name).strip().lower().replace("-", "_")
+    key = _ALIASES.get(key, key)
+    if key not in FAMILIES_SIGNED + FAMILIES_ONE_SIDED:
+        raise ValueError(f"unknown family {name!r}; known: "
+                         f"{', '.join(FAMILIES_SIGNED + FAMILIES_ONE_SIDED)}")
+    return key
+
+
+def _as_data(x) -> np.ndarray:
+    arr = np.asarray(x)
+    if arr.dtype.kind not in "fiu":
+        raise ValueError(f"data must be numeric, got dtype {arr.dtype}")
+    if arr.size == 0:
+        raise ValueError("data is empty")
+    if arr.size < MIN_SAMPLES:
+        raise ValueError(f"need at least {MIN_SAMPLES} values to fit a distribution, got {arr.size}")
+    return arr
+
+
+def subsample(x, max_samples: int | None = 200_000, seed: int = 0) -> np.ndarray:
+    """A seeded uniform subsample without replacement, as float64 (the whole array if small).
+
+    Indices are drawn without materialising a permutation of the full array, and the values are
+    gathered by multi-index, so a huge (even non-contiguous) tensor is never copied whole.
+    """
+    arr = _as_data(x)
+    n = arr.size
+    if max_samples is None or n <= int(max_samples):
+        out = np.asarray(arr, dtype=np.float64).ravel()
+    else:
+        rng = np.random.default_rng(seed)
+        idx = np.sort(rng.choice(n, size=int(max_samples), replace=False))
+        out = np.asarray(arr[np.unravel_index(idx, arr.shape)], dtype=np.float64)
+    if not np.all(np.isfinite(out)):
+        raise ValueError("data contains NaN or infinite values")
+    return out
+
+
+def excess_kurtosis(x, chunk: int = 1 << 22) -> float:
+    """Excess kurtosis ``m4 / m2^2 - 3`` of all of ``x`` (float64, chunked; no full copy)."""
+    arr = np.asarray(x).ravel()  # a view for contiguous input
+    n = arr.size
+    if n == 0:
+        raise ValueError("data is empty")
+    s1 = 0.0
+    for i in range(0, n, chunk):
+        s1 += float(np.sum(arr[i:i + chunk], dtype=np.float64))
+    mean = s1 / n
+    m2 = m4 = 0.0
+    for i in range(0, n, chunk):
+        d = arr[i:i + chunk].astype(np.float64) - mean
+        d2 = d * d
+        m2 += float(d2.sum())
+        m4 += float((d2 * d2).sum())
+    if not math.isfinite(m4):
+        raise ValueError("data contains NaN or infinite values")
+    if m2 == 0.0:
+        return float("nan")
+    m2 /= n
+    m4 /= n
+    return m4 / (m2 * m2) - 3.0
+
+
+def _mle(family: str, y: np.ndarray, fix_loc: bool):
+    """scipy fit -> (frozen distribution, theory params, loc, number of free parameters)."""
+    kw = {"floc": 0.0} if fix_loc else {}
+    if family == "gaussian":
+        if fix_loc:
+            # Closed form; scipy's optimiser would only reproduce it.
+            loc, scale = 0.0, float(np.sqrt(np.mean(y * y)))
+        else:
+            loc, scale = stats.norm.fit(y)
+        return stats.norm(loc, scale), {"sigma": float(scale)}, float(loc), 1 + (not fix_loc)
+    if family == "laplace":
+        if fix_loc:
+            loc, scale = 0.0, float(np.mean(np.abs(y)))
+        else:
+            loc, scale = stats.laplace.fit(y)
+        return stats.laplace(loc, scale), {"b": float(scale)}, float(loc), 1 + (not fix_loc)
+    if family == "gennorm":
+        beta, loc, scale = stats.gennorm.fit(y, **kw)
+        return (stats.gennorm(beta, loc, scale), {"beta": float(beta), "scale": float(scale)},
+                float(loc), 2 + (not fix_loc))
+    if family == "student_t":
+        nu, loc, scale = stats.t.fit(y, **kw)
+        return (stats.t(nu, loc, scale), {"nu": float(nu), "scale": float(scale)}, float(loc),
+                2 + (not fix_loc))
+    if family == "lognormal":
+        if np.any(y <= 0):
+            raise ValueError("lognormal needs strictly positive data")
+        ly = np.log(y)
+        mu, sigma = float(ly.mean()), float(ly.std())  # the MLE with loc = 0, in closed form
+        return (stats.lognorm(sigma, 0.0, math.exp(mu)), {"mu": mu, "sigma": sigma}, 0.0, 2)
+    raise ValueError(f"unknown family {family!r}")
+
+
+def robust_excess_kurtosis(y: np.ndarray) -> dict[str, float]:
+    """Quantile-based kurtosis measures of ``y`` (statsmodels ``robust_kurtosis``), excess over
+    the normal: Moors' octile measure and Crow-Siddiqui's. Unlike the moment estimate they do
+    not hinge on a few extreme weights (Kim & White 2004)."""
+    from statsmodels.stats.stattools import robust_kurtosis
+
+    _kr1, kr2, _kr3, kr4 = robust_kurtosis(np.asarray(y, dtype=np.float64))
+    return {"moors": float(kr2), "crow_siddiqui": float(kr4)}
+
+
+def _fit_sample(family: str, y: np.ndarray, fix_loc: bool, kurt: float, n_total: int,
+                robust: dict[str, float] | None = None) -> FitResult:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        frozen, params, loc, k = _mle(family, y, fix_loc)
+        loglik = float(np.sum(frozen.logpdf(y)))
+        ks = float(stats.kstest(y, frozen.cdf).statistic)
+    n = y.size
+    return FitResult(family=family, params=params, loc=loc, loglik=loglik,
+                     aic=2 * k - 2 * loglik, bic=k * math.log(n) - 2 * loglik, ks=ks,
+                     excess_kurtosis=kurt, n=n, n_total=n_total, k=k,
+                     extra={"robust_excess_kurtosis": robust} if robust else {})
+
+
+def _check_one_sided(y: np.ndarray, family: str) -> None:
+    if np.any(y < 0):
+        raise ValueError(f"{family} is one-sided but the data has negative values; "
+                         "fit magnitudes (np.abs(x)) or use a signed family")
+    if np.any(y == 0):
+        raise ValueError(f"{family} needs strictly positive data; the data has exact zeros")
+
+
+def fit(x, family: str, fix_loc: bool = False, max_samples: int | None = 200_000,
+        seed: int = 0) -> FitResult:
+    """Maximum-likelihood fit of one family to ``x``.
+
+    Parameters
+    ----------
+    x : array_like
+        Data of any shape (flattened).
+    family : str
+        ``gaussian``, ``laplace``, ``gennorm``, ``student_t`` or ``lognormal``.
+    fix_loc : bool
+        Fix the location at 0 (symmetric quantizers are centred at 0) instead of fitting it.
+        Ignored for lognormal, whose location is always 0.
+    max_samples : int or None
+        Fit on a seeded subsample of at most this many values (None: all).
+    seed : int
+        Seed of the subsample.
+    """
+    fam = _family_name(family)
+    arr = _as_data(x)
+    y = subsample(arr, max_samples, seed)
+    if fam in FAMILIES_ONE_SIDED:
+        # All values, not only the subsample: one negative weight means the wrong model.
+        _check_one_sided(arr, fam)
+    return _fit_sample(fam, y, fix_loc, excess_kurtosis(arr), arr.size, robust_excess_kurtosis(y))
+
+
+def fit_all(x, families=None, one_sided: bool = False, max_samples: int | None = 200_000,
+            seed: int = 0, fix_loc: bool = False) -> list[FitResult]:
+    """Fit every family and return the results sorted by BIC (best first).
+
+    Parameters
+    ----------
+    x : array_like
+        Data. With ``one_sided=True`` it must be strictly positive (pass ``np.abs(x)`` to fit the
+        magnitudes of signed data).
+    families : sequence of str, optional
+        Default: gaussian, laplace, gennorm, student_t (signed) or lognormal (one-sided).
+    one_sided : bool
+        Fit the one-sided families.
+    max_samples, seed, fix_loc
+        As in :func:`fit`; every family sees the same subsample, so likelihoods compare.
+    """
+    arr = _as_data(x)
+    fams = [_family_name(f) for f in (families if families is not None else
+                                      (FAMILIES_ONE_SIDED if one_sided else FAMILIES_SIGNED))]
+    if not fams:
+        raise ValueError("no families to fit")
+    y = subsample(arr, max_samples, seed)
+    if one_sided or any(f in FAMILIES_ONE_SIDED for f in fams):
+        _check_one_sided(arr, "one-sided fit")
+    kurt = excess_kurtosis(arr)
+    robust = robust_excess_kurtosis(y)
+    results = [_fit_sample(f, y, fix_loc, kurt, arr.size, robust) for f in fams]
+    results.sort(key=lambda r: (r.bic if math.isfinite(r.bic) else math.inf))
+    return results
+
+
+def best_fit(x, criterion: str = "bic", **kwargs) -> FitResult:
+    """The best of :func:`fit_all` by ``bic``, ``aic`` or ``ks`` (smallest wins)."""
+    crit = str(criterion).lower()
+    if crit not in ("bic", "aic", "ks"):
+        raise ValueError(f"criterion must be 'bic', 'aic' or 'ks', got {criterion!r}")
+    res = fit_all(x, **kwargs)
+    return min(res, key=lambda r: (getattr(r, crit) if math.isfinite(getattr(r, crit)) else math.inf))

@@ -1,0 +1,170 @@
+"""MSE-optimal clipping thresholds measured on data.
+
+Two estimators of the clipping threshold ``alpha*`` of a tensor:
+
+* :func:`empirical_optimal_alpha`: the minimiser of the exact empirical MSE
+  (:mod:`empirical.sweep`): the best point of a geometric grid of thresholds, refined by bounded
+  Brent minimisation on the same exact kernel. This is the ground truth that analytic
+  predictions (``theory.optimal_alpha`` of a fitted distribution) are compared with.
+* :func:`octav_alpha`: OCTAV (Sakr, Dai, Tambe, Keckler, Khailany, Dally, "Optimal clipping and
+  magnitude-aware differentiation for improved quantization-aware training", ICML 2022), the
+  Newton-style fixed point of the high-resolution noise model on samples.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import numpy as np
+from scipy.optimize import minimize_scalar
+
+from theory.grids import Grid, check_bits, step_factor
+
+from .sweep import SortedMagnitudes, prepare, validate_data
+
+__all__ = ["EmpiricalOptimum", "empirical_optimal_alpha", "octav_alpha"]
+
+
+class EmpiricalOptimum(NamedTuple):
+    """Clipping threshold ``alpha`` and the exact empirical MSE there."""
+
+    alpha: float
+    mse: float
+
+
+def _prepared(x) -> SortedMagnitudes:
+    if isinstance(x, SortedMagnitudes):
+        if x.sorted_abs.shape[0] != 1:
+            raise ValueError("empirical_optimal_alpha works per tensor; prepare() without axis/group_size")
+        return x
+    return prepare(x)
+
+
+def empirical_optimal_alpha(x, bits: int, grid: Grid | str = "int", n_grid: int = 128,
+                            xatol: float = 1e-10) -> EmpiricalOptimum:
+    """Clipping threshold minimising the exact empirical quantization MSE of ``x``.
+
+    Parameters
+    ----------
+    x : array_like or SortedMagnitudes
+        Data, or the result of :func:`empirical.sweep.prepare` to reuse one sort across calls.
+    bits : int
+        Bit width ``M``.
+    grid : str
+        Quantizer grid (DESIGN.md); ``aciq`` minimises clipping error + ``alpha^2/(3*4^M)``.
+    n_grid : int
+        Points of the coarse geometric grid on ``[1e-3, 1] * max|x|``; the bracket around its
+        best point is then searched on a 257-point linear grid and polished by Brent's method.
+    xatol : float
+        Relative tolerance of the refinement (times the bracket's upper end).
+
+    Returns
+    -------
+    EmpiricalOptimum
+        ``(alpha, mse)``. The empirical MSE is piecewise smooth in alpha and can have small
+        local wiggles at high bit widths, so the refinement searches only the bracket around the
+        best grid point; the returned MSE is never worse than that grid point's.
+    """
+    g = Grid.parse(grid)
+    m = check_bits(bits, g)
+    if int(n_grid) < 3:
+        raise ValueError("n_grid must be at least 3")
+    sm = _prepared(x)
+    amax = float(sm.absmax[0])
+    if amax == 0.0:
+        raise ValueError("x is identically zero: every clipping threshold is optimal")
+    alphas = np.geomspace(1e-3 * amax, amax, int(n_grid))
+    curve = sm.mse(alphas, m, g)
+    i = int(np.argmin(curve))
+    lo = alphas[max(i - 1, 0)]
+    hi = alphas[min(i + 1, alphas.size - 1)]
+    best = EmpiricalOptimum(float(alphas[i]), float(curve[i]))
+    # The measured curve has small wiggles (values switching cells), so a dense second grid
+    # picks the right basin before Brent polishes it.
+    fine = np.linspace(lo, hi, 257)
+    fcurve = sm.mse(fine, m, g)
+    i = int(np.argmin(fcurve))
+    if fcurve[i] <= best.mse:
+        best = EmpiricalOptimum(float(fine[i]), float(fcurve[i]))
+    lo = fine[max(i - 1, 0)]
+    hi = fine[min(i + 1, fine.size - 1)]
+
+    def f(a: float) -> float:
+        return float(sm.mse(a, m, g))
+
+    res = minimize_scalar(f, bounds=(lo, hi), method="bounded",
+                          options={"xatol": xatol * hi, "maxiter": 200})
+    if res.success and float(res.fun) <= best.mse:
+        best = EmpiricalOptimum(float(res.x), float(res.fun))
+    return best
+
+
+def octav_alpha(x, bits: int, grid: Grid | str = "aciq", iters: int = 50, tol: float = 1e-8,
+                alpha0: float | None = None) -> float:
+    """OCTAV clipping threshold (Sakr et al., ICML 2022, eq. 5 and Algorithm 1) on samples.
+
+    Minimises the high-resolution model ``J(alpha) = c alpha^2 P(|X| <= alpha) +
+    E[(|X| - alpha)^2 1{|X| > alpha}]`` by the fixed-point (Newton) iteration
+
+        alpha_{n+1} = E[|X| 1{|X| > alpha_n}] / (c P(|X| <= alpha_n) + P(|X| > alpha_n)),
+
+    where ``c alpha^2 = step^2 / 12`` is the uniform rounding noise. For the symmetric grids with
+    step ``2 alpha / 2^M`` (``aciq``, ``midrise``, ``midtread``) ``c = 4^-M / 3``, the paper's
+    constant; for ``int`` and ``uint`` ``c`` follows their step (DESIGN.md), e.g.
+    ``1 / (12 (2^(M-1) - 1)^2)`` for ``int``. Expectations are sample means over ``|x|``.
+
+    Parameters
+    ----------
+    x : array_like or SortedMagnitudes
+        Data (magnitudes are used; ``uint`` requires non-negative data), or a per-tensor
+        :func:`empirical.sweep.prepare` result to reuse its sort.
+    bits : int
+        Bit width ``M``.
+    grid : str
+        Grid whose step sets ``c``.
+    iters, tol : int, float
+        Stop after ``iters`` iterations or when ``|alpha_{n+1} - alpha_n| <= tol * alpha_n``.
+    alpha0 : float, optional
+        Start; default ``E|X|`` (inside the data range, so both probabilities are non-zero;
+        starting at ``max|x|`` would give an empty tail and ``alpha_1 = 0``).
+
+    Returns
+    -------
+    float
+        The OCTAV threshold.
+    """
+    g = Grid.parse(grid)
+    m = check_bits(bits, g)
+    f, *_ = step_factor(g, m)
+    c = f * f / 12.0
+    if isinstance(x, SortedMagnitudes):  # reuse a sort already made for the sweep
+        sm = _prepared(x)
+        if g is Grid.UINT and not sm.nonnegative:
+            raise ValueError("grid 'uint' is one-sided: the data has negative values")
+        mags = sm.sorted_abs[0].astype(np.float64, copy=False)
+    else:
+        arr = validate_data(x)
+        if not np.all(np.isfinite(arr)):
+            raise ValueError("x contains NaN or infinite values")
+        if g is Grid.UINT and np.any(arr < 0):
+            raise ValueError("grid 'uint' is one-sided: the data has negative values")
+        mags = np.sort(np.abs(arr).ravel()).astype(np.float64, copy=False)
+    n = mags.size
+    # tail[i] = sum of mags[i:], so E[|X| 1{|X| > a}] is a searchsorted away.
+    tail = np.concatenate([np.cumsum(mags[::-1])[::-1], [0.0]])
+    a = float(tail[0] / n) if alpha0 is None else float(alpha0)
+    if not math.isfinite(a) or a <= 0:
+        raise ValueError("alpha0 must be positive (and x not identically zero)")
+    for _ in range(int(iters)):
+        i = int(np.searchsorted(mags, a, side="right"))  # count of |x| <= a
+        p_in = i / n
+        denom = c * p_in + (1.0 - p_in)
+        new = tail[i] / n / denom
+        if not new > 0:
+            break
+        done = abs(new - a) <= tol * a
+        a = new
+        if done:
+            break
+    return float(a)

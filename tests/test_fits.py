@@ -1,0 +1,140 @@
+"""Distribution fits (empirical.fits): parameter recovery, model choice, errors."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from empirical.fits import FitResult, best_fit, excess_kurtosis, fit, fit_all, subsample
+
+N = 20_000
+
+
+def _rvs(frozen, n=N, seed=0):
+    return frozen.rvs(size=n, random_state=np.random.default_rng(seed))
+
+
+# Identifiable cases: Laplace vs gennorm(beta=1) would be the same model, so the gennorm case
+# uses beta far from 1 and 2 and the Student-t case a small nu.
+CASES = [
+    ("gaussian", stats.norm(0, 0.02), {"sigma": 0.02}),
+    ("laplace", stats.laplace(0, 0.5), {"b": 0.5}),
+    ("gennorm", stats.gennorm(0.5, 0, 1.5), {"beta": 0.5, "scale": 1.5}),
+    ("student_t", stats.t(3.0, 0, 2.0), {"nu": 3.0, "scale": 2.0}),
+]
+
+
+@pytest.mark.parametrize("family, frozen, params", CASES, ids=[c[0] for c in CASES])
+def test_recovers_parameters_and_family(family, frozen, params):
+    x = _rvs(frozen)
+    res = fit_all(x, fix_loc=True)
+    assert [r.bic for r in res] == sorted(r.bic for r in res)
+    assert res[0].family == family
+    own = next(r for r in res if r.family == family)
+    for k, v in params.items():
+        assert own.params[k] == pytest.approx(v, rel=0.08), (k, own.params)
+    assert own.ks < 0.02
+    assert own.n == N and own.n_total == N
+    assert math.isfinite(own.aic) and math.isfinite(own.loglik)
+    assert own.loc == 0.0
+
+
+def test_free_location():
+    x = _rvs(stats.norm(3.0, 0.5))
+    r = fit(x, "gaussian")
+    assert r.loc == pytest.approx(3.0, abs=0.02)
+    assert r.params["sigma"] == pytest.approx(0.5, rel=0.03)
+    assert r.k == 2
+    assert fit(x - 3.0, "gaussian", fix_loc=True).k == 1
+
+
+def test_lognormal_one_sided():
+    x = _rvs(stats.lognorm(0.7, 0, math.exp(-1.0)))
+    res = fit_all(x, one_sided=True)
+    assert res[0].family == "lognormal"
+    assert res[0].params["mu"] == pytest.approx(-1.0, abs=0.03)
+    assert res[0].params["sigma"] == pytest.approx(0.7, rel=0.03)
+    d = res[0].to_theory()
+    assert d.one_sided
+
+
+def test_to_theory_round_trip():
+    theory = pytest.importorskip("theory")
+    x = _rvs(stats.laplace(0, 0.25))
+    for r in fit_all(x, fix_loc=True, families=["gaussian", "laplace", "gennorm"]):
+        d = r.to_theory()
+        assert isinstance(d, theory.Distribution)
+        assert d.name == r.family
+        # The theory object's CDF is the fitted one (location dropped).
+        assert d.scipy.cdf(0.3) == pytest.approx(_frozen(r).cdf(0.3), rel=1e-9)
+
+
+def _frozen(r: FitResult):
+    p = r.params
+    return {"gaussian": lambda: stats.norm(0, p.get("sigma")),
+            "laplace": lambda: stats.laplace(0, p.get("b")),
+            "gennorm": lambda: stats.gennorm(p.get("beta"), 0, p.get("scale"))}[r.family]()
+
+
+def test_excess_kurtosis_reported():
+    x = _rvs(stats.laplace(0, 1), n=200_000)
+    assert excess_kurtosis(x) == pytest.approx(3.0, abs=0.3)
+    assert excess_kurtosis(x) == pytest.approx(stats.kurtosis(x), rel=1e-9)
+    r = best_fit(x[:N])
+    assert r.excess_kurtosis == pytest.approx(stats.kurtosis(x[:N]), rel=1e-9)
+    # Robust (quantile) measures: positive for Laplace, about 0 for a Gaussian.
+    assert r.extra["robust_excess_kurtosis"]["moors"] > 0.2
+    g = best_fit(_rvs(stats.norm(0, 1)))
+    assert abs(g.extra["robust_excess_kurtosis"]["moors"]) < 0.1
+
+
+def test_subsampling_is_deterministic_and_bounded():
+    x = _rvs(stats.norm(0, 1), n=50_000).reshape(100, 500).astype(np.float32)
+    a = subsample(x, 1000, seed=3)
+    b = subsample(x, 1000, seed=3)
+    assert a.shape == (1000,) and np.array_equal(a, b)
+    assert not np.array_equal(a, subsample(x, 1000, seed=4))
+    assert np.isin(a, x.astype(np.float64)).all()
+    # Non-contiguous input works without a full copy.
+    assert subsample(x.T, 1000, seed=3).shape == (1000,)
+    r = fit_all(x, max_samples=1000, families=["gaussian"])[0]
+    assert r.n == 1000 and r.n_total == 50_000
+
+
+def test_best_fit_criteria():
+    x = _rvs(stats.t(3.0, 0, 1.0))
+    for crit in ("bic", "aic", "ks"):
+        assert best_fit(x, criterion=crit, fix_loc=True).family == "student_t"
+    with pytest.raises(ValueError, match="criterion"):
+        best_fit(x, criterion="r2")
+
+
+@pytest.mark.parametrize(
+    "x, kwargs, match",
+    [
+        (np.array([1.0, np.nan] * 20), {}, "NaN"),
+        (np.array([1.0, np.inf] * 20), {}, "NaN or infinite"),
+        (np.array([]), {}, "empty"),
+        (np.ones(5), {}, "at least"),
+        (np.linspace(-1, 1, 100), {"one_sided": True}, "negative"),
+        (np.linspace(0, 1, 100), {"one_sided": True}, "zeros"),
+        (np.linspace(-1, 1, 100), {"families": ["cauchy"]}, "unknown family"),
+        (np.linspace(-1, 1, 100), {"families": []}, "no families"),
+    ],
+)
+def test_bad_input(x, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        fit_all(x, **kwargs)
+
+
+def test_negative_to_lognormal_fit():
+    with pytest.raises(ValueError, match="negative"):
+        fit(np.linspace(-1, 1, 100), "lognormal")
+    # Negative values outside the subsample are still caught.
+    x = np.ones(10_000)
+    x[1234] = -1.0
+    with pytest.raises(ValueError, match="negative"):
+        fit(x, "lognormal", max_samples=100)
