@@ -88,6 +88,8 @@ def test_critical_fraction_interpolates_and_handles_no_crossing():
     assert critical_fraction([0, 0.5], [0.8, 0.5]) == 0.0
     assert critical_fraction([0, 0.5, 1.0], [3.0, 2.0, np.nan]) == 1.0  # only full protection
     assert np.isnan(critical_fraction([0, 0.5], [3.0, 2.0]))  # stopped before crossing
+    assert np.isnan(critical_fraction([0, 0.5], [np.nan, np.nan]))  # never defined
+    assert critical_fraction([0, 0.3, 0.6, 1.0], [np.nan, 2.0, 0.5, np.nan]) == pytest.approx(0.3 + 0.3 * 2 / 3)
 
 
 def test_sharpness_slope_from_sympy_matches_numeric_curve():

@@ -185,13 +185,19 @@ def critical_fraction(p, disparity) -> float:
     d = np.asarray(disparity, dtype=np.float64)
     if p.shape != d.shape or p.ndim != 1 or p.size == 0:
         raise ValueError("p and disparity must be 1-d arrays of the same length")
-    below = np.flatnonzero(~np.isfinite(d) | (d <= 1.0))
+    finite = np.isfinite(d)
+    # An undefined D in the trailing run (no reference damage left, e.g. everything protected)
+    # counts as equalised; an undefined D inside the curve is skipped.
+    tail = d.size
+    while tail > 0 and not finite[tail - 1]:
+        tail -= 1
+    if tail == 0:
+        return float("nan")  # D undefined everywhere: no reference degradation to compare with
+    below = np.flatnonzero(finite & (d <= 1.0))
     if below.size == 0:
-        return float("nan")
-    if not np.isfinite(d[below[0]]):
-        return float(p[below[0]])
+        return float(p[tail]) if tail < d.size else float("nan")
     k = below[0]
-    if k == 0 or not np.isfinite(d[k - 1]):
+    if k == 0 or not finite[k - 1]:
         return float(p[k])
     # D crosses 1 between k-1 and k
     t = (d[k - 1] - 1.0) / (d[k - 1] - d[k])

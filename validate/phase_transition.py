@@ -1,0 +1,403 @@
+"""Headline experiment: how much of a model must stay in high precision before quantization stops
+hurting other languages more than English, and does the additive theory predict it?
+
+``python -m validate.phase_transition [--quick] [--model ...] [--languages ...] [--out DIR]``
+
+Load -> run -> compare with theory -> write:
+
+1. Full-precision bits per byte per language (DESIGN.md), then one pass per *unit* (a decoder
+   block by default, or a single Linear with ``--unit linear``) with only that unit quantized:
+   the single-unit degradations ``d_{l,i}``.
+2. Theory (``theory.protection``): the additive model ``d_l(P) = sum_{i not in P} s_{l,i} eps_i``
+   with ``eps_i`` the quantization MSE theory predicts for the unit's weights (best-fit family per
+   Linear, ``theory.expected_mse``) and ``s_{l,i} = d_{l,i} / eps_i``; it ranks the units
+   (``--ranking``), predicts the disparity curve D(p) and the critical protected fraction p*.
+3. Measurement: protect units in ranked order, from none to all (or ``--stop-after`` steps past
+   the crossing), one pass each: the measured D(p) with paired bootstrap confidence intervals over
+   sentences, and the measured p*.
+4. Compare predicted and measured curves (R^2, p*) and write ``phase_transition.json``
+   (provenance included), ``curve.csv``, ``phase_transition_table.tex`` and
+   ``phase_transition.png`` under ``--out``.
+
+Every forward result is cached under ``<out>/cache`` by its configuration (model, corpus,
+languages, segments, quantization, protected set), written atomically, so a rerun performs no
+forward pass and an interrupted run resumes where it stopped.
+
+The embedded ``gemma-3-270m`` ships as a Q4_K_M GGUF: its "full precision" baseline is the
+dequantized GGUF, already quantized to about 4-5 bits. The JSON and the figure say so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from validate._common import (
+    default_out_dir, provenance, read_json, save_figure, use_agg, write_csv, write_json, write_latex_table,
+)
+
+EXPERIMENT = "phase_transition"
+# English reference plus languages spanning scripts: Hebrew, Arabic, Japanese, Hindi, Russian,
+# Chinese, and French as a Latin-script control.
+DEFAULT_LANGUAGES = ("en", "he", "ar", "ja", "hi", "ru", "zh", "fr")
+PREQUANTIZED_NOTE = ("baseline is the dequantized Q4_K_M GGUF (weights already quantized to about "
+                     "4-5 bits before this experiment)")
+
+
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m validate.phase_transition", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="gemma-3-270m",
+                   help="embedded name (gemma-3-270m, smollm2-135m), tiny-* test model, local dir or hub id")
+    p.add_argument("--corpus", default="udhr", help="'udhr' (embedded) or a one-file-per-language directory")
+    p.add_argument("--languages", nargs="+", default=list(DEFAULT_LANGUAGES),
+                   help="language codes; the first is the reference unless --reference is given")
+    p.add_argument("--reference", nargs="+", default=None, help="reference group (default: first language)")
+    p.add_argument("--bits", type=int, default=4, help="weight bit width (default 4)")
+    p.add_argument("--grid", default="int", help="aciq, midrise, midtread or int (default int)")
+    p.add_argument("--granularity", default="channel", choices=["tensor", "channel", "group"])
+    p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--clipping", default="absmax", choices=["absmax", "theory", "sweep"])
+    p.add_argument("--unit", default="block", choices=["block", "linear"],
+                   help="what is protected together: a decoder block or one Linear")
+    p.add_argument("--ranking", default="excess",
+                   choices=["excess", "position", "reverse_position", "kurtosis", "size"])
+    p.add_argument("--segments", type=int, default=None, help="segments per language (default: all)")
+    p.add_argument("--max-length", type=int, default=512, help="token window for bits per byte")
+    p.add_argument("--stop-after", type=int, default=None,
+                   help="stop the measured curve this many steps past the crossing (default: full curve)")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for CIs")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help=f"output folder (default results/{EXPERIMENT})")
+    p.add_argument("--quick", action="store_true",
+                   help="small run: 4 languages, 12 segments each, stop 2 steps past the crossing, 200 resamples")
+    a = p.parse_args(argv)
+    if a.quick:
+        if a.languages == list(DEFAULT_LANGUAGES):
+            a.languages = ["en", "he", "ja", "ru"]
+        a.segments = a.segments or 12
+        a.stop_after = 2 if a.stop_after is None else a.stop_after
+        a.bootstrap = min(a.bootstrap, 200)
+    return a
+
+
+# ---- loading --------------------------------------------------------------------------------
+
+def load_corpus(spec: str, languages: Sequence[str], segments: int | None):
+    from empirical.corpora import load_parallel_dir, load_udhr
+
+    corpus = load_udhr(languages) if spec == "udhr" else load_parallel_dir(spec, languages)
+    return corpus.head(segments) if segments else corpus
+
+
+def units_of(view, unit: str) -> tuple[list[str], list[list]]:
+    """Protection units: names and their Linears (grouped by decoder block, or one per Linear)."""
+    if unit == "linear":
+        return [q.name for q in view.linears], [[q] for q in view.linears]
+    groups: dict[str, list] = {}
+    for q in view.linears:
+        key = f"block{q.block}" if q.block is not None else q.name
+        groups.setdefault(key, []).append(q)
+    return list(groups), list(groups.values())
+
+
+# ---- cached forward passes ------------------------------------------------------------------
+
+class PassCache:
+    """Per-language per-segment NLL of one configuration, stored as one JSON file per pass."""
+
+    def __init__(self, folder: Path, base: dict):
+        self.folder = folder
+        self.base = base
+        self.forward_seconds = 0.0
+        self.n_forward = 0
+
+    def key(self, quantized: Sequence[str]) -> str:
+        blob = json.dumps({**self.base, "quantized": sorted(quantized)}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+    def get(self, quantized: Sequence[str], compute) -> dict[str, np.ndarray]:
+        path = self.folder / f"{self.key(quantized)}.json"
+        if path.exists():
+            try:
+                return {k: np.asarray(v) for k, v in read_json(path)["nll"].items()}
+            except (OSError, ValueError, KeyError):
+                pass  # unreadable cache entry: recompute it
+        t0 = time.perf_counter()
+        nll = compute()
+        self.forward_seconds += time.perf_counter() - t0
+        self.n_forward += 1
+        write_json(path, {"quantized": sorted(quantized), "config": self.base,
+                          "nll": {k: v.tolist() for k, v in nll.items()}})
+        return nll
+
+
+# ---- statistics -------------------------------------------------------------------------------
+
+def degradation(nll_q: dict, nll_fp: dict, n_bytes: dict, idx: dict | None = None) -> dict[str, float]:
+    """d_l = bpb_q / bpb_full - 1 (bytes cancel, so it is a ratio of NLL sums over the same ids)."""
+    out = {}
+    for l in nll_fp:
+        sel = slice(None) if idx is None else idx[l]
+        out[l] = float(nll_q[l][sel].sum() / nll_fp[l][sel].sum() - 1.0)
+    return out
+
+
+def disparity(d: dict[str, float], reference: Sequence[str]) -> float:
+    """Mean over non-reference languages of d_l / mean_{r in R} d_r (DESIGN.md)."""
+    ref = float(np.mean([d[r] for r in reference]))
+    others = [l for l in d if l not in reference]
+    if ref <= 0:
+        return float("nan")
+    return float(np.mean([d[l] / ref for l in others]))
+
+
+def bootstrap_disparity(nll_q, nll_fp, reference, parallel: bool, n_boot: int, seed: int):
+    """Paired bootstrap over sentences: the same resampled ids in every language when parallel."""
+    rng = np.random.default_rng(seed)
+    vals = []
+    for _ in range(n_boot):
+        if parallel:
+            n = len(next(iter(nll_fp.values())))
+            ids = rng.integers(0, n, n)
+            idx = {l: ids for l in nll_fp}
+        else:
+            idx = {l: rng.integers(0, len(v), len(v)) for l, v in nll_fp.items()}
+        vals.append(disparity(degradation(nll_q, nll_fp, None, idx), reference))
+    vals = np.asarray(vals)
+    vals = vals[np.isfinite(vals)]
+    if vals.size < max(10, n_boot // 2):
+        return float("nan"), float("nan")
+    lo, hi = np.quantile(vals, [0.025, 0.975])
+    return float(lo), float(hi)
+
+
+def r_squared(pred, meas) -> float:
+    pred, meas = np.asarray(pred, float), np.asarray(meas, float)
+    ok = np.isfinite(pred) & np.isfinite(meas)
+    if ok.sum() < 2:
+        return float("nan")
+    ss_res = np.sum((meas[ok] - pred[ok]) ** 2)
+    ss_tot = np.sum((meas[ok] - meas[ok].mean()) ** 2)
+    return float(1 - ss_res / ss_tot) if ss_tot > 0 else float("nan")
+
+
+# ---- theory's per-unit eps ------------------------------------------------------------------
+
+def predicted_eps(unit_linears, bits: int, grid: str, seed: int) -> tuple[np.ndarray, list[dict]]:
+    """Theory's predicted total squared weight error of each unit, and per-Linear fit records.
+
+    For every Linear: the best-fit family by BIC on a seeded subsample of its weights, theory's
+    alpha* for it and ``n_params * expected_mse`` at that alpha*.
+    """
+    from empirical.fits import best_fit
+    from theory import expected_mse, optimal_alpha
+
+    g = "midrise" if grid == "aciq" else grid
+    eps, rows = [], []
+    for lins in unit_linears:
+        tot = 0.0
+        for q in lins:
+            w = q.module.weight.detach().double().cpu().numpy().ravel()
+            fit = best_fit(w - w.mean(), max_samples=20_000, seed=seed)
+            dist = fit.to_theory()
+            a = optimal_alpha(dist, bits, g)
+            mse = float(expected_mse(dist, a, bits, g))
+            tot += mse * q.n_params
+            rows.append({"layer": q.name, "family": fit.family, "excess_kurtosis": fit.excess_kurtosis,
+                         "alpha_star": a, "predicted_mse": mse, "n_params": q.n_params})
+        eps.append(tot)
+    return np.asarray(eps), rows
+
+
+# ---- the experiment -----------------------------------------------------------------------------
+
+def run(args: argparse.Namespace) -> dict:
+    import torch
+    from tqdm.auto import tqdm
+
+    from empirical.bpb import bits_per_byte
+    from empirical.fakequant import FakeQuantizer, QuantConfig
+    from empirical.models import load_model, model_view
+    from theory.protection import DamageModel, critical_fraction, disparity_curve, rank_layers
+
+    t_start = time.perf_counter()
+    out = Path(args.out) if args.out else default_out_dir(EXPERIMENT)
+    torch.manual_seed(args.seed)
+    model, tok, meta = load_model(args.model, device=args.device, seed=args.seed, return_metadata=True)
+    corpus = load_corpus(args.corpus, args.languages, args.segments)
+    langs = corpus.languages
+    reference = [corpus.select([r]).languages[0] for r in (args.reference or args.languages[:1])]
+    view = model_view(model)
+    cfg = QuantConfig(bits=args.bits, grid=args.grid, granularity=args.granularity,
+                      group_size=args.group_size, clipping=args.clipping)
+    names, unit_lins = units_of(view, args.unit)
+    all_lins = [q for lins in unit_lins for q in lins]
+    n_params = np.array([sum(q.n_params for q in lins) for lins in unit_lins], dtype=float)
+    fq = FakeQuantizer(all_lins, cfg, seed=args.seed)
+    n_bytes = {l: np.array([len(s.encode()) for s in corpus[l]]) for l in langs}
+
+    base = {"model": args.model, "corpus": args.corpus, "languages": langs, "segments": args.segments,
+            "max_length": args.max_length, "quant": cfg.key(), "unit": args.unit, "seed": args.seed,
+            "corpus_digest": hashlib.sha256(json.dumps(corpus.texts, sort_keys=True).encode()).hexdigest()[:16]}
+    cache = PassCache(out / "cache", base)
+
+    def forward(quantized_units: Sequence[int]):
+        protect = {q.name for i, lins in enumerate(unit_lins) if i not in set(quantized_units) for q in lins}
+
+        def compute():
+            with torch.no_grad(), fq.quantized(protect=protect):
+                return {l: bits_per_byte(model, tok, corpus[l], max_length=args.max_length).per_segment_nll
+                        for l in langs}
+        return cache.get([names[i] for i in quantized_units], compute)
+
+    n = len(names)
+    bar = tqdm(total=2 + n + n, desc="forward passes", unit="pass")
+    nll_fp = forward([])
+    bar.update()
+    single = []
+    for i in range(n):
+        single.append(degradation(forward([i]), nll_fp, n_bytes))
+        bar.update()
+    damage = np.array([[single[i][l] for i in range(n)] for l in langs])
+
+    eps, fit_rows = predicted_eps(unit_lins, args.bits, args.grid, args.seed)
+    dm = DamageModel.from_sensitivities(damage / eps[None, :], eps, n_params, langs, reference)
+    kurt = np.array([np.mean([r["excess_kurtosis"] for r in fit_rows if r["layer"] in {q.name for q in lins}])
+                     for lins in unit_lins])
+    order = rank_layers(dm, args.ranking, kurtosis=kurt)
+    p_pred, d_pred, per_pred = disparity_curve(dm, order)
+    pstar_pred = critical_fraction(p_pred, d_pred)
+
+    # measured curve: protect the first k units of the ranking
+    meas, crossed_at = [], None
+    total = n_params.sum()
+    for k in range(n + 1):
+        quantized = [int(i) for i in order[k:]]
+        nll_q = forward(quantized) if quantized else nll_fp
+        bar.update()
+        d = degradation(nll_q, nll_fp, n_bytes)
+        D = disparity(d, reference) if quantized else float("nan")
+        lo, hi = (bootstrap_disparity(nll_q, nll_fp, reference, corpus.parallel, args.bootstrap, args.seed + k)
+                  if quantized else (float("nan"), float("nan")))
+        meas.append({"k": k, "protected_fraction": n_params[order[:k]].sum() / total,
+                     "disparity": D, "ci_low": lo, "ci_high": hi, "predicted": float(d_pred[k]),
+                     "protected_unit": names[order[k - 1]] if k else None,
+                     **{f"d_{l}": d[l] for l in langs}})
+        if crossed_at is None and np.isfinite(D) and D <= 1:
+            crossed_at = k
+        if args.stop_after is not None and crossed_at is not None and k >= crossed_at + args.stop_after:
+            break
+    bar.close()
+    p_meas = np.array([m["protected_fraction"] for m in meas])
+    d_meas = np.array([m["disparity"] for m in meas])
+    if len(meas) == n + 1:
+        pstar_meas = critical_fraction(p_meas, d_meas)
+    else:
+        pstar_meas = critical_fraction(p_meas, d_meas) if crossed_at is not None else float("nan")
+    r2 = r_squared(d_pred[: len(meas)], d_meas)
+    wall = time.perf_counter() - t_start
+    result = {
+        "experiment": EXPERIMENT,
+        "provenance": provenance(model=args.model, corpus=args.corpus, languages=langs, reference=reference,
+                                 bits=args.bits, grid=args.grid, granularity=args.granularity,
+                                 group_size=args.group_size, clipping=args.clipping, unit=args.unit,
+                                 ranking=args.ranking, segments=args.segments, seed=args.seed,
+                                 device=args.device, quick=args.quick),
+        "model_metadata": {k: v for k, v in meta.items() if isinstance(v, (str, int, float, bool, type(None)))},
+        "baseline_note": PREQUANTIZED_NOTE if meta.get("prequantized") else "baseline is the model's own weights",
+        "units": [{"name": nm, "n_params": int(n_params[i]), "predicted_eps": float(eps[i]),
+                   "excess_damage": float(dm.excess_damage()[i]),
+                   "single_unit_degradation": {l: single[i][l] for l in langs}} for i, nm in enumerate(names)],
+        "baseline_bpb": {l: float(nll_fp[l].sum() / (math.log(2) * n_bytes[l].sum())) for l in langs},
+        "order": [names[i] for i in order],
+        "curve": meas,
+        "predicted_curve": {"protected_fraction": p_pred.tolist(), "disparity": d_pred.tolist(),
+                            "per_language": {l: per_pred[:, j].tolist()
+                                             for j, l in enumerate([x for x in langs if x not in reference])}},
+        "pstar_predicted": pstar_pred,
+        "pstar_measured": pstar_meas,
+        "r2_curve": r2,
+        "fits": fit_rows,
+        "timing": {"wall_seconds": wall, "forward_seconds": cache.forward_seconds,
+                   "forward_passes_run": cache.n_forward,
+                   "outside_forward_fraction": (1 - cache.forward_seconds / wall) if cache.n_forward else None},
+    }
+    write_outputs(out, result, langs, reference)
+    return result
+
+
+def write_outputs(out: Path, res: dict, langs, reference) -> None:
+    use_agg()
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / f"{EXPERIMENT}.json", res)
+    cols = ["k", "protected_fraction", "disparity", "ci_low", "ci_high", "predicted", "protected_unit",
+            *[f"d_{l}" for l in langs]]
+    write_csv(out / "curve.csv", res["curve"], cols)
+    rows = [{"quantity": "p* measured", "value": res["pstar_measured"]},
+            {"quantity": "p* predicted", "value": res["pstar_predicted"]},
+            {"quantity": "R^2 predicted vs measured D(p)", "value": res["r2_curve"]},
+            {"quantity": "disparity, nothing protected", "value": res["curve"][0]["disparity"]}]
+    write_latex_table(out / f"{EXPERIMENT}_table.tex", rows, ["quantity", "value"], ["Quantity", "Value"],
+                      caption="Phase transition of disparity with the protected fraction "
+                              f"({latex_safe(res['provenance']['config']['model'])}, "
+                              f"{res['provenance']['config']['bits']} bits).",
+                      label="tab:phase-transition")
+    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
+    c = res["curve"]
+    p = [m["protected_fraction"] for m in c]
+    d = [m["disparity"] for m in c]
+    lo = [m["ci_low"] for m in c]
+    hi = [m["ci_high"] for m in c]
+    ax[0].fill_between(p, lo, hi, alpha=0.25, label="measured 95% CI")
+    ax[0].plot(p, d, "o-", label="measured")
+    pc = res["predicted_curve"]
+    ax[0].plot(pc["protected_fraction"], pc["disparity"], "--", label="predicted (additive model)")
+    ax[0].axhline(1.0, color="k", lw=0.8)
+    for v, ls, lab in ((res["pstar_measured"], "-", "p* measured"), (res["pstar_predicted"], "--", "p* predicted")):
+        if v is not None and np.isfinite(v):
+            ax[0].axvline(v, color="grey", ls=ls, lw=0.8)
+    ax[0].set_xlabel("protected fraction p")
+    ax[0].set_ylabel("disparity D(p)")
+    ax[0].legend(fontsize=8)
+    for l in langs:
+        if l in reference:
+            continue
+        ref = np.array([np.mean([m[f"d_{r}"] for r in reference]) for m in c])
+        y = np.array([m[f"d_{l}"] for m in c]) / np.where(ref > 0, ref, np.nan)
+        ax[1].plot(p, y, ".-", label=l)
+    ax[1].axhline(1.0, color="k", lw=0.8)
+    ax[1].set_xlabel("protected fraction p")
+    ax[1].set_ylabel(f"d_l / d_ref ({', '.join(reference)})")
+    ax[1].legend(fontsize=7, ncol=2)
+    fig.suptitle(f"{res['provenance']['config']['model']}: {res['baseline_note']}", fontsize=8)
+    save_figure(fig, out / f"{EXPERIMENT}.png")
+    plt.close(fig)
+
+
+def latex_safe(s: str) -> str:
+    return str(s).replace("_", r"\_")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parse(argv)
+    res = run(args)
+    print(f"p* measured {res['pstar_measured']:.3f}, predicted {res['pstar_predicted']:.3f}, "
+          f"R^2 {res['r2_curve']:.3f}; {res['timing']['forward_passes_run']} forward passes in "
+          f"{res['timing']['wall_seconds']:.0f} s -> {Path(args.out) if args.out else default_out_dir(EXPERIMENT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
