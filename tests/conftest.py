@@ -1,0 +1,51 @@
+"""Shared fixtures: tiny random models of each architecture, offline hub settings, data paths."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+TINY_ARCHS = ("tiny-gpt2", "tiny-opt", "tiny-bloom", "tiny-llama", "tiny-gemma")
+
+
+def ntrex_dir() -> Path | None:
+    """NTREX-128 folder: ``$LANGQUANT_NTREX`` or ``<repo>/../shared/data/ntrex128``, if present."""
+    env = os.environ.get("LANGQUANT_NTREX")
+    p = Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data" / "ntrex128"
+    return p if p.is_dir() else None
+
+
+@pytest.fixture(scope="session")
+def ntrex_path() -> Path:
+    p = ntrex_dir()
+    if p is None:
+        pytest.skip("NTREX-128 not found (set LANGQUANT_NTREX or provide ../shared/data/ntrex128)")
+    return p
+
+
+@pytest.fixture(scope="session", params=TINY_ARCHS)
+def tiny_model(request):
+    """(name, model, tokenizer) for each tiny random architecture, float32 on CPU, seeded."""
+    from empirical.models import load_model
+
+    model, tok = load_model(request.param, seed=0)
+    return request.param, model, tok
+
+
+@pytest.fixture(scope="session")
+def tiny_llama():
+    from empirical.models import load_model
+
+    return load_model("tiny-llama", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2():
+    from empirical.models import load_model
+
+    return load_model("tiny-gpt2", seed=0)

@@ -1,0 +1,166 @@
+import numpy as np
+import pytest
+import scipy.stats as ss
+import torch
+
+from empirical.capture import StreamingStats, capture_activations, capture_corpus
+from empirical.corpora import Corpus, LanguageInfo
+from empirical.models import model_view
+
+TEXTS = {"eng": ["The cat sat on the mat.", "Hello there, world!"],
+         "heb": ["שלום עולם", "כל בני אדם נולדו בני חורין"]}
+
+
+def _ids(tok, text):
+    return torch.tensor([tok.encode(text)])
+
+
+def test_hooks_see_every_block_and_linear_and_are_removed(tiny_model):
+    name, model, tok = tiny_model
+    view = model_view(model)
+    before = sum(len(m._forward_hooks) for m in model.modules())
+    with capture_activations(model, view, languages=["eng", "heb"], reservoir_size=64, bins=64) as cap:
+        assert cap.n_hooks == len(view.linears) + len(view.blocks)
+        for lang, segs in TEXTS.items():
+            with cap.for_language(lang):
+                for s in segs:
+                    model(input_ids=_ids(tok, s))
+        model(input_ids=_ids(tok, "unrecorded"))  # no language set: nothing recorded
+    assert sum(len(m._forward_hooks) for m in model.modules()) == before
+    keys = {k for k, _ in cap.stats}
+    assert keys == {s.key for s in cap.sites}
+    assert len(cap.sites) == 2 * len(view.linears) + len(view.blocks)
+    n_tok = {l: sum(len(s.encode()) + 1 for s in segs) for l, segs in TEXTS.items()}
+    for s in cap.sites:
+        for lang in TEXTS:
+            st = cap.get(s, lang)
+            width = st.n // n_tok[lang]
+            assert st.n == n_tok[lang] * width  # every token, no padding, nothing extra
+    rows = cap.rows()
+    assert len(rows) == len(cap.sites) * 2 and {"excess_kurtosis", "q999"} <= set(rows[0])
+
+
+def test_hooks_removed_on_exception(tiny_gpt2):
+    model, tok = tiny_gpt2
+    before = sum(len(m._forward_hooks) for m in model.modules())
+    with pytest.raises(RuntimeError, match="boom"):
+        with capture_activations(model) as cap:
+            cap.language = "eng"
+            model(input_ids=_ids(tok, "abc"))
+            raise RuntimeError("boom")
+    assert sum(len(m._forward_hooks) for m in model.modules()) == before
+    with pytest.raises(ValueError, match="not among"):
+        with capture_activations(model, languages=["eng"]) as cap:
+            cap.language = "fra"
+
+
+def test_streaming_stats_equal_full_activations(tiny_llama):
+    model, tok = tiny_llama
+    view = model_view(model)
+    target = view.linears[3]  # o_proj
+    stored_in, stored_out, stored_res = [], [], []
+
+    def keep_linear(m, a, o):  # a hook returning non-None would replace the output
+        stored_in.append(a[0].detach().reshape(-1).double())
+        stored_out.append(o.detach().reshape(-1).double())
+
+    def keep_block(m, a, o):
+        stored_res.append((o[0] if isinstance(o, tuple) else o).detach().reshape(-1).double())
+
+    h1 = target.module.register_forward_hook(keep_linear)
+    h2 = view.blocks[1].register_forward_hook(keep_block)
+    try:
+        with capture_activations(model, view, reservoir_size=50, bins=128, seed=1) as cap:
+            with cap.for_language("eng"):
+                for s in TEXTS["eng"] * 3:
+                    model(input_ids=_ids(tok, s))
+    finally:
+        h1.remove(); h2.remove()
+    for stored, key in [(stored_in, f"{target.name}:linear_input"),
+                        (stored_out, f"{target.name}:linear_output"),
+                        (stored_res, f"{view.block_names[1]}:residual")]:
+        x = torch.cat(stored).numpy()
+        st = cap.get(key, "eng")
+        assert st.n == x.size
+        # batch sums are float32 (the activations' own precision), merges float64
+        np.testing.assert_allclose(st.mean, x.mean(), rtol=1e-5, atol=1e-7 * x.std())
+        np.testing.assert_allclose(st.variance, x.var(), rtol=1e-5)
+        np.testing.assert_allclose(st.skewness, ss.skew(x), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(st.excess_kurtosis, ss.kurtosis(x), rtol=1e-4, atol=1e-5)
+        assert st.absmax == pytest.approx(np.abs(x).max())
+        assert st.hist.sum() == x.size
+        assert np.isin(st.sample(), x).all() and len(st.sample()) == 50
+        qs = st.quantile([0.05, 0.5, 0.95])
+        assert np.all(np.abs(qs - np.quantile(x, [0.05, 0.5, 0.95])) <= 2 * 2 * st.range / st.bins + 1e-9)
+
+
+def test_memory_independent_of_tokens(tiny_gpt2):
+    model, tok = tiny_gpt2
+    sizes = []
+    for reps in (1, 10):
+        with capture_activations(model, reservoir_size=32, bins=64) as cap:
+            with cap.for_language("eng"):
+                for _ in range(reps):
+                    model(input_ids=_ids(tok, "Some text to push through the model. " * 3))
+        sizes.append((cap.nbytes(), len(cap.stats)))
+    assert sizes[0] == sizes[1]
+
+
+def test_histogram_range_doubling_exact():
+    st = StreamingStats(bins=8, reservoir_size=4)
+    st.update(torch.tensor([0.1, -0.2, 0.3]))
+    assert st.range == 0.5
+    st.update(torch.tensor([1.9, -3.5]))
+    assert st.range == 4.0 and st.hist.sum() == 5
+    edges = np.linspace(-4, 4, 9)
+    np.testing.assert_array_equal(st.hist, np.histogram([0.1, -0.2, 0.3, 1.9, -3.5], edges)[0])
+
+
+def test_reservoir_uniform_and_seeded():
+    def run(seed):
+        st = StreamingStats(bins=4, reservoir_size=200, seed=seed)
+        for chunk in torch.arange(20000, dtype=torch.float64).split(777):
+            st.update(chunk)
+        return st.sample()
+
+    a, b = run(3), run(3)
+    np.testing.assert_array_equal(a, b)
+    assert len(np.unique(a)) == 200
+    # uniform over 0..19999: mean ~ 10000 (sd of the mean ~ 408)
+    assert abs(a.mean() - 9999.5) < 2000
+    assert ss.kstest(a / 20000, "uniform").pvalue > 1e-3
+
+
+def test_capture_corpus_masks_padding(tiny_llama):
+    model, tok = tiny_llama
+    c = Corpus("t", {k: v for k, v in TEXTS.items()}, {k: LanguageInfo(k, k) for k in TEXTS})
+    with capture_activations(model, residual=True, linear_inputs=False, linear_outputs=False) as cap:
+        capture_corpus(cap, tok, c, batch_size=2)
+    n_tok = sum(len(s.encode()) + 1 for s in TEXTS["heb"])
+    st = cap.get(f"{model_view(model).block_names[0]}:residual", "heb")
+    assert st.n == n_tok * model.config.hidden_size
+
+
+def test_bfloat16_model(tiny_model):
+    import copy
+
+    name, model, tok = tiny_model
+    m = copy.deepcopy(model).to(torch.bfloat16)  # the session fixture must stay float32
+    with capture_activations(m, reservoir_size=16, bins=16) as cap:
+        with cap.for_language("eng"):
+            m(input_ids=_ids(tok, "bf16 works"))
+    assert cap.stats and all(np.isfinite(s.mean) and s.n > 0 for s in cap.stats.values())
+
+
+def test_float64_stream_and_histogram_subsample():
+    rng = np.random.default_rng(0)
+    parts = [rng.laplace(3.0, 0.5, size=n) for n in (10, 100_000, 7, 50_000)]
+    st = StreamingStats(bins=256, reservoir_size=100, hist_sample=4096)
+    for p in parts:
+        st.update(torch.from_numpy(p))
+    x = np.concatenate(parts)
+    np.testing.assert_allclose([st.mean, st.variance, st.skewness, st.excess_kurtosis],
+                               [x.mean(), x.var(), ss.skew(x), ss.kurtosis(x)], rtol=1e-9, atol=1e-9)
+    assert st.n == x.size and st.hist.sum() <= 3 * 4096 + 20
+    # quantiles from the subsampled histogram stay close
+    np.testing.assert_allclose(st.quantile([0.1, 0.5, 0.9]), np.quantile(x, [0.1, 0.5, 0.9]), atol=0.05)
