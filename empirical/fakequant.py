@@ -97,11 +97,10 @@ def choose_alpha(rows: torch.Tensor, cfg: QuantConfig, seed: int = 0) -> torch.T
     if cfg.clipping == "theory":
         from theory import optimal_alpha
 
-        from .fits import best_fit
+        from .fits import best_theory_fit
 
         flat = r64.reshape(-1).cpu().numpy()
-        fit = best_fit(flat - flat.mean(), seed=seed)
-        dist = fit.to_theory()
+        _, dist = best_theory_fit(flat - flat.mean(), seed=seed)
         ratio = optimal_alpha(dist, cfg.bits, cfg.grid) / float(np.sqrt(dist.variance))
         std = r64.std(dim=1, keepdim=True, unbiased=False)
         # A constant row has std 0; fall back to its absmax (it quantizes exactly anyway).

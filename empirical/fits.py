@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
-__all__ = ["FitResult", "FAMILIES_SIGNED", "FAMILIES_ONE_SIDED", "fit", "fit_all", "best_fit",
+__all__ = ["FitResult", "FAMILIES_SIGNED", "FAMILIES_ONE_SIDED", "fit", "fit_all", "best_fit", "best_theory_fit",
            "subsample", "excess_kurtosis", "robust_excess_kurtosis"]
 
 FAMILIES_SIGNED = ("gaussian", "laplace", "gennorm", "student_t")
@@ -295,3 +295,18 @@ def best_fit(x, criterion: str = "bic", **kwargs) -> FitResult:
         raise ValueError(f"criterion must be 'bic', 'aic' or 'ks', got {criterion!r}")
     res = fit_all(x, **kwargs)
     return min(res, key=lambda r: (getattr(r, crit) if math.isfinite(getattr(r, crit)) else math.inf))
+
+
+def best_theory_fit(x, **kwargs) -> tuple[FitResult, "object"]:
+    """The best fit by BIC that theory can quantize, with its theory distribution.
+
+    A Student-t fit with ``nu <= 2`` has infinite variance and no finite clipping MSE, so theory
+    refuses it; the next family by BIC is used instead. Returns ``(fit, distribution)``.
+    """
+    fits = fit_all(x, **kwargs)
+    for f in fits:
+        try:
+            return f, f.to_theory()
+        except ValueError:
+            continue
+    raise ValueError(f"no fitted family has a finite-variance theory form: {[f.family for f in fits]}")

@@ -190,3 +190,11 @@ def test_derivations_export_latex_for_every_family():
 def test_bad_input(call):
     with pytest.raises(ValueError):
         call()
+
+
+def test_student_t_tends_to_gaussian_for_large_nu():
+    """The t constants go through loggamma, so huge nu neither overflows nor loses the limit."""
+    for nu in (500.0, 5000.0):
+        d = StudentT(nu, 1.0)
+        g = Gaussian(float(d.std))
+        assert optimal_alpha(d, 4, "int") == pytest.approx(optimal_alpha(g, 4, "int"), rel=5 / nu)

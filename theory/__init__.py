@@ -30,6 +30,33 @@ from .optimal import (
     optimal_alpha,
     optimal_mse,
 )
+from .protection import (
+    DamageModel,
+    critical_fraction,
+    disparity_curve,
+    fit_sensitivities,
+    rank_layers,
+    sharpness_derivation,
+)
+from .rate_distortion import (
+    ECSQ_GAP_RATIO,
+    LloydMaxResult,
+    differential_entropy_bits,
+    ecsq_gap_bits,
+    ecsq_gap_db,
+    ecsq_high_rate,
+    gaussian_distortion_rate,
+    lloyd_max,
+    lloyd_max_gap_bits,
+    panter_dite,
+    panter_dite_constant,
+    panter_dite_expr,
+    pdf_cube_root_integral,
+    shannon_lower_bound,
+    shannon_lower_bound_expr,
+    uniform_gap_bits,
+    uniform_mse,
+)
 
 __all__ = [
     # distributions
@@ -44,4 +71,12 @@ __all__ = [
     "bias_correct",
     # derivations
     "Derivation", "laplace_aciq", "gaussian_aciq", "to_latex", "all_derivations",
+    # protection
+    "DamageModel", "fit_sensitivities", "rank_layers", "disparity_curve", "critical_fraction",
+    "sharpness_derivation",
+    # rate-distortion reference points and Lloyd-Max
+    "shannon_lower_bound", "shannon_lower_bound_expr", "differential_entropy_bits",
+    "gaussian_distortion_rate", "panter_dite", "panter_dite_constant", "panter_dite_expr",
+    "pdf_cube_root_integral", "ecsq_gap_bits", "ecsq_gap_db", "ecsq_high_rate", "ECSQ_GAP_RATIO",
+    "uniform_mse", "uniform_gap_bits", "lloyd_max", "LloydMaxResult", "lloyd_max_gap_bits",
 ]

@@ -488,7 +488,8 @@ def _t_sf(nu, t):
 
 
 def _t_const(nu):
-    return sp.gamma((nu + 1) / 2) / (sp.sqrt(nu * sp.pi) * sp.gamma(nu / 2))
+    # Gamma ratio through loggamma: Gamma(nu/2) alone overflows float64 beyond nu ~ 340.
+    return sp.exp(sp.loggamma((nu + 1) / 2) - sp.loggamma(nu / 2)) / sp.sqrt(nu * sp.pi)
 
 
 class StudentT(Distribution):

@@ -203,7 +203,7 @@ def predicted_eps(unit_linears, bits: int, grid: str, seed: int) -> tuple[np.nda
     For every Linear: the best-fit family by BIC on a seeded subsample of its weights, theory's
     alpha* for it and ``n_params * expected_mse`` at that alpha*.
     """
-    from empirical.fits import best_fit
+    from empirical.fits import best_theory_fit
     from theory import expected_mse, optimal_alpha
 
     g = "midrise" if grid == "aciq" else grid
@@ -212,8 +212,7 @@ def predicted_eps(unit_linears, bits: int, grid: str, seed: int) -> tuple[np.nda
         tot = 0.0
         for q in lins:
             w = q.module.weight.detach().double().cpu().numpy().ravel()
-            fit = best_fit(w - w.mean(), max_samples=20_000, seed=seed)
-            dist = fit.to_theory()
+            fit, dist = best_theory_fit(w - w.mean(), max_samples=20_000, seed=seed)
             a = optimal_alpha(dist, bits, g)
             mse = float(expected_mse(dist, a, bits, g))
             tot += mse * q.n_params
