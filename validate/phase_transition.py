@@ -273,7 +273,15 @@ def run(args: argparse.Namespace) -> dict:
         bar.update()
     damage = np.array([[single[i][l] for i in range(n)] for l in langs])
 
-    eps, fit_rows = predicted_eps(unit_lins, args.bits, args.grid, args.seed)
+    # Weight fits cost ~1 s per Linear; cache them like the passes.
+    fit_path = out / "cache" / ("fits-" + hashlib.sha256(json.dumps(
+        [args.model, args.bits, args.grid, args.unit, args.seed, names], sort_keys=True).encode()).hexdigest()[:24] + ".json")
+    if fit_path.exists():
+        cached = read_json(fit_path)
+        eps, fit_rows = np.asarray(cached["eps"], dtype=float), cached["fits"]
+    else:
+        eps, fit_rows = predicted_eps(unit_lins, args.bits, args.grid, args.seed)
+        write_json(fit_path, {"eps": eps.tolist(), "fits": fit_rows})
     dm = DamageModel.from_sensitivities(damage / eps[None, :], eps, n_params, langs, reference)
     kurt = np.array([np.mean([r["excess_kurtosis"] for r in fit_rows if r["layer"] in {q.name for q in lins}])
                      for lins in unit_lins])
