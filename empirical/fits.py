@@ -24,12 +24,12 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 from scipy import stats
 
-__all__ = ["FitResult", "FAMILIES_SIGNED", "FAMILIES_ONE_SIDED", "fit", "fit_all", "best_fit", "best_theory_fit",
+__all__ = ["FitResult", "FAMILIES_SIGNED", "FAMILIES_ONE_SIDED", "fit", "fit_all", "best_fit", "best_theory_fit", "first_theory_fit",
            "subsample", "excess_kurtosis", "robust_excess_kurtosis"]
 
 FAMILIES_SIGNED = ("gaussian", "laplace", "gennorm", "student_t")
@@ -297,16 +297,25 @@ def best_fit(x, criterion: str = "bic", **kwargs) -> FitResult:
     return min(res, key=lambda r: (getattr(r, crit) if math.isfinite(getattr(r, crit)) else math.inf))
 
 
-def best_theory_fit(x, **kwargs) -> tuple[FitResult, "object"]:
-    """The best fit by BIC that theory can quantize, with its theory distribution.
+def first_theory_fit(fits: Sequence[FitResult]) -> tuple[FitResult | None, Any, list[dict]]:
+    """The first fit (in the given order, e.g. by BIC) that theory can quantize.
 
     A Student-t fit with ``nu <= 2`` has infinite variance and no finite clipping MSE, so theory
-    refuses it; the next family by BIC is used instead. Returns ``(fit, distribution)``.
+    refuses it and the next family is used. Returns ``(fit, distribution, skipped)`` with
+    ``skipped`` listing the refused families and why; ``(None, None, skipped)`` if none fits.
     """
-    fits = fit_all(x, **kwargs)
+    skipped = []
     for f in fits:
         try:
-            return f, f.to_theory()
-        except ValueError:
-            continue
-    raise ValueError(f"no fitted family has a finite-variance theory form: {[f.family for f in fits]}")
+            return f, f.to_theory(), skipped
+        except ValueError as exc:
+            skipped.append({"family": f.family, "reason": str(exc)})
+    return None, None, skipped
+
+
+def best_theory_fit(x, **kwargs) -> tuple[FitResult, Any]:
+    """:func:`fit_all` then :func:`first_theory_fit`; returns ``(fit, distribution)``."""
+    fit, dist, skipped = first_theory_fit(fit_all(x, **kwargs))
+    if fit is None:
+        raise ValueError(f"no fitted family has a finite-variance theory form: {skipped}")
+    return fit, dist

@@ -1,10 +1,9 @@
 import math
-import os
 
 import pytest
 import torch
 
-from empirical.models import (EMBEDDED_MODELS, ByteTokenizer, load_model, model_view,
+from empirical.models import (ByteTokenizer, load_model, model_view,
                               quantizable_linears)
 
 

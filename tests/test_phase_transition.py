@@ -4,7 +4,6 @@ import math
 
 import numpy as np
 import pytest
-import torch
 
 from validate import phase_transition as pt
 from validate._common import read_json
@@ -39,14 +38,14 @@ def test_disparity_and_bootstrap_statistics():
     rng = np.random.default_rng(0)
     fp = {"eng": rng.uniform(10, 20, 50), "heb": rng.uniform(10, 20, 50)}
     q = {"eng": fp["eng"] * 1.01, "heb": fp["heb"] * 1.03}
-    d = pt.degradation(q, fp, None)
+    d = pt.degradation(q, fp)
     assert d["eng"] == pytest.approx(0.01) and d["heb"] == pytest.approx(0.03)
     assert pt.disparity(d, ["eng"]) == pytest.approx(3.0)
     lo, hi = pt.bootstrap_disparity(q, fp, ["eng"], parallel=True, n_boot=200, seed=0)
     assert lo == pytest.approx(3.0) and hi == pytest.approx(3.0)  # constant ratios: no spread
     q2 = {"eng": fp["eng"] * rng.uniform(1.0, 1.02, 50), "heb": fp["heb"] * rng.uniform(1.0, 1.06, 50)}
     lo, hi = pt.bootstrap_disparity(q2, fp, ["eng"], parallel=True, n_boot=300, seed=0)
-    assert lo < pt.disparity(pt.degradation(q2, fp, None), ["eng"]) < hi
+    assert lo < pt.disparity(pt.degradation(q2, fp), ["eng"]) < hi
     assert pt.r_squared([1, 2, 3], [1, 2, 3]) == 1.0
 
 

@@ -28,7 +28,6 @@ from theory import (
     gaussian_distortion_rate,
     lloyd_max,
     lloyd_max_gap_bits,
-    optimal_mse,
     panter_dite,
     panter_dite_constant,
     panter_dite_expr,

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import sympy as sp
 
-from .distributions import FAMILIES, X, Distribution, Gaussian, Laplace, family
+from .distributions import FAMILIES, X, family
 from .mse import aciq_mse_expr
 
 __all__ = ["Derivation", "laplace_aciq", "gaussian_aciq", "aciq_clipping", "to_latex", "all_derivations"]

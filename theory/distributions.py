@@ -186,6 +186,12 @@ class Distribution:
 
     @classmethod
     @functools.cache
+    def pdf_fn(cls) -> Callable[..., np.ndarray]:
+        """Vectorised unit-scale density ``f(x, *shape)`` lambdified from :meth:`pdf_expr`."""
+        return sp.lambdify((X, *cls.shape_symbols), cls.pdf_expr(), modules=_LAMBDIFY_MODULES)
+
+    @classmethod
+    @functools.cache
     def _scalar_fn(cls, what: str) -> Callable[..., float]:
         expr = getattr(cls, f"{what}_expr")()
         return sp.lambdify(cls.shape_symbols, expr, modules=_LAMBDIFY_MODULES)
@@ -202,7 +208,7 @@ class Distribution:
     @property
     def variance(self):
         """Variance ``scale^2 * Var_unit`` (inf where the family has none)."""
-        return np.asarray(self.scale) ** 2 * float(self._scalar_fn("variance")(*self.shape)) * 1.0
+        return np.asarray(self.scale) ** 2 * float(self._scalar_fn("variance")(*self.shape))
 
     @property
     def std(self):

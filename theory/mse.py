@@ -77,7 +77,7 @@ def _alpha_units(dist: Distribution, alpha) -> tuple[np.ndarray, np.ndarray]:
     if a.size == 0:
         raise ValueError("alpha must not be empty")
     if not np.all(np.isfinite(a)):
-        raise ValueError(f"alpha must be finite (got NaN or inf)")
+        raise ValueError("alpha must be finite (got NaN or inf)")
     if np.any(a <= 0):
         raise ValueError("alpha must be positive")
     scale = np.asarray(dist.scale, dtype=np.float64)
@@ -102,7 +102,7 @@ def _cell_terms(dist: Distribution, t: np.ndarray, q: np.ndarray, lo: np.ndarray
 
 def _cell_sq_quadrature(dist: Distribution, t, q, lo, hi) -> np.ndarray:
     """Per-cell ``int (x-q)^2 f`` by Gauss-Legendre on [lo, q] and [q, hi] (finite cells)."""
-    pdf = _pdf_fn(type(dist))
+    pdf = dist.pdf_fn()
     out = np.zeros((t.shape[0], q.size))
     for a_, b_ in ((lo, q), (q, hi)):
         half = 0.5 * (b_ - a_)[None, :, None] * t[:, :, None]
@@ -115,13 +115,6 @@ def _cell_sq_quadrature(dist: Distribution, t, q, lo, hi) -> np.ndarray:
         g = (x - q[None, :, None] * t[:, :, None]) ** 2 * fx
         out += (half[..., 0]) * (g @ _GL_WEIGHTS)
     return out
-
-
-@functools.cache
-def _pdf_fn(cls):
-    from .distributions import X, _LAMBDIFY_MODULES
-
-    return sp.lambdify((X, *cls.shape_symbols), cls.pdf_expr(), modules=_LAMBDIFY_MODULES)
 
 
 def _unit_parts(dist: Distribution, t: np.ndarray, bits: int, g: Grid, exact: bool):

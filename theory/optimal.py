@@ -19,7 +19,7 @@ import sympy as sp
 from scipy import optimize
 
 from .distributions import Distribution
-from .grids import Grid, check_bits, step_factor
+from .grids import Grid, check_bits
 from .mse import _check_pair, aciq_mse_expr, expected_mse, mse_derivative, positive_cells
 
 __all__ = ["optimal_alpha", "optimal_mse", "octav_alpha", "octav_objective",

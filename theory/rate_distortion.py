@@ -361,11 +361,6 @@ class LloydMaxResult:
         return int(round(math.log2(np.shape(self.levels)[-1])))
 
 
-@functools.cache
-def _pdf_fn(cls) -> Callable:
-    return sp.lambdify((X, *cls.shape_symbols), cls.pdf_expr(), modules=_LAMBDIFY_MODULES)
-
-
 _GL16 = np.polynomial.legendre.leggauss(16)
 
 
@@ -374,7 +369,7 @@ class _Cells:
 
     def __init__(self, dist: Distribution):
         self.d = dist
-        self.pdf = _pdf_fn(type(dist))
+        self.pdf = dist.pdf_fn()
         # Upper partial moments at 0 (the full half/whole moments); e_0 = 0 always.
         self.u_at0 = [float(dist.tail_moment(k, 0.0)) for k in range(3)]
 

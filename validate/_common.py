@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import datetime as _dt
+import hashlib
 import io
 import json
 import math
@@ -34,6 +35,8 @@ __all__ = [
     "write_latex_table",
     "save_figure",
     "to_jsonable",
+    "config_key",
+    "ResultCache",
 ]
 
 _PACKAGES = (
@@ -215,6 +218,43 @@ def save_figure(fig, path: str | os.PathLike, dpi: int = 150) -> Path:
     buf = io.BytesIO()
     fig.savefig(buf, format=path.suffix.lstrip(".") or "png", dpi=dpi, bbox_inches="tight")
     return atomic_write_bytes(path, buf.getvalue())
+
+
+def config_key(config: Mapping[str, Any], version: int = 1) -> str:
+    """Short stable hash of a JSON-able configuration (the name of its cache entry)."""
+    blob = json.dumps({"v": version, **to_jsonable(config)}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+class ResultCache:
+    """One atomically written JSON file per finished item, keyed by its configuration.
+
+    A rerun finds every finished item and an interrupted run resumes where it stopped; an
+    unreadable file, or one whose stored configuration differs, is recomputed. ``folder=None``
+    disables caching.
+    """
+
+    def __init__(self, folder: str | os.PathLike | None, version: int = 1):
+        self.folder = Path(folder) if folder is not None else None
+        self.version = version
+
+    def path(self, config: Mapping[str, Any]) -> Path | None:
+        return None if self.folder is None else self.folder / f"{config_key(config, self.version)}.json"
+
+    def get(self, config: Mapping[str, Any]) -> Any | None:
+        p = self.path(config)
+        if p is None or not p.exists():
+            return None
+        try:
+            doc = read_json(p)
+        except (OSError, ValueError):
+            return None
+        return doc.get("result") if doc.get("config") == to_jsonable(config) else None
+
+    def put(self, config: Mapping[str, Any], result: Any) -> None:
+        p = self.path(config)
+        if p is not None:
+            write_json(p, {"config": config, "result": result})
 
 
 def use_agg() -> None:

@@ -35,7 +35,6 @@ all numbers), ``synthetic.csv``, ``synthetic_table.tex``, ``mse_vs_alpha.png``, 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import sys
@@ -46,9 +45,10 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from validate._common import (
+    ResultCache,
+    config_key,
     default_out_dir,
     provenance,
-    read_json,
     save_figure,
     use_agg,
     write_csv,
@@ -91,31 +91,12 @@ def valid_pair(family: str, grid: str) -> bool:
 
 
 def _key(obj: Mapping[str, Any]) -> str:
-    blob = json.dumps({"v": _CACHE_VERSION, **obj}, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+    return config_key(obj, _CACHE_VERSION)
 
 
-class ItemCache:
-    """One atomically written JSON file per finished item, keyed by its configuration."""
-
-    def __init__(self, folder: Path | None):
-        self.folder = Path(folder) if folder is not None else None
-
-    def get(self, config: Mapping[str, Any]):
-        if self.folder is None:
-            return None
-        p = self.folder / f"{_key(config)}.json"
-        if not p.exists():
-            return None
-        try:
-            doc = read_json(p)
-        except (OSError, ValueError):
-            return None  # a damaged file is recomputed
-        return doc.get("result") if doc.get("config") == json.loads(json.dumps(config, default=str)) else None
-
-    def put(self, config: Mapping[str, Any], result: Any) -> None:
-        if self.folder is not None:
-            write_json(self.folder / f"{_key(config)}.json", {"config": config, "result": result})
+def ItemCache(folder: Path | None) -> ResultCache:
+    """This experiment's cache: :class:`validate._common.ResultCache` at its cache version."""
+    return ResultCache(folder, version=_CACHE_VERSION)
 
 
 def _progress(it: Iterable, total: int | None, desc: str, enabled: bool):
@@ -304,21 +285,14 @@ def weight_item(name: str, w: np.ndarray, bits: Sequence[int], grid: str,
                 max_samples: int = 200_000, seed: int = 0,
                 families: Sequence[str] | None = None) -> dict[str, Any]:
     """Fit, predict and sweep one weight matrix (per tensor: one alpha for the whole matrix)."""
-    from empirical.fits import fit_all
+    from empirical.fits import first_theory_fit, fit_all
     from empirical.optimal import empirical_optimal_alpha, octav_alpha
     from empirical.sweep import prepare
     from theory import optimal_alpha
 
     w = np.asarray(w)
     fits = fit_all(w, families=families, max_samples=max_samples, seed=seed, fix_loc=True)
-    used, dist, skipped = None, None, []
-    for f in fits:  # best BIC first; skip fits that theory cannot take (e.g. Student-t nu <= 2)
-        try:
-            dist = f.to_theory()
-            used = f
-            break
-        except (ValueError, TypeError) as exc:
-            skipped.append({"family": f.family, "reason": str(exc)})
+    used, dist, skipped = first_theory_fit(fits)  # best BIC first, skipping e.g. Student-t nu <= 2
     sm = prepare(w)
     absmax = float(sm.absmax[0])
     rec: dict[str, Any] = {

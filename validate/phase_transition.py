@@ -34,14 +34,13 @@ import hashlib
 import json
 import math
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
 from validate._common import (
-    default_out_dir, provenance, read_json, save_figure, use_agg, write_csv, write_json, write_latex_table,
+    ResultCache, default_out_dir, provenance, save_figure, use_agg, write_csv, write_json, write_latex_table,
 )
 
 EXPERIMENT = "phase_transition"
@@ -117,37 +116,31 @@ def units_of(view, unit: str) -> tuple[list[str], list[list]]:
 # ---- cached forward passes ------------------------------------------------------------------
 
 class PassCache:
-    """Per-language per-segment NLL of one configuration, stored as one JSON file per pass."""
+    """Per-language per-segment NLL of one pass (a set of quantized units), cached by config;
+    counts the passes actually run and their time."""
 
     def __init__(self, folder: Path, base: dict):
-        self.folder = folder
+        self.cache = ResultCache(folder)
         self.base = base
         self.forward_seconds = 0.0
         self.n_forward = 0
 
-    def key(self, quantized: Sequence[str]) -> str:
-        blob = json.dumps({**self.base, "quantized": sorted(quantized)}, sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:24]
-
     def get(self, quantized: Sequence[str], compute) -> dict[str, np.ndarray]:
-        path = self.folder / f"{self.key(quantized)}.json"
-        if path.exists():
-            try:
-                return {k: np.asarray(v) for k, v in read_json(path)["nll"].items()}
-            except (OSError, ValueError, KeyError):
-                pass  # unreadable cache entry: recompute it
+        config = {**self.base, "quantized": sorted(quantized)}
+        hit = self.cache.get(config)
+        if hit is not None:
+            return {k: np.asarray(v) for k, v in hit.items()}
         t0 = time.perf_counter()
         nll = compute()
         self.forward_seconds += time.perf_counter() - t0
         self.n_forward += 1
-        write_json(path, {"quantized": sorted(quantized), "config": self.base,
-                          "nll": {k: v.tolist() for k, v in nll.items()}})
+        self.cache.put(config, {k: v.tolist() for k, v in nll.items()})
         return nll
 
 
 # ---- statistics -------------------------------------------------------------------------------
 
-def degradation(nll_q: dict, nll_fp: dict, n_bytes: dict, idx: dict | None = None) -> dict[str, float]:
+def degradation(nll_q: dict, nll_fp: dict, idx: dict | None = None) -> dict[str, float]:
     """d_l = bpb_q / bpb_full - 1 (bytes cancel, so it is a ratio of NLL sums over the same ids)."""
     out = {}
     for l in nll_fp:
@@ -176,7 +169,7 @@ def bootstrap_disparity(nll_q, nll_fp, reference, parallel: bool, n_boot: int, s
             idx = {l: ids for l in nll_fp}
         else:
             idx = {l: rng.integers(0, len(v), len(v)) for l, v in nll_fp.items()}
-        vals.append(disparity(degradation(nll_q, nll_fp, None, idx), reference))
+        vals.append(disparity(degradation(nll_q, nll_fp, idx), reference))
     vals = np.asarray(vals)
     vals = vals[np.isfinite(vals)]
     if vals.size < max(10, n_boot // 2):
@@ -269,23 +262,24 @@ def run(args: argparse.Namespace) -> dict:
     bar.update()
     single = []
     for i in range(n):
-        single.append(degradation(forward([i]), nll_fp, n_bytes))
+        single.append(degradation(forward([i]), nll_fp))
         bar.update()
     damage = np.array([[single[i][l] for i in range(n)] for l in langs])
 
     # Weight fits cost ~1 s per Linear; cache them like the passes.
-    fit_path = out / "cache" / ("fits-" + hashlib.sha256(json.dumps(
-        [args.model, args.bits, args.grid, args.unit, args.seed, names], sort_keys=True).encode()).hexdigest()[:24] + ".json")
-    if fit_path.exists():
-        cached = read_json(fit_path)
+    fit_config = {"fits": True, "model": args.model, "bits": args.bits, "grid": args.grid,
+                  "unit": args.unit, "seed": args.seed, "units": names}
+    cached = cache.cache.get(fit_config)
+    if cached is not None:
         eps, fit_rows = np.asarray(cached["eps"], dtype=float), cached["fits"]
     else:
         eps, fit_rows = predicted_eps(unit_lins, args.bits, args.grid, args.seed)
-        write_json(fit_path, {"eps": eps.tolist(), "fits": fit_rows})
+        cache.cache.put(fit_config, {"eps": eps.tolist(), "fits": fit_rows})
     dm = DamageModel.from_sensitivities(damage / eps[None, :], eps, n_params, langs, reference)
     kurt = np.array([np.mean([r["excess_kurtosis"] for r in fit_rows if r["layer"] in {q.name for q in lins}])
                      for lins in unit_lins])
     order = rank_layers(dm, args.ranking, kurtosis=kurt)
+    excess = dm.excess_damage()
     p_pred, d_pred, per_pred = disparity_curve(dm, order)
     pstar_pred = critical_fraction(p_pred, d_pred)
 
@@ -296,7 +290,7 @@ def run(args: argparse.Namespace) -> dict:
         quantized = [int(i) for i in order[k:]]
         nll_q = forward(quantized) if quantized else nll_fp
         bar.update()
-        d = degradation(nll_q, nll_fp, n_bytes)
+        d = degradation(nll_q, nll_fp)
         D = disparity(d, reference) if quantized else float("nan")
         lo, hi = (bootstrap_disparity(nll_q, nll_fp, reference, corpus.parallel, args.bootstrap, args.seed + k)
                   if quantized else (float("nan"), float("nan")))
@@ -311,10 +305,8 @@ def run(args: argparse.Namespace) -> dict:
     bar.close()
     p_meas = np.array([m["protected_fraction"] for m in meas])
     d_meas = np.array([m["disparity"] for m in meas])
-    if len(meas) == n + 1:
-        pstar_meas = critical_fraction(p_meas, d_meas)
-    else:
-        pstar_meas = critical_fraction(p_meas, d_meas) if crossed_at is not None else float("nan")
+    # nan when a curve stopped early (--stop-after) never crossed
+    pstar_meas = critical_fraction(p_meas, d_meas)
     r2 = r_squared(d_pred[: len(meas)], d_meas)
     wall = time.perf_counter() - t_start
     result = {
@@ -327,7 +319,7 @@ def run(args: argparse.Namespace) -> dict:
         "model_metadata": {k: v for k, v in meta.items() if isinstance(v, (str, int, float, bool, type(None)))},
         "baseline_note": PREQUANTIZED_NOTE if meta.get("prequantized") else "baseline is the model's own weights",
         "units": [{"name": nm, "n_params": int(n_params[i]), "predicted_eps": float(eps[i]),
-                   "excess_damage": float(dm.excess_damage()[i]),
+                   "excess_damage": float(excess[i]),
                    "single_unit_degradation": {l: single[i][l] for l in langs}} for i, nm in enumerate(names)],
         "baseline_bpb": {l: float(nll_fp[l].sum() / (math.log(2) * n_bytes[l].sum())) for l in langs},
         "order": [names[i] for i in order],

@@ -157,7 +157,7 @@ def plot(items: Sequence[dict[str, Any]], path: Path) -> Path:
         ax.plot(r, [x["d_lloyd_max"] for x in rows], "s", color="tab:blue", ms=4, mfc="none",
                 label="Lloyd-Max")
         ax.plot(r, [x["d_uniform_theory"] for x in rows], "o-", color="tab:red", ms=3.5, lw=0.8,
-                label=f"optimal uniform (theory)")
+                label="optimal uniform (theory)")
         sw = [x["d_uniform_swept"] for x in rows]
         if any(v is not None for v in sw):
             ax.plot(r, [np.nan if v is None else v for v in sw], "x", color="tab:green", ms=5,
