@@ -10,22 +10,27 @@ Counting conventions
 * A segment longer than ``max_length`` tokens is scored with a sliding window: each window
   scores only tokens not scored before, and keeps ``max_length - stride`` earlier tokens as
   context, so every token after the first window has at least that much context.
-* Segments (or windows) are sorted by length and batched under a budget of logits elements, so
-  padding is small and the vocabulary-sized logits (262k for Gemma) stay bounded in memory.
-  Segments are never packed into one sequence, because that would let them attend to each other.
+* Segments (or windows) are sorted by length and batched under a budget of padded tokens, so
+  padding is small (:attr:`BpbEngine.padding_fraction` reports it; 2-4% on the UDHR default).
+  Segments are not packed into one sequence: that would let them attend to each other unless
+  every architecture took a block-diagonal mask and restarted positions, which not all do.
+* The loss is computed at the scored positions only, from the last hidden state and the output
+  embedding in chunks, so the vocabulary-sized logits (262k for Gemma) are never held for a
+  whole batch (:class:`BpbEngine`).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Sequence
+import warnings
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["BpbResult", "bits_per_byte", "corpus_bits_per_byte", "segment_windows"]
+__all__ = ["BpbEngine", "BpbResult", "bits_per_byte", "corpus_bits_per_byte", "segment_windows"]
 
 
 @dataclass
@@ -92,10 +97,9 @@ def segment_windows(ids: list[int], max_length: int, stride: int) -> list[tuple[
     return out
 
 
-@torch.no_grad()
 def bits_per_byte(model, tokenizer, texts: Sequence[str], *, max_length: int = 1024,
-                  stride: int | None = None, batch_size: int = 16,
-                  max_logits_elements: int = 2 ** 27, device=None) -> BpbResult:
+                  stride: int | None = None, batch_size: int = 16, max_batch_tokens: int = 4096,
+                  device=None) -> BpbResult:
     """Bits per UTF-8 byte of ``texts`` under ``model``.
 
     Parameters
@@ -111,8 +115,8 @@ def bits_per_byte(model, tokenizer, texts: Sequence[str], *, max_length: int = 1
         New tokens per sliding window step for longer segments (default ``max_length // 2``).
     batch_size : int
         Most windows per forward pass.
-    max_logits_elements : int
-        Bound on ``batch x length x vocabulary`` per forward pass (memory of the logits).
+    max_batch_tokens : int
+        Most padded tokens per forward pass.
     device : optional
         Where inputs go (default: the model's device).
 
@@ -124,56 +128,19 @@ def bits_per_byte(model, tokenizer, texts: Sequence[str], *, max_length: int = 1
     ------
     ValueError
         Empty ``texts`` or a segment with no bytes.
+
+    Notes
+    -----
+    To score the same texts under many weight settings use :class:`BpbEngine`, which does the
+    tokenization and batching once and can skip unchanged leading blocks.
     """
     if isinstance(texts, str):
         texts = [texts]
     if len(texts) == 0:
         raise ValueError("no texts given")
-    n_bytes = np.array([len(t.encode("utf-8")) for t in texts], dtype=np.int64)
-    if (n_bytes == 0).any():
-        raise ValueError(f"segment {int(np.argmin(n_bytes))} is empty; bits per byte is undefined")
-    stride = stride or max(1, max_length // 2)
-    device = device or next(model.parameters()).device
-    bos = _start_id(tokenizer)
-    enc = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
-
-    windows: list[tuple[int, list[int], int]] = []
-    for i, ids in enumerate(enc):
-        for w, ctx in segment_windows([bos] + list(ids), max_length, stride):
-            windows.append((i, w, ctx))
-    order = sorted(range(len(windows)), key=lambda j: len(windows[j][1]))
-    vocab = int(model.get_output_embeddings().weight.shape[0]) if model.get_output_embeddings() is not None else 1
-    pad = getattr(tokenizer, "pad_token_id", None)
-    pad = bos if pad is None else int(pad)
-
-    nll = np.zeros(len(texts), dtype=np.float64)
-    n_tok = 0
-    j = 0
-    while j < len(order):
-        # Grow the batch while the padded logits stay under the memory budget.
-        k = j + 1
-        while (k < len(order) and k - j < batch_size
-               and (k - j + 1) * len(windows[order[k]][1]) * vocab <= max_logits_elements):
-            k += 1
-        batch = [windows[o] for o in order[j:k]]
-        L = max(len(w) for _, w, _ in batch)
-        ids = torch.full((len(batch), L), pad, dtype=torch.long)
-        mask = torch.zeros((len(batch), L), dtype=torch.long)
-        score = torch.zeros((len(batch), L - 1), dtype=torch.bool)
-        for r, (_, w, ctx) in enumerate(batch):
-            ids[r, : len(w)] = torch.tensor(w)
-            mask[r, : len(w)] = 1
-            score[r, ctx: len(w) - 1] = True
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-        lp = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), ids[:, 1:].to(device),
-                             reduction="none")
-        lp = (lp * score.to(device)).sum(dim=1).double().cpu().numpy()
-        for r, (seg, _, _) in enumerate(batch):
-            nll[seg] += lp[r]
-        n_tok += int(score.sum())
-        j = k
-    total, nb = float(nll.sum()), int(n_bytes.sum())
-    return BpbResult(total / (math.log(2) * nb), total, nb, n_tok, nll, n_bytes)
+    eng = BpbEngine(model, tokenizer, {"texts": texts}, max_length=max_length, stride=stride,
+                    batch_size=batch_size, max_batch_tokens=max_batch_tokens, device=device)
+    return eng.result("texts", eng.nll())
 
 
 def corpus_bits_per_byte(model, tokenizer, corpus, languages: Sequence[str] | None = None,
@@ -181,3 +148,318 @@ def corpus_bits_per_byte(model, tokenizer, corpus, languages: Sequence[str] | No
     """:func:`bits_per_byte` for each language of an :class:`empirical.corpora.Corpus`."""
     langs = languages if languages is not None else corpus.languages
     return {l: bits_per_byte(model, tokenizer, corpus[l], **kwargs) for l in langs}
+
+
+# ---- repeated scoring of fixed texts ---------------------------------------------------------
+
+@dataclass
+class _Batch:
+    ids: torch.Tensor          # (B, L) token ids, padded
+    mask: torch.Tensor         # (B, L) attention mask
+    rows: torch.Tensor         # (N,) batch row of each scored prediction
+    cols: torch.Tensor         # (N,) position whose hidden state predicts it
+    targets: torch.Tensor      # (N,) the predicted token
+    owner: torch.Tensor        # (N,) global segment index the prediction belongs to
+
+
+class BpbEngine:
+    """Per-segment NLL of a fixed set of texts, scored again and again under changing weights.
+
+    Everything that does not depend on the weights is done once: tokenization, windows, batches
+    (windows of every language sorted by length together, so padding stays small) and the
+    indices of the scored positions. Two further savings keep the result exact:
+
+    * **Output layer.** The loss is computed from the base model's last hidden state, only at
+      the scored positions, by a chunked matmul with the output embedding and a fused
+      log-sum-exp, never materialising ``batch x length x vocabulary`` logits. The first batch
+      is checked against the model's own logits; a model whose head does something else
+      (logit scaling of an unknown kind) falls back to the plain ``model(...).logits`` path.
+    * **Residual stream reuse.** :meth:`record` scores the texts with the reference weights and
+      keeps every decoder block's output. A later :meth:`nll` with ``start_block=b`` replays the
+      recorded output of block ``b-1`` instead of running blocks ``0..b-1``: exact whenever
+      those blocks still hold the weights they had when recorded, which is checked (a float64
+      checksum of their parameters) on every call.
+
+    Parameters
+    ----------
+    model : transformers causal LM
+    tokenizer
+    texts : mapping str -> sequence of str
+        Segments per key (e.g. per language); each is scored independently from BOS.
+    max_length, stride
+        As in :func:`bits_per_byte`.
+    max_batch_tokens : int
+        Most padded tokens per forward pass.
+    batch_size : int
+        Most windows per forward pass.
+    head_chunk : int
+        Output-vocabulary rows per matmul of the output layer.
+    head_rows : int
+        Scored positions per output-layer sweep (memory ``head_rows x head_chunk`` floats).
+    max_record_bytes : int
+        Refuse to record block outputs beyond this many bytes (then every pass runs in full).
+    """
+
+    def __init__(self, model, tokenizer, texts: Mapping[str, Sequence[str]], *, max_length: int = 1024,
+                 stride: int | None = None, max_batch_tokens: int = 4096, batch_size: int = 64,
+                 head_chunk: int = 4096, head_rows: int = 4096, device=None, max_record_bytes: int = 2 ** 31):
+        if not texts:
+            raise ValueError("no texts given")
+        self.model = model
+        self.keys = list(texts)
+        self.device = device or next(model.parameters()).device
+        self.head_chunk = int(head_chunk)
+        self.head_rows = int(head_rows)
+        self.max_record_bytes = int(max_record_bytes)
+        stride = stride or max(1, max_length // 2)
+        bos = _start_id(tokenizer)
+        pad = getattr(tokenizer, "pad_token_id", None)
+        pad = bos if pad is None else int(pad)
+
+        self.n_bytes: dict[str, np.ndarray] = {}
+        self._slices: dict[str, slice] = {}
+        windows: list[tuple[int, list[int], int]] = []  # (global segment, ids, n_context)
+        n_seg = 0
+        for key in self.keys:
+            segs = texts[key]
+            if isinstance(segs, str):
+                segs = [segs]
+            if len(segs) == 0:
+                raise ValueError(f"no texts given for {key!r}")
+            nb = np.array([len(t.encode("utf-8")) for t in segs], dtype=np.int64)
+            if (nb == 0).any():
+                raise ValueError(f"segment {int(np.argmin(nb))} of {key!r} is empty; bits per byte is undefined")
+            enc = tokenizer(list(segs), add_special_tokens=False)["input_ids"]
+            for i, ids in enumerate(enc):
+                for w, ctx in segment_windows([bos] + list(ids), max_length, stride):
+                    windows.append((n_seg + i, w, ctx))
+            self.n_bytes[key] = nb
+            self._slices[key] = slice(n_seg, n_seg + len(segs))
+            n_seg += len(segs)
+        self.n_segments = n_seg
+
+        order = sorted(range(len(windows)), key=lambda j: len(windows[j][1]))
+        self.batches: list[_Batch] = []
+        real = padded = 0
+        for j, k in _split_batches([len(windows[o][1]) for o in order], max_batch_tokens, batch_size):
+            batch = [windows[o] for o in order[j:k]]
+            L = max(len(w) for _, w, _ in batch)
+            ids = torch.full((len(batch), L), pad, dtype=torch.long)
+            mask = torch.zeros((len(batch), L), dtype=torch.long)
+            rows, cols, owner = [], [], []
+            for r, (seg, w, ctx) in enumerate(batch):
+                ids[r, : len(w)] = torch.tensor(w)
+                mask[r, : len(w)] = 1
+                pos = list(range(ctx, len(w) - 1))
+                rows += [r] * len(pos)
+                cols += pos
+                owner += [seg] * len(pos)
+                real += len(w)
+            padded += len(batch) * L
+            rows_t, cols_t = torch.tensor(rows, dtype=torch.long), torch.tensor(cols, dtype=torch.long)
+            self.batches.append(_Batch(ids.to(self.device), mask.to(self.device), rows_t.to(self.device),
+                                       cols_t.to(self.device), ids[rows_t, cols_t + 1].to(self.device),
+                                       torch.tensor(owner, dtype=torch.long)))
+        self.n_tokens = sum(int(b.targets.numel()) for b in self.batches)
+        self._owner = torch.cat([b.owner for b in self.batches]).numpy()
+        self.padding_fraction = 1.0 - real / padded if padded else 0.0
+
+        from empirical.models import model_view
+
+        self.blocks = model_view(model).blocks
+        self._recorded: list[dict] | None = None      # [block][batch] -> block output
+        self._current = 0                               # batch being scored
+        self._fingerprints: list[float] | None = None
+        self._head_ok: bool | None = None
+        self.blocks_run = 0                             # decoder-block evaluations, for benchmarks
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def _fingerprint(self, i: int) -> float:
+        return float(sum(p.detach().sum(dtype=torch.float64) for p in self.blocks[i].parameters()))
+
+    def _head_nll(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """NLL of ``targets`` given final hidden states ``h`` (N x d): the output projection in
+        vocabulary chunks with an online log-sum-exp, so each chunk of the (tied) output
+        embedding is read once for all N rows and no N x vocabulary array is formed."""
+        head = self.model.get_output_embeddings()
+        w = head.weight
+        bias = getattr(head, "bias", None)
+        cap = getattr(self.model.config, "final_logit_softcapping", None)
+        h = h.to(w.dtype)
+
+        def logits(rows, v0, v1):
+            z = (rows @ w[v0:v1].T).float()
+            if bias is not None:
+                z += bias[v0:v1].float()
+            return torch.tanh(z / cap) * cap if cap else z
+
+        out = []
+        for r0 in range(0, h.shape[0], self.head_rows):
+            rows, t = h[r0: r0 + self.head_rows], targets[r0: r0 + self.head_rows]
+            zt = (rows.float() * w[t].float()).sum(dim=1)
+            if bias is not None:
+                zt += bias[t].float()
+            if cap:
+                zt = torch.tanh(zt / cap) * cap
+            m = torch.full((rows.shape[0],), -math.inf, device=h.device)
+            acc = torch.zeros(rows.shape[0], device=h.device)
+            for v0 in range(0, w.shape[0], self.head_chunk):
+                z = logits(rows, v0, v0 + self.head_chunk)
+                m_new = torch.maximum(m, z.amax(dim=1))
+                acc = acc * torch.exp(m - m_new) + z.sub_(m_new[:, None]).exp_().sum(dim=1)
+                m = m_new
+            out.append(acc.log() + m - zt)
+        return torch.cat(out) if out else h.new_zeros(0, dtype=torch.float32)
+
+    def _logits_nll(self, b: _Batch) -> torch.Tensor:
+        logits = self.model(input_ids=b.ids, attention_mask=b.mask, use_cache=False).logits
+        z = logits[b.rows, b.cols].float()
+        return F.cross_entropy(z, b.targets, reduction="none")
+
+    def _hidden(self, b: _Batch) -> torch.Tensor:
+        """Final hidden states at the scored positions of batch ``b``."""
+        hidden = self.model.base_model(input_ids=b.ids, attention_mask=b.mask,
+                                       use_cache=False).last_hidden_state
+        return hidden[b.rows, b.cols]
+
+    def _check_head(self) -> None:
+        """Compare the hidden-state head with the model's own logits on two windows."""
+        head = self.model.get_output_embeddings()
+        b = self.batches[-1]  # the longest windows
+        r = min(2, b.ids.shape[0])
+        keep = b.rows < r
+        mini = _Batch(b.ids[:r], b.mask[:r], b.rows[keep], b.cols[keep], b.targets[keep], b.owner[keep.cpu()])
+        ok = isinstance(getattr(head, "weight", None), torch.Tensor) and head.weight.dim() == 2
+        if ok:
+            ours, ref = self._head_nll(self._hidden(mini), mini.targets), self._logits_nll(mini)
+            ok = bool(torch.allclose(ours, ref, rtol=1e-3, atol=1e-3))
+        self._head_ok = ok
+        if not ok:
+            warnings.warn(f"{type(self.model).__name__}: the output layer is not a plain projection "
+                          "of the base model's last hidden state; scoring falls back to the full "
+                          "logits", RuntimeWarning, stacklevel=4)
+
+    def _score(self) -> np.ndarray:
+        """Per-token NLL of every batch, in batch order, under the current weights."""
+        if self._head_ok is None:
+            self._check_head()
+        parts, pending, pending_t = [], [], []
+        for bi, b in enumerate(self.batches):
+            self._current = bi
+            if not self._head_ok:
+                parts.append(self._logits_nll(b))
+                continue
+            pending.append(self._hidden(b))
+            pending_t.append(b.targets)
+        if pending:
+            parts = [self._head_nll(torch.cat(pending), torch.cat(pending_t))]
+        return torch.cat(parts).double().cpu().numpy()
+
+    def _collect(self, nll: np.ndarray) -> dict[str, np.ndarray]:
+        seg = np.zeros(self.n_segments, dtype=np.float64)
+        np.add.at(seg, self._owner, nll)
+        return {k: seg[self._slices[k]].copy() for k in self.keys}
+
+    # -- public --------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def record(self) -> dict[str, np.ndarray]:
+        """Score with the current (reference) weights and keep every block's output for reuse.
+
+        Returns the per-segment NLL (nats) per key, like :meth:`nll`.
+        """
+        width = int(self.model.config.hidden_size) if hasattr(self.model.config, "hidden_size") else 0
+        elem = next(self.model.parameters()).element_size()
+        need = len(self.blocks) * sum(b.ids.numel() for b in self.batches) * width * elem
+        if not width or need > self.max_record_bytes:
+            warnings.warn(f"recording block outputs would take {need / 2**20:.0f} MiB "
+                          f"(> max_record_bytes); every pass will run all blocks", RuntimeWarning,
+                          stacklevel=2)
+            return self.nll()
+        store: list[dict] = [{} for _ in self.blocks]
+
+        def keep(i, out):  # keyed by batch: the head check may run a batch twice
+            store[i][self._current] = _detach(out)
+
+        hooks = [blk.register_forward_hook(lambda _m, _i, out, i=i: keep(i, out))
+                 for i, blk in enumerate(self.blocks)]
+        try:
+            res = self.nll()
+        finally:
+            for h in hooks:
+                h.remove()
+        self._recorded = store
+        self._fingerprints = [self._fingerprint(i) for i in range(len(self.blocks))]
+        return res
+
+    @torch.no_grad()
+    def nll(self, start_block: int = 0) -> dict[str, np.ndarray]:
+        """Per-segment NLL (nats) per key under the current weights.
+
+        Parameters
+        ----------
+        start_block : int
+            First block to run; blocks before it replay what :meth:`record` saw. The caller
+            promises they are unchanged since then, and it is checked.
+        """
+        start_block = int(start_block)
+        if not 0 <= start_block <= len(self.blocks):
+            raise ValueError(f"start_block must be in 0..{len(self.blocks)}, got {start_block}")
+        if start_block and self._recorded is None:
+            start_block = 0  # nothing recorded (or recording refused): run everything
+        for i in range(start_block):
+            if self._fingerprint(i) != self._fingerprints[i]:
+                raise RuntimeError(f"block {i} changed since record(); cannot replay it "
+                                   f"(start_block={start_block})")
+        replay = self._recorded[start_block - 1] if start_block else None
+        for blk in self.blocks[:start_block]:
+            blk.forward = lambda *a, **k: replay[self._current]
+        try:
+            nll = self._score()
+            self.blocks_run += (len(self.blocks) - start_block) * len(self.batches)
+        finally:
+            for blk in self.blocks[:start_block]:
+                del blk.forward
+        return self._collect(nll)
+
+    def result(self, key: str, nll: Mapping[str, np.ndarray]) -> BpbResult:
+        """A :class:`BpbResult` for ``key`` from the output of :meth:`nll`."""
+        seg = np.asarray(nll[key], dtype=np.float64)
+        nb = self.n_bytes[key]
+        sl = self._slices[key]
+        n_tok = int(((self._owner >= sl.start) & (self._owner < sl.stop)).sum())
+        total = float(seg.sum())
+        return BpbResult(total / (math.log(2) * int(nb.sum())), total, int(nb.sum()), n_tok, seg, nb)
+
+
+def _split_batches(lengths: Sequence[int], max_tokens: int, max_size: int,
+                   overhead_tokens: int = 32) -> list[tuple[int, int]]:
+    """Split windows sorted by length into contiguous batches ``[j, k)`` that minimise padded
+    tokens plus ``overhead_tokens`` per batch (a forward call's fixed cost), under at most
+    ``max_size`` windows and ``max_tokens`` padded tokens per batch (a single longer window still
+    gets a batch of its own). Dynamic programming over the sorted order, O(n * max_size)."""
+    n = len(lengths)
+    best = [0.0] + [math.inf] * n
+    cut = [0] * (n + 1)
+    for k in range(1, n + 1):
+        for j in range(k - 1, max(-1, k - 1 - max_size), -1):
+            size = (k - j) * lengths[k - 1]
+            if size > max_tokens and k - j > 1:
+                break
+            c = best[j] + size + overhead_tokens
+            if c < best[k]:
+                best[k], cut[k] = c, j
+    out, k = [], n
+    while k > 0:
+        out.append((cut[k], k))
+        k = cut[k]
+    return out[::-1]
+
+
+def _detach(out):
+    if isinstance(out, torch.Tensor):
+        return out.detach()
+    if isinstance(out, tuple):
+        return tuple(_detach(o) for o in out)
+    return out

@@ -58,3 +58,81 @@ def test_bad_inputs(tiny_llama):
         bits_per_byte(model, tok, ["ok", ""])
     with pytest.raises(ValueError, match="stride"):
         bits_per_byte(model, tok, ["x" * 50], max_length=10, stride=10)
+
+
+# ---- BpbEngine: head path, residual replay ----------------------------------------------------
+
+def test_engine_uses_hidden_state_head_on_every_arch(tiny_model):
+    """The chunked output layer agrees with the model's logits, so no arch falls back."""
+    from empirical.bpb import BpbEngine
+
+    name, model, tok = tiny_model
+    eng = BpbEngine(model, tok, {"a": TEXTS[:3], "b": TEXTS[3:]}, head_chunk=7, head_rows=5)
+    nll = eng.nll()
+    assert eng._head_ok is True, name
+    direct = np.array([_direct_nll(model, tok, t) for t in TEXTS])
+    np.testing.assert_allclose(np.concatenate([nll["a"], nll["b"]]), direct, rtol=1e-4)
+    assert eng.result("b", nll).n_bytes == sum(len(t.encode()) for t in TEXTS[3:])
+
+
+def test_engine_replay_equals_full_pass_for_every_start_block(tiny_model):
+    """Replaying recorded block outputs is exact when the later blocks are quantized."""
+    from empirical.bpb import BpbEngine
+    from empirical.fakequant import FakeQuantizer, QuantConfig
+    from empirical.models import model_view
+
+    name, model, tok = tiny_model
+    view = model_view(model)
+    fq = FakeQuantizer(view.linears, QuantConfig(bits=2, grid="int"))
+    eng = BpbEngine(model, tok, {"x": TEXTS}, max_batch_tokens=40)
+    assert len(eng.batches) > 1
+    base = eng.record()
+    np.testing.assert_allclose(base["x"], eng.nll()["x"], rtol=0, atol=0)
+    for b in range(view.n_layers):
+        protect = {q.name for q in view.linears if q.block < b}
+        with fq.quantized(protect=protect):
+            full = eng.nll()["x"]
+            replayed = eng.nll(start_block=b)["x"]
+        np.testing.assert_allclose(replayed, full, rtol=1e-6, err_msg=f"{name} start_block={b}")
+        assert not np.allclose(full, base["x"])
+    # forward methods are restored: a plain pass after replay is the baseline again
+    np.testing.assert_allclose(eng.nll()["x"], base["x"], rtol=1e-6)
+
+
+def test_engine_refuses_to_replay_changed_blocks(tiny_llama):
+    from empirical.bpb import BpbEngine
+    from empirical.fakequant import FakeQuantizer, QuantConfig
+    from empirical.models import model_view
+
+    model, tok = tiny_llama
+    view = model_view(model)
+    eng = BpbEngine(model, tok, {"x": TEXTS})
+    eng.record()
+    fq = FakeQuantizer(view.linears, QuantConfig(bits=2, grid="int"))
+    with fq.quantized(), pytest.raises(RuntimeError, match="block 0 changed"):
+        eng.nll(start_block=1)
+    with pytest.raises(ValueError, match="start_block"):
+        eng.nll(start_block=view.n_layers + 1)
+
+
+def test_engine_applies_softcapping_and_falls_back_on_unknown_heads(tiny_model):
+    """Gemma's final logit soft-capping is reproduced; an architecture that ignores the config
+    field makes the check fail and scoring falls back to the model's logits, still exact."""
+    from empirical.bpb import BpbEngine
+
+    name, model, tok = tiny_model
+    old = getattr(model.config, "final_logit_softcapping", None)
+    model.config.final_logit_softcapping = 0.5
+    try:
+        direct = np.array([_direct_nll(model, tok, t) for t in TEXTS])
+        eng = BpbEngine(model, tok, {"x": TEXTS})
+        if "gemma" in name:
+            nll = eng.nll()["x"]
+            assert eng._head_ok is True
+        else:
+            with pytest.warns(RuntimeWarning, match="falls back"):
+                nll = eng.nll()["x"]
+            assert eng._head_ok is False
+        np.testing.assert_allclose(nll, direct, rtol=1e-4)
+    finally:
+        model.config.final_logit_softcapping = old
