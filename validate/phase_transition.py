@@ -71,8 +71,9 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
                    choices=["excess", "position", "reverse_position", "kurtosis", "size"])
     p.add_argument("--segments", type=int, default=None, help="segments per language (default: all)")
     p.add_argument("--max-length", type=int, default=512, help="token window for bits per byte")
-    p.add_argument("--stop-after", type=int, default=None,
-                   help="stop the measured curve this many steps past the crossing (default: full curve)")
+    p.add_argument("--stop-after", type=int, default=3,
+                   help="stop the measured curve this many steps past the crossing (default 3; "
+                        "a negative value measures the full curve, none to all)")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for CIs")
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
@@ -81,14 +82,16 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="small run: English, Hebrew, Japanese, 4 segments each, 128-token windows, "
                         "stop 1 step past the crossing, 200 resamples")
     a = p.parse_args(argv)
+    if a.stop_after is not None and a.stop_after < 0:
+        a.stop_after = None
     if a.quick:
-        # On two CPU cores a gemma-3-270m pass costs ~10 ms per token (half of it the 262k-way
-        # output layer), so the quick run keeps to a few hundred tokens per pass.
+        # On two CPU cores a gemma-3-270m pass costs ~5 ms per token (three quarters of it the
+        # 262k-way output layer), so the quick run keeps to a few hundred tokens per pass.
         if a.languages == list(DEFAULT_LANGUAGES):
             a.languages = ["en", "he", "ja"]
         a.segments = a.segments or 4
         a.max_length = min(a.max_length, 128)
-        a.stop_after = 1 if a.stop_after is None else a.stop_after
+        a.stop_after = min(a.stop_after, 1) if a.stop_after >= 0 else a.stop_after
         a.bootstrap = min(a.bootstrap, 200)
     return a
 
@@ -159,18 +162,21 @@ def disparity(d: dict[str, float], reference: Sequence[str]) -> float:
 
 
 def bootstrap_disparity(nll_q, nll_fp, reference, parallel: bool, n_boot: int, seed: int):
-    """Paired bootstrap over sentences: the same resampled ids in every language when parallel."""
+    """Paired bootstrap over sentences: the same resampled ids in every language when parallel.
+    Returns the 2.5% and 97.5% quantiles of D (nan when fewer than half the resamples give a
+    finite D)."""
     rng = np.random.default_rng(seed)
-    vals = []
-    for _ in range(n_boot):
-        if parallel:
-            n = len(next(iter(nll_fp.values())))
-            ids = rng.integers(0, n, n)
-            idx = {l: ids for l in nll_fp}
-        else:
-            idx = {l: rng.integers(0, len(v), len(v)) for l, v in nll_fp.items()}
-        vals.append(disparity(degradation(nll_q, nll_fp, idx), reference))
-    vals = np.asarray(vals)
+    n0 = len(next(iter(nll_fp.values())))
+    shared = rng.integers(0, n0, (n_boot, n0)) if parallel else None
+    d = {}
+    for l in nll_fp:
+        n = len(nll_fp[l])
+        ids = shared if parallel else rng.integers(0, n, (n_boot, n))
+        d[l] = nll_q[l][ids].sum(axis=1) / nll_fp[l][ids].sum(axis=1) - 1.0
+    ref = np.mean([d[r] for r in reference], axis=0)
+    others = [l for l in d if l not in reference]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        vals = np.where(ref > 0, np.mean([d[l] for l in others], axis=0) / np.where(ref > 0, ref, 1), np.nan)
     vals = vals[np.isfinite(vals)]
     if vals.size < max(10, n_boot // 2):
         return float("nan"), float("nan")
@@ -190,13 +196,40 @@ def r_squared(pred, meas) -> float:
 
 # ---- theory's per-unit eps ------------------------------------------------------------------
 
-def predicted_eps(unit_linears, bits: int, grid: str, seed: int) -> tuple[np.ndarray, list[dict]]:
-    """Theory's predicted total squared weight error of each unit, and per-Linear fit records.
+FIT_SAMPLES = 8000
 
-    For every Linear: the best-fit family by BIC on a seeded subsample of its weights, theory's
-    alpha* for it and ``n_params * expected_mse`` at that alpha*.
+
+def weight_fits(linears, seed: int, cache: ResultCache | None = None) -> dict[str, dict]:
+    """Best-fit family (BIC) of every Linear's weights, as theory distributions' parameters.
+
+    Fitted with the location fixed at 0, since the quantizer grid is symmetric about 0, on a
+    seeded subsample of ``FIT_SAMPLES`` weights. Cached by the Linears' names and a float64
+    checksum of their weights, so every run on the same model (quick or full, any corpus) fits
+    once.
     """
     from empirical.fits import best_theory_fit
+
+    digest = hashlib.sha256(json.dumps(
+        [[q.name, float(q.module.weight.detach().sum(dtype=__import__("torch").float64))] for q in linears]
+    ).encode()).hexdigest()[:16]
+    config = {"weight_fits": digest, "n": len(linears), "samples": FIT_SAMPLES, "seed": seed}
+    hit = cache.get(config) if cache is not None else None
+    if hit is not None:
+        return hit
+    out = {}
+    for q in linears:
+        w = q.module.weight.detach().double().cpu().numpy().ravel()
+        fit, _ = best_theory_fit(w, max_samples=FIT_SAMPLES, seed=seed, fix_loc=True)
+        out[q.name] = {"family": fit.family, "params": fit.params, "excess_kurtosis": fit.excess_kurtosis}
+    if cache is not None:
+        cache.put(config, out)
+    return out
+
+
+def predicted_eps(unit_linears, fits: dict[str, dict], bits: int, grid: str) -> tuple[np.ndarray, list[dict]]:
+    """Theory's predicted total squared weight error of each unit, and per-Linear records:
+    theory's alpha* for the Linear's fitted family and ``n_params * expected_mse`` at it."""
+    from empirical.fits import theory_distribution
     from theory import expected_mse, optimal_alpha
 
     g = "midrise" if grid == "aciq" else grid
@@ -204,12 +237,12 @@ def predicted_eps(unit_linears, bits: int, grid: str, seed: int) -> tuple[np.nda
     for lins in unit_linears:
         tot = 0.0
         for q in lins:
-            w = q.module.weight.detach().double().cpu().numpy().ravel()
-            fit, dist = best_theory_fit(w - w.mean(), max_samples=20_000, seed=seed)
+            f = fits[q.name]
+            dist = theory_distribution(f["family"], f["params"])
             a = optimal_alpha(dist, bits, g)
             mse = float(expected_mse(dist, a, bits, g))
             tot += mse * q.n_params
-            rows.append({"layer": q.name, "family": fit.family, "excess_kurtosis": fit.excess_kurtosis,
+            rows.append({"layer": q.name, "family": f["family"], "excess_kurtosis": f["excess_kurtosis"],
                          "alpha_star": a, "predicted_mse": mse, "n_params": q.n_params})
         eps.append(tot)
     return np.asarray(eps), rows
@@ -221,12 +254,13 @@ def run(args: argparse.Namespace) -> dict:
     import torch
     from tqdm.auto import tqdm
 
-    from empirical.bpb import bits_per_byte
+    from empirical.bpb import BpbEngine
     from empirical.fakequant import FakeQuantizer, QuantConfig
-    from empirical.models import load_model, model_view
+    from empirical.models import cache_dir, load_model, model_view
     from theory.protection import DamageModel, critical_fraction, disparity_curve, rank_layers
 
     t_start = time.perf_counter()
+    timing: dict[str, float] = {}
     out = Path(args.out) if args.out else default_out_dir(EXPERIMENT)
     torch.manual_seed(args.seed)
     model, tok, meta = load_model(args.model, device=args.device, seed=args.seed, return_metadata=True)
@@ -239,25 +273,43 @@ def run(args: argparse.Namespace) -> dict:
     names, unit_lins = units_of(view, args.unit)
     all_lins = [q for lins in unit_lins for q in lins]
     n_params = np.array([sum(q.n_params for q in lins) for lins in unit_lins], dtype=float)
+    # first decoder block each unit touches (a unit outside the blocks forces a full pass)
+    first_block = [min((q.block if q.block is not None else 0) for q in lins) for lins in unit_lins]
     fq = FakeQuantizer(all_lins, cfg, seed=args.seed)
     n_bytes = {l: np.array([len(s.encode()) for s in corpus[l]]) for l in langs}
+    engine = BpbEngine(model, tok, {l: corpus[l] for l in langs}, max_length=args.max_length,
+                       device=args.device)
+    timing["load_seconds"] = time.perf_counter() - t_start
 
     base = {"model": args.model, "corpus": args.corpus, "languages": langs, "segments": args.segments,
             "max_length": args.max_length, "quant": cfg.key(), "unit": args.unit, "seed": args.seed,
             "corpus_digest": hashlib.sha256(json.dumps(corpus.texts, sort_keys=True).encode()).hexdigest()[:16]}
     cache = PassCache(out / "cache", base)
+    quantize_seconds = [0.0]
 
     def forward(quantized_units: Sequence[int]):
-        protect = {q.name for i, lins in enumerate(unit_lins) if i not in set(quantized_units) for q in lins}
+        qset = set(quantized_units)
+        protect = {q.name for i, lins in enumerate(unit_lins) if i not in qset for q in lins}
+        start = min((first_block[i] for i in qset), default=0)
 
         def compute():
+            if engine._recorded is None:
+                # The reference pass, recorded once so that later passes replay the blocks
+                # before their first quantized one (also on a resumed run).
+                ref = engine.record()
+                if not qset:
+                    return ref
+            t0 = time.perf_counter()
+            for q in all_lins:
+                if q.name not in protect:
+                    fq.quantized_weight(q.name)  # computed once per Linear, then cached
+            quantize_seconds[0] += time.perf_counter() - t0
             with torch.no_grad(), fq.quantized(protect=protect):
-                return {l: bits_per_byte(model, tok, corpus[l], max_length=args.max_length).per_segment_nll
-                        for l in langs}
+                return engine.nll(start_block=start)
         return cache.get([names[i] for i in quantized_units], compute)
 
     n = len(names)
-    bar = tqdm(total=2 + n + n, desc="forward passes", unit="pass")
+    bar = tqdm(total=1 + n + n + 1, desc="forward passes", unit="pass")
     nll_fp = forward([])
     bar.update()
     single = []
@@ -266,15 +318,11 @@ def run(args: argparse.Namespace) -> dict:
         bar.update()
     damage = np.array([[single[i][l] for i in range(n)] for l in langs])
 
-    # Weight fits cost ~1 s per Linear; cache them like the passes.
-    fit_config = {"fits": True, "model": args.model, "bits": args.bits, "grid": args.grid,
-                  "unit": args.unit, "seed": args.seed, "units": names}
-    cached = cache.cache.get(fit_config)
-    if cached is not None:
-        eps, fit_rows = np.asarray(cached["eps"], dtype=float), cached["fits"]
-    else:
-        eps, fit_rows = predicted_eps(unit_lins, args.bits, args.grid, args.seed)
-        cache.cache.put(fit_config, {"eps": eps.tolist(), "fits": fit_rows})
+    # Weight fits (~0.2 s per Linear) are cached by the weights' checksum, in the shared cache.
+    t0 = time.perf_counter()
+    fits = weight_fits(all_lins, args.seed, ResultCache(cache_dir() / "weight_fits"))
+    eps, fit_rows = predicted_eps(unit_lins, fits, args.bits, args.grid)
+    timing["fit_seconds"] = time.perf_counter() - t0
     dm = DamageModel.from_sensitivities(damage / eps[None, :], eps, n_params, langs, reference)
     kurt = np.array([np.mean([r["excess_kurtosis"] for r in fit_rows if r["layer"] in {q.name for q in lins}])
                      for lins in unit_lins])
@@ -302,6 +350,7 @@ def run(args: argparse.Namespace) -> dict:
             crossed_at = k
         if args.stop_after is not None and crossed_at is not None and k >= crossed_at + args.stop_after:
             break
+    bar.update(bar.total - bar.n)  # passes skipped past the crossing (--stop-after)
     bar.close()
     p_meas = np.array([m["protected_fraction"] for m in meas])
     d_meas = np.array([m["disparity"] for m in meas])
@@ -331,9 +380,13 @@ def run(args: argparse.Namespace) -> dict:
         "pstar_measured": pstar_meas,
         "r2_curve": r2,
         "fits": fit_rows,
-        "timing": {"wall_seconds": wall, "forward_seconds": cache.forward_seconds,
-                   "forward_passes_run": cache.n_forward,
-                   "outside_forward_fraction": (1 - cache.forward_seconds / wall) if cache.n_forward else None},
+        "timing": {**timing, "wall_seconds": wall,
+                   "forward_seconds": cache.forward_seconds - quantize_seconds[0],
+                   "quantize_seconds": quantize_seconds[0],
+                   "forward_passes_run": cache.n_forward, "scored_tokens_per_pass": engine.n_tokens,
+                   "padding_fraction": engine.padding_fraction,
+                   "outside_forward_fraction": (1 - (cache.forward_seconds - quantize_seconds[0]) / wall)
+                   if cache.n_forward else None},
     }
     write_outputs(out, result, langs, reference)
     return result
