@@ -23,7 +23,8 @@ from theory.grids import Grid, check_bits, step_factor
 
 from .sweep import SortedMagnitudes, prepare, validate_data
 
-__all__ = ["EmpiricalOptimum", "empirical_optimal_alpha", "octav_alpha"]
+__all__ = ["EmpiricalOptimum", "empirical_language_alphas", "empirical_mixture_alpha", "empirical_optimal_alpha", "measured_penalties",
+           "octav_alpha"]
 
 
 class EmpiricalOptimum(NamedTuple):
@@ -168,3 +169,112 @@ def octav_alpha(x, bits: int, grid: Grid | str = "aciq", iters: int = 50, tol: f
         if done:
             break
     return float(a)
+
+
+def _language_samples(samples, min_samples: int) -> dict[str, SortedMagnitudes]:
+    if not samples:
+        raise ValueError("no languages given")
+    out = {}
+    for lang, x in samples.items():
+        arr = validate_data(x, f"samples of {lang!r}")
+        if arr.size < min_samples:
+            raise ValueError(f"language {lang!r} has {arr.size} samples; need at least {min_samples}")
+        out[str(lang)] = prepare(arr)
+    return out
+
+
+def _norm_weights(weights, langs: list[str], what: str) -> np.ndarray:
+    if weights is None:
+        return np.full(len(langs), 1.0 / len(langs))
+    w = np.asarray([weights[l] for l in langs] if isinstance(weights, dict) else weights, dtype=np.float64)
+    if w.size != len(langs) or not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
+        raise ValueError(f"{what} must be {len(langs)} finite non-negative numbers with a positive sum")
+    return w / w.sum()
+
+
+def _grid_min(curves, objective, lo: float, hi: float, levels: int = 2) -> float:
+    """Minimise ``objective(mse matrix [language, alpha])`` over ``[lo, hi]``: a 257-point
+    grid, then a 257-point grid on the bracket around its best point (``levels`` times), each
+    level one vectorised sweep per language (a single-alpha sweep costs as much as 257)."""
+    if hi <= lo:
+        return lo
+    for _ in range(levels):
+        xs = np.linspace(lo, hi, 257)
+        y = objective(curves(xs))
+        i = int(np.argmin(y))
+        lo, hi = xs[max(i - 1, 0)], xs[min(i + 1, xs.size - 1)]
+    return float(xs[i])
+
+
+def empirical_language_alphas(samples, bits: int, grid: Grid | str = "int", mix_weights=None,
+                              fair_weights=None, min_samples: int = 100):
+    """The measured counterpart of :func:`theory.language_alphas`: every language's optimum and
+    the mix, minimax and weighted alphas, all from the exact empirical MSE of each language's
+    samples (no fitted family anywhere).
+
+    Returns
+    -------
+    theory.LanguageAlphas
+        ``alpha_star``/``mse_star`` are the swept optima; ``penalty[choice][l]`` the measured
+        relative MSE excess of language ``l`` at the measured ``alpha[choice]``.
+    """
+    from theory.language_alpha import LanguageAlphas
+
+    sms = _language_samples(samples, min_samples)
+    g = Grid.parse(grid)
+    m = check_bits(bits, g)
+    langs = list(sms)
+    w = _norm_weights(mix_weights, langs, "mixture weights")
+    v = _norm_weights(fair_weights, langs, "fairness weights")
+    opt = [empirical_optimal_alpha(sms[l], m, g) for l in langs]
+    stars = np.array([o.alpha for o in opt])
+    best = np.array([o.mse for o in opt])
+    lo, hi = float(stars.min()), float(stars.max())
+
+    def curves(xs):
+        return np.array([np.atleast_1d(sms[l].mse(xs, m, g)) for l in langs])
+
+    rel = best[:, None]
+    alpha = {"mix": _grid_min(curves, lambda c: w @ c, lo, hi),
+             "minimax": _grid_min(curves, lambda c: np.max(c / rel, axis=0), lo, hi),
+             "weighted": _grid_min(curves, lambda c: v @ (c / rel), lo, hi)}
+    penalty = {c: np.maximum(curves(np.array([a]))[:, 0] / best - 1.0, 0.0) for c, a in alpha.items()}
+    return LanguageAlphas(langs, m, g.value, stars, best, w, v, alpha, penalty)
+
+
+def empirical_mixture_alpha(samples, bits: int, grid: Grid | str = "int", weights=None,
+                            min_samples: int = 100) -> EmpiricalOptimum:
+    """Clipping threshold minimising ``sum_l w_l MSE_l(alpha)`` measured on each language's
+    samples (the empirical counterpart of :func:`theory.mixture_alpha`)."""
+    r = empirical_language_alphas(samples, bits, grid, mix_weights=weights, min_samples=min_samples)
+    a = r.alpha["mix"]
+    return EmpiricalOptimum(a, float(r.mix_weights @ (r.mse_star * (1.0 + r.penalty["mix"]))))
+
+
+def measured_penalties(samples, alphas, bits: int, grid: Grid | str = "int",
+                       min_samples: int = 100) -> dict[str, dict[str, float]]:
+    """Each language's measured relative MSE excess ``MSE_l(alpha) / min MSE_l - 1`` at given
+    thresholds, against its own measured optimum (:func:`empirical_optimal_alpha`).
+
+    Parameters
+    ----------
+    samples : mapping language -> array_like
+    alphas : mapping name -> float
+        Thresholds to price, e.g. ``{"mix": ..., "minimax": ...}``.
+
+    Returns
+    -------
+    dict
+        ``{language: {"alpha_star": ..., "mse_star": ..., name: penalty, ...}}``.
+    """
+    sms = _language_samples(samples, min_samples)
+    g = Grid.parse(grid)
+    m = check_bits(bits, g)
+    out = {}
+    for lang, sm in sms.items():
+        opt = empirical_optimal_alpha(sm, m, g)
+        row = {"alpha_star": opt.alpha, "mse_star": opt.mse}
+        for name, a in alphas.items():
+            row[name] = float(sm.mse(float(a), m, g)) / opt.mse - 1.0 if opt.mse > 0 else math.nan
+        out[lang] = row
+    return out

@@ -21,6 +21,10 @@ from .distributions import (
     family,
 )
 from .grids import MAX_BITS, MIN_BITS, Grid, GridSpec, check_bits, grid_spec, levels, quantize
+from .language_alpha import (
+    LanguageAlphas, aciq_penalty_expr, alpha_penalty, language_alphas, laplace_penalty_expr,
+    minimax_alpha, mixture_alpha, mixture_mse, weighted_alpha,
+)
 from .mse import clipping_mse, expected_mse, mse_derivative, rounding_mse
 from .optimal import (
     allocate_bits,
@@ -59,6 +63,8 @@ from .rate_distortion import (
 )
 
 __all__ = [
+    "LanguageAlphas", "aciq_penalty_expr", "alpha_penalty", "language_alphas", "laplace_penalty_expr",
+    "minimax_alpha", "mixture_alpha", "mixture_mse", "weighted_alpha",
     # distributions
     "Distribution", "Gaussian", "Laplace", "Lognormal", "GeneralizedGaussian", "StudentT",
     "FAMILIES", "family",
