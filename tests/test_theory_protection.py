@@ -9,7 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from theory.protection import (
-    DamageModel, critical_fraction, disparity_curve, fit_sensitivities, rank_layers, sharpness_derivation,
+    DamageModel, critical_fraction, disparity_bound, disparity_curve, fit_sensitivities, min_linear_fractional,
+    rank_layers, sharpness_derivation,
 )
 
 LANGS = ["eng", "heb", "jpn", "rus"]
@@ -119,3 +120,46 @@ def test_sharpness_slope_from_sympy_matches_numeric_curve():
 def test_bad_input(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+# ---- disparity lower bounds -------------------------------------------------------------------
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 8), seed=st.integers(0, 10_000))
+def test_min_linear_fractional_equals_brute_force_over_vertices(n, seed):
+    rng = np.random.default_rng(seed)
+    a, r = rng.uniform(0, 2, n), rng.uniform(0.01, 2, n)
+    lo = rng.uniform(0, 1, n)
+    hi = lo + rng.uniform(0, 2, n)
+    val, x = min_linear_fractional(a, r, lo, hi)
+    brute = min(float(a @ v / (r @ v)) for v in (np.where(bits, hi, lo)
+                                                  for bits in itertools.product([0, 1], repeat=n)))
+    assert val == pytest.approx(brute, rel=1e-12)
+    assert np.all((x >= lo) & (x <= hi)) and float(a @ x / (r @ x)) == pytest.approx(val, rel=1e-12)
+    # no interior point does better
+    for _ in range(20):
+        y = rng.uniform(lo, hi)
+        assert float(a @ y / (r @ y)) >= val * (1 - 1e-12)
+
+
+def test_disparity_bounds_bracket_the_model():
+    rng = np.random.default_rng(3)
+    dmg = rng.uniform(0.0, 1.0, (4, 6))
+    dmg[1, 2] = -0.05  # noise below zero is clipped by the bounds
+    m = DamageModel(dmg, np.arange(1, 7) * 10.0, ["eng", "heb", "jpn", "ara"], ["eng"])
+    shrink = rng.uniform(0.2, 0.9, 6)
+    clipped = DamageModel(np.clip(dmg, 0, None), m.n_params, m.languages, m.reference)
+    for k in range(6):
+        mask = np.zeros(6, dtype=bool)
+        mask[:k] = True
+        any_q = disparity_bound(m, mask)
+        at_rate = disparity_bound(m, mask, shrink)
+        assert any_q <= at_rate + 1e-12 <= clipped.disparity(mask) + 2e-12
+        # x = 1 everywhere is the model itself
+        assert disparity_bound(m, mask, np.ones(6)) == pytest.approx(clipped.disparity(mask), rel=1e-12)
+        keep = ~mask
+        a = np.clip(dmg[1:, keep], 0, None).mean(axis=0)
+        assert any_q == pytest.approx(np.min(a / dmg[0, keep]), rel=1e-12)
+    with pytest.raises(ValueError, match="shrink"):
+        disparity_bound(m, np.zeros(6, bool), np.full(6, 1.5))

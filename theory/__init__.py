@@ -36,6 +36,8 @@ from .optimal import (
 )
 from .protection import (
     DamageModel,
+    disparity_bound,
+    min_linear_fractional,
     critical_fraction,
     disparity_curve,
     fit_sensitivities,
@@ -63,6 +65,7 @@ from .rate_distortion import (
 )
 
 __all__ = [
+    "disparity_bound", "min_linear_fractional",
     "LanguageAlphas", "aciq_penalty_expr", "alpha_penalty", "language_alphas", "laplace_penalty_expr",
     "minimax_alpha", "mixture_alpha", "mixture_mse", "weighted_alpha",
     # distributions

@@ -34,7 +34,7 @@ import numpy as np
 import sympy as sp
 
 __all__ = ["DamageModel", "fit_sensitivities", "rank_layers", "disparity_curve", "critical_fraction",
-           "sharpness_derivation", "RANKINGS"]
+           "sharpness_derivation", "RANKINGS", "min_linear_fractional", "disparity_bound"]
 
 RANKINGS = ("position", "reverse_position", "kurtosis", "excess", "size")
 
@@ -229,3 +229,69 @@ def sharpness_derivation() -> dict[str, sp.Basic]:
     slope = sp.simplify(dD.subs(B, A))
     return {"D": sp.Eq(sp.Symbol("D"), D), "dD": sp.Eq(sp.Symbol("dD/dp"), dD),
             "slope_at_crossing": sp.Eq(sp.Symbol("dD/dp|_{p^*}"), slope)}
+
+
+# ---- lower bounds on disparity ------------------------------------------------------------------
+
+def min_linear_fractional(a, r, lo, hi) -> tuple[float, np.ndarray]:
+    """``min (a . x) / (r . x)`` over the box ``lo <= x <= hi`` (``r >= 0``), exactly.
+
+    A linear-fractional objective over a box is minimised at a vertex: ``x_i = hi_i`` where
+    ``a_i - lambda* r_i < 0`` and ``lo_i`` elsewhere, ``lambda*`` the optimum. Dinkelbach's
+    iteration (set x by the sign rule at the current lambda, recompute lambda) reaches it in
+    finitely many steps, since lambda strictly decreases over finitely many vertices.
+
+    Returns ``(value, x)``; nan when ``r . x = 0`` on the whole box.
+    """
+    a, r, lo, hi = (np.asarray(v, dtype=np.float64) for v in (a, r, lo, hi))
+    if not (a.shape == r.shape == lo.shape == hi.shape) or a.ndim != 1:
+        raise ValueError("a, r, lo and hi must be 1-D arrays of one length")
+    if np.any(r < 0) or np.any(lo < 0) or np.any(hi < lo) or not np.all(np.isfinite(hi)):
+        raise ValueError("need r >= 0 and finite 0 <= lo <= hi")
+    if not r @ hi > 0:
+        return float("nan"), hi.copy()
+    x = hi.copy()
+    lam = float(a @ x / (r @ x))
+    for _ in range(a.size + 2):
+        new = np.where(a - lam * r < 0, hi, lo)
+        den = r @ new
+        lam_new = float(a @ new / den) if den > 0 else np.inf
+        if not lam_new < lam - 1e-15 * abs(lam):
+            return lam, x
+        lam, x = lam_new, new
+    return lam, x
+
+
+def disparity_bound(model: DamageModel, protected_mask, shrink=None) -> float:
+    """Lowest disparity any quantizer could reach under the additive model (1).
+
+    Quantizing layer i with a different quantizer scales its error, so every language's damage
+    from it, by some ``x_i`` (``d_l = sum_i s_{l,i} eps_i x_i``); the run's disparity is the
+    linear-fractional ``sum_i abar_i x_i / sum_i r_i x_i`` with ``abar_i`` the mean non-reference
+    and ``r_i`` the mean reference damage of layer i (both clipped at 0: a negative single-layer
+    damage is measurement noise). Its minimum over ``x`` (:func:`min_linear_fractional`):
+
+    * ``shrink=None``, ``x_i`` in ``(0, inf)``: ``min_{i not in P} abar_i / r_i``, a bound for every
+      quantizer at every rate (no choice of per-layer errors does better than the most
+      reference-heavy layer);
+    * ``shrink`` given, ``x_i`` in ``[shrink_i, 1]``: the lowest disparity reachable by quantizers
+      no worse than the one measured in any layer and no better than ``shrink_i`` times it, e.g.
+      ``shrink_i = D_SLB,i(R) / eps_i``, the Shannon lower bound at the same rate R over the
+      error in use (:func:`theory.shannon_lower_bound`).
+
+    Returns nan when nothing unprotected damages the reference.
+    """
+    keep = ~np.asarray(protected_mask, dtype=bool)
+    dmg = np.clip(model.damage[:, keep], 0.0, None)
+    m = model._ref_mask
+    a, r = dmg[~m].mean(axis=0), dmg[m].mean(axis=0)
+    if a.size == 0 or not np.any(r > 0):
+        return float("nan")
+    if shrink is None:
+        # x -> 0 elsewhere: the infimum is the best single layer's ratio (approached)
+        pos = r > 0
+        return float(np.min(a[pos] / r[pos]))
+    lo = np.asarray(shrink, dtype=np.float64)
+    if lo.shape != keep.shape or np.any(lo < 0) or np.any(lo > 1) or not np.all(np.isfinite(lo)):
+        raise ValueError("shrink factors must be one per layer, in [0, 1]")
+    return min_linear_fractional(a, r, lo[keep], np.ones(a.size))[0]

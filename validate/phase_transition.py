@@ -226,26 +226,34 @@ def weight_fits(linears, seed: int, cache: ResultCache | None = None) -> dict[st
     return out
 
 
-def predicted_eps(unit_linears, fits: dict[str, dict], bits: int, grid: str) -> tuple[np.ndarray, list[dict]]:
-    """Theory's predicted total squared weight error of each unit, and per-Linear records:
-    theory's alpha* for the Linear's fitted family and ``n_params * expected_mse`` at it."""
+def predicted_eps(unit_linears, fits: dict[str, dict], bits: int, grid: str):
+    """Theory's predicted total squared weight error of each unit, the Shannon lower bound on it
+    at the same rate, and per-Linear records: theory's alpha* for the Linear's fitted family,
+    ``n_params * expected_mse`` at it and ``n_params * shannon_lower_bound(bits)``.
+
+    Returns ``(eps, slb, rows)``.
+    """
     from empirical.fits import theory_distribution
-    from theory import expected_mse, optimal_alpha
+    from theory import expected_mse, optimal_alpha, shannon_lower_bound
 
     g = "midrise" if grid == "aciq" else grid
-    eps, rows = [], []
+    eps, slb, rows = [], [], []
     for lins in unit_linears:
-        tot = 0.0
+        tot = low = 0.0
         for q in lins:
             f = fits[q.name]
             dist = theory_distribution(f["family"], f["params"])
             a = optimal_alpha(dist, bits, g)
             mse = float(expected_mse(dist, a, bits, g))
+            bound = float(shannon_lower_bound(dist, bits))
             tot += mse * q.n_params
+            low += bound * q.n_params
             rows.append({"layer": q.name, "family": f["family"], "excess_kurtosis": f["excess_kurtosis"],
-                         "alpha_star": a, "predicted_mse": mse, "n_params": q.n_params})
+                         "alpha_star": a, "predicted_mse": mse, "shannon_lower_bound": bound,
+                         "n_params": q.n_params})
         eps.append(tot)
-    return np.asarray(eps), rows
+        slb.append(low)
+    return np.asarray(eps), np.asarray(slb), rows
 
 
 # ---- the experiment -----------------------------------------------------------------------------
@@ -257,7 +265,7 @@ def run(args: argparse.Namespace) -> dict:
     from empirical.bpb import BpbEngine
     from empirical.fakequant import FakeQuantizer, QuantConfig
     from empirical.models import cache_dir, load_model, model_view
-    from theory.protection import DamageModel, critical_fraction, disparity_curve, rank_layers
+    from theory.protection import DamageModel, critical_fraction, disparity_bound, disparity_curve, rank_layers
 
     t_start = time.perf_counter()
     timing: dict[str, float] = {}
@@ -321,7 +329,7 @@ def run(args: argparse.Namespace) -> dict:
     # Weight fits (~0.2 s per Linear) are cached by the weights' checksum, in the shared cache.
     t0 = time.perf_counter()
     fits = weight_fits(all_lins, args.seed, ResultCache(cache_dir() / "weight_fits"))
-    eps, fit_rows = predicted_eps(unit_lins, fits, args.bits, args.grid)
+    eps, slb, fit_rows = predicted_eps(unit_lins, fits, args.bits, args.grid)
     timing["fit_seconds"] = time.perf_counter() - t0
     dm = DamageModel.from_sensitivities(damage / eps[None, :], eps, n_params, langs, reference)
     kurt = np.array([np.mean([r["excess_kurtosis"] for r in fit_rows if r["layer"] in {q.name for q in lins}])
@@ -329,6 +337,9 @@ def run(args: argparse.Namespace) -> dict:
     order = rank_layers(dm, args.ranking, kurtosis=kurt)
     excess = dm.excess_damage()
     p_pred, d_pred, per_pred = disparity_curve(dm, order)
+    # Lowest disparity reachable (additive model) by any quantizer, and by quantizers between
+    # the Shannon lower bound at the same rate and the one in use, layer by layer.
+    shrink = np.clip(slb / eps, 0.0, 1.0)
     pstar_pred = critical_fraction(p_pred, d_pred)
 
     # measured curve: protect the first k units of the ranking
@@ -342,8 +353,12 @@ def run(args: argparse.Namespace) -> dict:
         D = disparity(d, reference) if quantized else float("nan")
         lo, hi = (bootstrap_disparity(nll_q, nll_fp, reference, corpus.parallel, args.bootstrap, args.seed + k)
                   if quantized else (float("nan"), float("nan")))
+        mask = np.zeros(n, dtype=bool)
+        mask[order[:k]] = True
         meas.append({"k": k, "protected_fraction": n_params[order[:k]].sum() / total,
                      "disparity": D, "ci_low": lo, "ci_high": hi, "predicted": float(d_pred[k]),
+                     "bound_any_quantizer": disparity_bound(dm, mask),
+                     "bound_at_rate": disparity_bound(dm, mask, shrink),
                      "protected_unit": names[order[k - 1]] if k else None,
                      **{f"d_{l}": d[l] for l in langs}})
         if crossed_at is None and np.isfinite(D) and D <= 1:
@@ -357,6 +372,29 @@ def run(args: argparse.Namespace) -> dict:
     # nan when a curve stopped early (--stop-after) never crossed
     pstar_meas = critical_fraction(p_meas, d_meas)
     r2 = r_squared(d_pred[: len(meas)], d_meas)
+    # Calibrated variant: one factor per language, gamma_l = d_l(all quantized) / sum_i d_{l,i},
+    # absorbs interactions between layers that scale every damage of a language alike; it uses
+    # the k = 0 point, so its R^2 is taken over k >= 1 only.
+    d0 = meas[0]
+    gamma = np.array([d0[f"d_{l}"] / damage[j].sum() if damage[j].sum() > 0 else np.nan
+                      for j, l in enumerate(langs)])
+    dm_cal = DamageModel(damage * gamma[:, None], n_params, langs, reference)
+    _, d_cal, _ = disparity_curve(dm_cal, order)
+    for m in meas:
+        m["predicted_calibrated"] = float(d_cal[m["k"]])
+    r2_cal = r_squared(d_cal[1: len(meas)], d_meas[1:])
+    fin = [m for m in meas if m["disparity"] is not None and np.isfinite(m["disparity"])
+           and np.isfinite(m["bound_at_rate"])]
+    bound_check = {
+        "points": len(fin),
+        "measured_above_bound_at_rate": int(sum(m["disparity"] >= m["bound_at_rate"] for m in fin)),
+        "ci_high_above_bound_at_rate": int(sum(m["ci_high"] >= m["bound_at_rate"] for m in fin
+                                               if np.isfinite(m["ci_high"]))),
+        "measured_above_bound_any": int(sum(m["disparity"] >= m["bound_any_quantizer"] for m in fin)),
+        "median_shrink": float(np.median(shrink)),
+        "note": ("bounds hold for the additive model (1); measured points below them mean the model, "
+                 "not the bound, is off (interactions between layers, noise)"),
+    }
     wall = time.perf_counter() - t_start
     result = {
         "experiment": EXPERIMENT,
@@ -368,6 +406,7 @@ def run(args: argparse.Namespace) -> dict:
         "model_metadata": {k: v for k, v in meta.items() if isinstance(v, (str, int, float, bool, type(None)))},
         "baseline_note": PREQUANTIZED_NOTE if meta.get("prequantized") else "baseline is the model's own weights",
         "units": [{"name": nm, "n_params": int(n_params[i]), "predicted_eps": float(eps[i]),
+                   "shannon_lower_bound": float(slb[i]),
                    "excess_damage": float(excess[i]),
                    "single_unit_degradation": {l: single[i][l] for l in langs}} for i, nm in enumerate(names)],
         "baseline_bpb": {l: float(nll_fp[l].sum() / (math.log(2) * n_bytes[l].sum())) for l in langs},
@@ -379,6 +418,10 @@ def run(args: argparse.Namespace) -> dict:
         "pstar_predicted": pstar_pred,
         "pstar_measured": pstar_meas,
         "r2_curve": r2,
+        "interaction_factor": dict(zip(langs, gamma.tolist())),
+        "r2_curve_calibrated": r2_cal,
+        "pstar_predicted_calibrated": critical_fraction(p_pred, d_cal),
+        "disparity_bound": bound_check,
         "fits": fit_rows,
         "timing": {**timing, "wall_seconds": wall,
                    "forward_seconds": cache.forward_seconds - quantize_seconds[0],
@@ -398,13 +441,22 @@ def write_outputs(out: Path, res: dict, langs, reference) -> None:
 
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / f"{EXPERIMENT}.json", res)
-    cols = ["k", "protected_fraction", "disparity", "ci_low", "ci_high", "predicted", "protected_unit",
+    cols = ["k", "protected_fraction", "disparity", "ci_low", "ci_high", "predicted", "predicted_calibrated",
+            "bound_at_rate",
+            "bound_any_quantizer", "protected_unit",
             *[f"d_{l}" for l in langs]]
     write_csv(out / "curve.csv", res["curve"], cols)
     rows = [{"quantity": "p* measured", "value": res["pstar_measured"]},
             {"quantity": "p* predicted", "value": res["pstar_predicted"]},
             {"quantity": "R^2 predicted vs measured D(p)", "value": res["r2_curve"]},
-            {"quantity": "disparity, nothing protected", "value": res["curve"][0]["disparity"]}]
+            {"quantity": "p* predicted, calibrated (one factor per language)",
+             "value": res["pstar_predicted_calibrated"]},
+            {"quantity": "R^2 calibrated prediction (k >= 1)", "value": res["r2_curve_calibrated"]},
+            {"quantity": "disparity, nothing protected", "value": res["curve"][0]["disparity"]},
+            {"quantity": "lowest reachable disparity at this rate, nothing protected",
+             "value": res["curve"][0]["bound_at_rate"]},
+            {"quantity": "share of measured points above that bound",
+             "value": res["disparity_bound"]["measured_above_bound_at_rate"] / max(res["disparity_bound"]["points"], 1)}]
     write_latex_table(out / f"{EXPERIMENT}_table.tex", rows, ["quantity", "value"], ["Quantity", "Value"],
                       caption="Phase transition of disparity with the protected fraction "
                               f"({latex_safe(res['provenance']['config']['model'])}, "
@@ -420,6 +472,12 @@ def write_outputs(out: Path, res: dict, langs, reference) -> None:
     ax[0].plot(p, d, "o-", label="measured")
     pc = res["predicted_curve"]
     ax[0].plot(pc["protected_fraction"], pc["disparity"], "--", label="predicted (additive model)")
+    ax[0].plot(p, [m.get("predicted_calibrated", np.nan) for m in c], "-.", color="C2",
+               label="predicted, calibrated at p = 0")
+    ax[0].plot(p, [m.get("bound_at_rate", np.nan) for m in c], ":", color="C3",
+               label="lowest reachable at this rate (Shannon bound per layer)")
+    ax[0].plot(p, [m.get("bound_any_quantizer", np.nan) for m in c], ":", color="C4",
+               label="lowest reachable by any quantizer")
     ax[0].axhline(1.0, color="k", lw=0.8)
     for v, ls, lab in ((res["pstar_measured"], "-", "p* measured"), (res["pstar_predicted"], "--", "p* predicted")):
         if v is not None and np.isfinite(v):
@@ -449,8 +507,9 @@ def latex_safe(s: str) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse(argv)
     res = run(args)
-    print(f"p* measured {res['pstar_measured']:.3f}, predicted {res['pstar_predicted']:.3f}, "
-          f"R^2 {res['r2_curve']:.3f}; {res['timing']['forward_passes_run']} forward passes in "
+    print(f"p* measured {res['pstar_measured']:.3f}, predicted {res['pstar_predicted']:.3f} "
+          f"(calibrated {res['pstar_predicted_calibrated']:.3f}), R^2 {res['r2_curve']:.3f} "
+          f"(calibrated {res['r2_curve_calibrated']:.3f}); {res['timing']['forward_passes_run']} forward passes in "
           f"{res['timing']['wall_seconds']:.0f} s -> {Path(args.out) if args.out else default_out_dir(EXPERIMENT)}")
     return 0
 
