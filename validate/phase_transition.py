@@ -378,8 +378,10 @@ def run(args: argparse.Namespace) -> dict:
     d0 = meas[0]
     gamma = np.array([d0[f"d_{l}"] / damage[j].sum() if damage[j].sum() > 0 else np.nan
                       for j, l in enumerate(langs)])
-    dm_cal = DamageModel(damage * gamma[:, None], n_params, langs, reference)
-    _, d_cal, _ = disparity_curve(dm_cal, order)
+    if np.all(np.isfinite(gamma)) and np.all(gamma > 0):
+        _, d_cal, _ = disparity_curve(DamageModel(damage * gamma[:, None], n_params, langs, reference), order)
+    else:  # a language with no net single-unit damage: nothing to calibrate against
+        d_cal = np.full(n + 1, np.nan)
     for m in meas:
         m["predicted_calibrated"] = float(d_cal[m["k"]])
     r2_cal = r_squared(d_cal[1: len(meas)], d_meas[1:])
