@@ -9,9 +9,12 @@ for quantiles and a seeded reservoir sample for distribution fits. Its memory is
 
 Precision and cost
 ------------------
-Within one forward pass the sums of a tensor are taken in its own precision (float32 at least;
-bfloat16 is upcast) about the tensor's mean, then moved to the CPU and merged in float64. Only
-a few scalars per hook leave the device. The reservoir uses Li's Algorithm L (vectorised), so
+On the CPU the power sums of a tensor come from one parallel numba pass over its values,
+accumulated in float64 about a shift (the mean of the first 4096 values) so that nothing cancels: one read of the
+tensor instead of the ten tensor-sized operations of the torch expression. On other devices the
+sums are taken by torch in the tensor's own precision (float32 at least; bfloat16 is upcast)
+about its mean, and only a few scalars leave the device. Either way they are merged in float64
+(Pebay).  The reservoir uses Li's Algorithm L (vectorised), so
 after it fills its cost grows with ``reservoir_size x log(tokens)``, not with the tokens.
 Projections that read the same input (q/k/v, gate/up) share one moment computation.
 
@@ -35,6 +38,7 @@ import math
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
+import numba as nb
 import numpy as np
 import torch
 
@@ -48,6 +52,57 @@ def _next_prime(n: int) -> int:
     while any(n % p == 0 for p in range(2, int(n ** 0.5) + 1)):
         n += 1
     return n
+
+
+_MOMENT_CHUNK = 1 << 16
+
+
+@nb.njit(parallel=True, cache=True, fastmath=False)
+def _power_sums(x):  # pragma: no cover - compiled
+    """(c, [sum d, sum d^2, sum d^3, sum d^4, min, max]) of d = x - c, float64 accumulators;
+    the shift c is the mean of the first (at most) 4096 values, close to the mean even when the
+    first value is an outlier."""
+    n = x.size
+    m = min(n, 4096)
+    c = 0.0
+    for i in range(m):
+        c += np.float64(x[i])
+    c /= m
+    nchunk = (n + _MOMENT_CHUNK - 1) // _MOMENT_CHUNK
+    part = np.zeros((nchunk, 6))
+    for k in nb.prange(nchunk):
+        lo = k * _MOMENT_CHUNK
+        hi = min(lo + _MOMENT_CHUNK, n)
+        s1 = s2 = s3 = s4 = 0.0
+        mn = np.inf
+        mx = -np.inf
+        for i in range(lo, hi):
+            v = np.float64(x[i])
+            d = v - c
+            d2 = d * d
+            s1 += d
+            s2 += d2
+            s3 += d2 * d
+            s4 += d2 * d2
+            if v < mn:
+                mn = v
+            if v > mx:
+                mx = v
+        part[k, 0] = s1
+        part[k, 1] = s2
+        part[k, 2] = s3
+        part[k, 3] = s4
+        part[k, 4] = mn
+        part[k, 5] = mx
+    out = np.zeros(6)
+    out[4] = np.inf
+    out[5] = -np.inf
+    for k in range(nchunk):
+        for j in range(4):
+            out[j] += part[k, j]
+        out[4] = min(out[4], part[k, 4])
+        out[5] = max(out[5], part[k, 5])
+    return c, out
 
 
 class StreamingStats:
@@ -111,17 +166,30 @@ class StreamingStats:
     @staticmethod
     def batch_moments(x: torch.Tensor) -> tuple:
         """(n, mean, M2, M3, M4, min, max) of a flat float tensor (see :meth:`update`)."""
+        if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
+            c, s = _power_sums(x.contiguous().numpy())
+            s1, s2, s3, s4, lo, hi = s.tolist()
+            return StreamingStats._central(x.numel(), float(c), s1, s2, s3, s4, lo, hi)
+        return StreamingStats.batch_moments_torch(x)
+
+    @staticmethod
+    def batch_moments_torch(x: torch.Tensor) -> tuple:
+        """:meth:`batch_moments` with torch reductions on the tensor's device."""
         n_b = x.numel()
         # Batch sums in the input's precision (float32 at least; torch reduces with cascaded
-        # sums), about the batch mean so that nothing cancels; float64 sums on CPU cost 6-10x
-        # more and the values themselves carry only float32 precision. Merged in float64.
+        # sums), about the batch mean so that nothing cancels. Merged in float64.
         c = x.mean()
         d = x - c
         d2 = d * d
         lo, hi = torch.aminmax(x)
-        s = torch.stack([c, d.sum(), d2.sum(), (d2 * d).sum(), (d2 * d2).sum(), lo, hi])
+        # Third and fourth power sums as inner products: no temporaries, one read each.
+        s = torch.stack([c, d.sum(), d2.sum(), torch.dot(d2, d), torch.dot(d2, d2), lo, hi])
         c, s1, s2, s3, s4, lo, hi = s.double().cpu().tolist()
-        # Exact central moments from sums about the shift c (s1 is only rounding residue).
+        return StreamingStats._central(n_b, c, s1, s2, s3, s4, lo, hi)
+
+    @staticmethod
+    def _central(n_b: int, c: float, s1: float, s2: float, s3: float, s4: float, lo: float, hi: float) -> tuple:
+        # Exact central moments from power sums about the shift c.
         mu = s1 / n_b
         m2 = s2 - s1 * mu
         m3 = s3 - 3.0 * mu * s2 + 2.0 * mu * mu * s1

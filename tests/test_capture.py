@@ -164,3 +164,24 @@ def test_float64_stream_and_histogram_subsample():
     assert st.n == x.size and st.hist.sum() <= 3 * 4096 + 20
     # quantiles from the subsampled histogram stay close
     np.testing.assert_allclose(st.quantile([0.1, 0.5, 0.9]), np.quantile(x, [0.1, 0.5, 0.9]), atol=0.05)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_numba_power_sums_match_torch_and_float64_reference(dtype):
+    """The one-pass CPU kernel, the torch path and a float64 numpy reference agree, also with a
+    massive outlier first and a large common offset (what a residual stream looks like)."""
+    from empirical.capture import StreamingStats
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_t(3, 300_001) * 0.5 + 40.0
+    x[0] = 5e3
+    t = torch.tensor(x, dtype=dtype)
+    ref = t.double().numpy()
+    mu = ref.mean()
+    d = ref - mu
+    want = (ref.size, mu, (d ** 2).sum(), (d ** 3).sum(), (d ** 4).sum(), ref.min(), ref.max())
+    fast = StreamingStats.batch_moments(t)
+    slow = StreamingStats.batch_moments_torch(t)
+    for got, rtol in ((fast, 1e-9), (slow, 1e-3 if dtype == torch.float32 else 1e-9)):
+        assert got[0] == want[0]
+        np.testing.assert_allclose(got[1:], want[1:], rtol=rtol)
