@@ -49,3 +49,25 @@ def tiny_gpt2():
     from empirical.models import load_model
 
     return load_model("tiny-gpt2", seed=0)
+
+
+@pytest.fixture(scope="session")
+def quick_results(tmp_path_factory):
+    """One ``python -m validate.all --quick`` run on the real embedded model, shared by the slow
+    tests (the paper check, the phase-transition and language-alpha end-to-end checks).
+
+    Returns ``(results root, manifest)``.
+    """
+    import subprocess
+    import sys
+
+    from validate._common import ROOT, read_json
+
+    pytest.importorskip("gguf")
+    root = tmp_path_factory.mktemp("quick") / "results"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "HF_DATASETS_OFFLINE": "1", "MPLBACKEND": "Agg"}
+    proc = subprocess.run([sys.executable, "-m", "validate.all", "--quick", "--out", str(root)],
+                          cwd=ROOT, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, f"validate.all --quick failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+    return root, read_json(root / "manifest.json")

@@ -50,11 +50,11 @@ def test_disparity_and_bootstrap_statistics():
 
 
 @pytest.mark.slow
-def test_quick_run_on_the_real_embedded_model(tmp_path):
-    pytest.importorskip("gguf")
-    out = tmp_path / "real"
-    pt.main(["--quick", "--out", str(out)])
-    res = read_json(out / "phase_transition.json")
+def test_quick_run_on_the_real_embedded_model(quick_results):
+    """``python -m validate.phase_transition --quick`` on gemma-3-270m (run by validate.all)."""
+    root, man = quick_results
+    res = read_json(root / "phase_transition" / "phase_transition.json")
+    assert res["provenance"]["config"]["quick"] is True
     assert "dequantized" in res["baseline_note"]
     assert len(res["units"]) == 18  # gemma-3-270m has 18 decoder blocks
     assert all(math.isfinite(v) and 0 < v < 20 for v in res["baseline_bpb"].values())
@@ -63,3 +63,10 @@ def test_quick_run_on_the_real_embedded_model(tmp_path):
     assert math.isfinite(first["ci_low"]) and first["ci_low"] <= first["disparity"] <= first["ci_high"]
     assert all(math.isfinite(u["predicted_eps"]) and u["predicted_eps"] > 0 for u in res["units"])
     assert all(v is None or math.isfinite(v) for v in res["predicted_curve"]["disparity"])
+    # the disparity bounds lie below the additive model's own prediction (x = 1 is feasible)
+    for m in res["curve"]:
+        if m["bound_at_rate"] is not None and math.isfinite(m["predicted"]):
+            assert m["bound_any_quantizer"] <= m["bound_at_rate"] <= m["predicted"] + 1e-9
+    assert 0 < res["disparity_bound"]["median_shrink"] < 1
+    assert all(g is None or g > 0 for g in res["interaction_factor"].values())
+    assert res["timing"]["forward_passes_run"] > 0 and res["timing"]["padding_fraction"] < 0.25

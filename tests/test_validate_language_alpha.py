@@ -72,3 +72,21 @@ def test_quick_run_on_tiny_model_and_cached_rerun(tmp_path, monkeypatch):
     monkeypatch.setattr(capture, "capture_corpus", lambda *a, **k: pytest.fail("capture ran again"))
     again = exp.main(argv)
     assert again["agreement"] == res["agreement"]
+
+
+@pytest.mark.slow
+def test_quick_run_on_the_real_embedded_model(quick_results):
+    """``python -m validate.language_alpha --quick`` on gemma-3-270m (run by validate.all)."""
+    from validate._common import read_json
+
+    root, _ = quick_results
+    res = read_json(root / "language_alpha" / "language_alpha.json")
+    assert "dequantized" in res["baseline_note"]
+    assert len(res["languages"]) == 3
+    # gemma-3-270m: 18 blocks x (q/k/v input, o input, gate/up input, down input)
+    assert len(res["sites"]) == 72
+    for r in res["rows"]:
+        assert r["alpha_star"] > 0 and r["alpha_star_measured"] > 0
+        assert math.isfinite(r["penalty_mix_measured"]) and r["penalty_mix_measured"] >= 0
+    a = res["agreement"]
+    assert -1 <= a["spearman_penalty_mix"] <= 1 and 0 <= a["worst_language_agreement"] <= 1

@@ -1,0 +1,475 @@
+"""The paper is regenerated from code: validate.all's macros and manifest, and paper/'s inputs.
+
+Fast tests run validate.all on stand-in experiments (tiny scripts that write synthetic result
+JSONs) and check the macros it writes and the manifest. The slow test runs the real
+``python -m validate.all --quick`` once and checks that every file the LaTeX source includes was
+written by that run (listed in its manifest) and every generated macro the source uses is defined.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from validate import all as va
+from validate._common import read_json
+
+ROOT = Path(__file__).resolve().parent.parent
+PAPER = ROOT / "paper"
+
+# ---- reading LaTeX ------------------------------------------------------------------------------
+
+_NEWCOMMAND = re.compile(r"^\\newcommand\{\\([^{}]*)\}\{(.*)\}%(.*)$")
+
+
+def parse_macros(text: str) -> dict[str, str]:
+    """name -> value of a generated macros.tex; fails on any line that is neither a comment nor
+    one well-formed \\newcommand, and on a name defined twice."""
+    out: dict[str, str] = {}
+    for i, line in enumerate(text.splitlines(), 1):
+        if not line.strip() or line.startswith("%"):
+            continue
+        m = _NEWCOMMAND.match(line)
+        assert m, f"line {i} is not a \\newcommand: {line!r}"
+        name, value = m.group(1), m.group(2)
+        assert re.fullmatch(r"[A-Za-z]+", name), f"macro name {name!r} is not letters only"
+        assert name not in out, f"\\{name} defined twice"
+        assert _balanced(value), f"\\{name}: unbalanced braces in {value!r}"
+        out[name] = value
+    return out
+
+
+def _balanced(s: str) -> bool:
+    depth = 0
+    s = re.sub(r"\\[{}]", "", s)  # escaped braces are text
+    for c in s:
+        depth += {"{": 1, "}": -1}.get(c, 0)
+        if depth < 0:
+            return False
+    return depth == 0
+
+
+def tex_number(value: str) -> float | None:
+    """The number a generated numeric macro prints, or None when it is text."""
+    v = value.strip()
+    m = re.fullmatch(r"\\ensuremath\{(.*)\}", v)
+    if m:
+        v = m.group(1)
+    pct = v.endswith(r"\%")
+    if pct:
+        v = v[:-2]
+    m = re.fullmatch(r"(-?\d+(?:\.\d+)?)\\times 10\^\{(-?\d+)\}", v)
+    if m:
+        x = float(m.group(1)) * 10.0 ** int(m.group(2))
+    elif re.fullmatch(r"-?\d+(?:\.\d+)?", v):
+        x = float(v)
+    else:
+        return None
+    return x / 100 if pct else x
+
+
+def strip_comments(tex: str) -> str:
+    return re.sub(r"(?<!\\)%.*", "", tex)
+
+
+def paper_sources(paper: Path = PAPER) -> dict[Path, str]:
+    """main.tex and every source file it \\inputs (not the generated ones), comments removed."""
+    seen: dict[Path, str] = {}
+    todo = [paper / "main.tex"]
+    while todo:
+        f = todo.pop()
+        if f in seen:
+            continue
+        assert f.exists(), f"the paper inputs {f}, which does not exist"
+        seen[f] = strip_comments(f.read_text(encoding="utf-8"))
+        for arg in re.findall(r"\\input\{([^}]*)\}", seen[f]):
+            if "\\resultsdir" not in arg and "#" not in arg:
+                todo.append(paper / (arg if arg.endswith(".tex") else arg + ".tex"))
+    return seen
+
+
+_GENERATED = re.compile(r"\\(input|includegraphics|optionalinput|optionalgraphics)(?:\[[^\]]*\])?"
+                        r"\{\\resultsdir/([^}]*)\}")
+
+
+def generated_inputs(sources: dict[Path, str]) -> list[tuple[str, str]]:
+    """(command, path relative to the results root) of every generated file the paper reads."""
+    out = []
+    for text in sources.values():
+        for cmd, rel in _GENERATED.findall(text):
+            if cmd in ("input", "optionalinput") and not Path(rel).suffix:
+                rel += ".tex"  # what \input does
+            out.append((cmd, rel))
+    return out
+
+
+# Upper-case control sequences that are LaTeX's, not generated.
+LATEX_UPPER = {"LaTeX", "TeX", "Gamma", "Delta", "Theta", "Lambda", "Xi", "Pi", "Sigma", "Phi",
+               "Psi", "Omega", "Pr", "S", "P", "L", "O", "AA", "AE", "OE", "Large", "LARGE",
+               "Huge", "IfFileExists"}
+
+
+def used_generated_macros(sources: dict[Path, str]) -> set[str]:
+    text = "\n".join(sources.values())
+    defined_here = set(re.findall(r"\\(?:newcommand|providecommand|renewcommand)\{?\\([A-Za-z]+)", text))
+    return {m for m in re.findall(r"\\([A-Za-z]+)", text)
+            if m[0].isupper() and m not in LATEX_UPPER and m not in defined_here}
+
+
+# ---- synthetic results ------------------------------------------------------------------------------
+
+def _prov(**config):
+    return {"config": config, "git_commit": "0" * 40, "packages": {}}
+
+
+def synthetic_results() -> dict[str, dict]:
+    """Result JSONs shaped like each experiment's, small and with known values."""
+    fams = ("gaussian", "laplace", "gennorm", "student_t", "lognormal")
+    oa_rows, oa_summary = [], []
+    for fam in fams:
+        for grid in (("uint",) if fam == "lognormal" else ("aciq", "int")):
+            for b in (2, 4, 8):
+                oa_rows.append({"family": fam, "grid": grid, "bits": b, "alpha_theory": 5.0286 if
+                                (fam, grid, b) == ("laplace", "aciq", 4) else 1.5 + b / 10,
+                                "alpha_swept": 5.05 if (fam, grid, b) == ("laplace", "aciq", 4) else 1.52,
+                                "alpha_rel_diff": 0.004, "penalty_theory_alpha": 1.5e-5})
+            oa_summary.append({"family": fam, "grid": grid, "max_abs_alpha_rel_diff": 0.0123,
+                               "max_abs_mse_rel_diff": 0.02, "max_abs_mse_z": 1.7,
+                               "max_penalty_theory_alpha": 2e-4})
+    pen = {"median": 0.0025, "q90": 0.0066, "max": 0.0081, "frac_below_1pct": 1.0}
+    oa = {"experiment": "optimal_alpha", "provenance": _prov(samples=50000, bits=[2, 4, 8]),
+          "synthetic": {"rows": oa_rows, "summary": oa_summary},
+          "real_weights": {"model": "gemma-3-270m", "grid": "int", "layers": [{}] * 4,
+                           "best_family_counts": {"student_t": 3, "gennorm": 1},
+                           "excess_kurtosis": {"median": 3.99},
+                           "summary": [{"bits": b, "penalty_predicted": pen,
+                                        "penalty_octav": {"median": 5e-5},
+                                        "penalty_absmax": {"median": 5.33},
+                                        "alpha_rel_diff": {"median": 0.03}} for b in (2, 4, 8)]},
+          "elapsed_s": 8.3}
+    langs = ["eng_Latn", "heb_Hebr", "zho_Hans"]
+    dist_rows = [{"site": f"model.layers.{i}", "kind": "residual", "layer": i, "language": l,
+                  "excess_kurtosis": 100.0 * (i + 1), "best_family": "student_t" if i else "gennorm",
+                  "alpha_family": "gennorm", "alpha_star": 1.0 + i}
+                 for i in range(3) for l in langs]
+    dist = {"experiment": "distributions", "model": {"name": "gemma-3-270m"},
+            "corpus": {"name": "udhr", "languages": langs}, "bits": 4, "grid": "int",
+            "sites": "residual", "rows": dist_rows, "capture_seconds": 15.7,
+            "alpha_spread": [{"site": "model.layers.2", "kind": "residual", "layer": 2, "ratio": 5.42,
+                              "min_language": "eng_Latn", "max_language": "heb_Hebr"},
+                             {"site": "model.layers.1", "kind": "residual", "layer": 1, "ratio": 1.2,
+                              "min_language": "zho_Hans", "max_language": "eng_Latn"}],
+            "provenance": _prov(model="gemma-3-270m")}
+    rd_items = []
+    for k, fam in enumerate(fams):
+        rows = [{"bits": b, "gap_uniform_bits": 0.3 * b + k / 10, "gap_swept_bits": 0.3 * b + k / 10,
+                 "gap_lloyd_max_bits": 0.25 * b + k / 10, "gap_panter_dite_bits": 0.72,
+                 "lloyd_max_over_panter_dite": 1.0 + 0.01 * k / b, "uniform_over_lloyd_max": 1.2,
+                 "d_lloyd_max": 0.3633802276324184 if (fam, b) == ("gaussian", 1) else 0.1}
+                for b in (1, 2, 4, 8)]
+        rd_items.append({"family": fam, "excess_kurtosis": float(k), "rows": rows})
+    rd = {"experiment": "rate_distortion", "provenance": _prov(samples=20000, bits=[1, 2, 4, 8]),
+          "ecsq_gap_bits": 0.25461433482006296, "ecsq_gap_db": 1.53293104213742,
+          "families": rd_items, "elapsed_s": 2.5}
+    pt_langs = ["eng_Latn", "heb_Hebr", "jpn_Jpan"]
+    curve = [{"k": k, "protected_fraction": k / 18, "disparity": 1.337 - 0.2 * k,
+              "ci_low": None if k == 0 else 0.9, "ci_high": 7.93, "predicted": 1.30 - 0.2 * k,
+              "bound_at_rate": 0.47 - 0.03 * k, "bound_any_quantizer": 0.165,
+              **{f"d_{l}": 0.25 + 0.01 * j for j, l in enumerate(pt_langs)}} for k in range(4)]
+    pt = {"experiment": "phase_transition",
+          "provenance": _prov(model="gemma-3-270m", corpus="udhr", languages=pt_langs,
+                              reference=["eng_Latn"], bits=4, grid="int", granularity="channel",
+                              clipping="absmax", unit="block", ranking="excess", segments=4),
+          "baseline_note": "baseline is the dequantized Q4_K_M GGUF (weights already quantized to about 4-5 bits)",
+          "units": [{"name": f"block{i}"} for i in range(18)], "order": [f"block{i}" for i in range(18)],
+          "baseline_bpb": {l: 1.0 + j / 10 for j, l in enumerate(pt_langs)},
+          "curve": curve, "pstar_predicted": 0.0893313367246131, "pstar_measured": 0.13359602203336737,
+          "r2_curve": 0.6187338316374016, "r2_curve_calibrated": 0.435, "pstar_predicted_calibrated": 0.105,
+          "interaction_factor": {"eng_Latn": 1.01, "heb_Hebr": 0.96, "jpn_Jpan": 1.16},
+          "disparity_bound": {"points": 4, "measured_above_bound_at_rate": 4, "median_shrink": 0.097},
+          "timing": {"wall_seconds": 122.05, "forward_seconds": 77.5, "load_seconds": 8.06,
+                     "fit_seconds": 35.1, "forward_passes_run": 24, "scored_tokens_per_pass": 538}}
+    la = {"experiment": "language_alpha", "provenance": _prov(model="gemma-3-270m"), "bits": 4, "grid": "int",
+          "languages": pt_langs, "sites": [{}] * 72,
+          "agreement": {"spearman_penalty_mix": 0.23, "worst_language_agreement": 0.56,
+                        "median_rel_error_alpha_star": 0.417, "median_penalty_own_at_theory_alpha": 0.31,
+                        "median_worst_penalty_mix_measured": 0.09, "median_worst_penalty_minimax_measured": 0.05,
+                        "median_worst_penalty_mix": float("nan")},
+          "per_language": [{"language": l, "median_penalty_mix_measured": 0.07 - 0.02 * j,
+                            "median_penalty_minimax_measured": 0.042, "worst_in_layers_mix": 42 - 10 * j}
+                           for j, l in enumerate(pt_langs)]}
+    return {"optimal_alpha": oa, "distributions": dist, "rate_distortion": rd,
+            "phase_transition": pt, "language_alpha": la}
+
+
+# A stand-in experiment: writes the synthetic JSON (and a figure-like file) to --out.
+_STANDIN = r"""
+import json, sys, pathlib
+src, argv = sys.argv[1], sys.argv[2:]
+out = pathlib.Path(argv[argv.index("--out") + 1])
+out.mkdir(parents=True, exist_ok=True)
+doc = json.load(open(src))
+doc["quick_flag_seen"] = "--quick" in argv
+(out / (doc["experiment"] + ".json")).write_text(json.dumps(doc))
+(out / "figure.png").write_bytes(b"png")
+"""
+
+
+def standins(tmp: Path, docs: dict[str, dict], fail: str | None = None,
+             missing: tuple[str, ...] = ()) -> list[va.Experiment]:
+    exps = []
+    for name, doc in docs.items():
+        src = tmp / f"{name}.src.json"
+        src.write_text(json.dumps(doc, allow_nan=True))
+        if name == fail:
+            cmd = (sys.executable, "-c", "import sys; print('boom', file=sys.stderr); sys.exit(3)")
+        else:
+            cmd = (sys.executable, "-c", _STANDIN, str(src))
+        if name in missing:
+            exps.append(va.Experiment(name, f"validate.{name}_does_not_exist", f"{name}.json",
+                                      optional=(name == "language_alpha")))
+        else:
+            exps.append(va.Experiment(name, f"validate.{name}", f"{name}.json",
+                                      optional=(name == "language_alpha"), command_override=cmd))
+    return exps
+
+
+@pytest.fixture(scope="module")
+def standin_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("standin")
+    root = tmp / "results"
+    stale = root / "phase_transition" / "stale_from_an_earlier_run.tex"
+    stale.parent.mkdir(parents=True)
+    stale.write_text("old")
+    rc = va.run_all(["--quick", "--out", str(root)], standins(tmp, synthetic_results()))
+    return rc, root
+
+
+# ---- fast tests ------------------------------------------------------------------------------------
+
+def test_macro_names_and_numbers():
+    assert va.macro_name("RDGap", "student_t", 4) == "RDGapStudentTFour"
+    assert va.macro_name("PTBaselineBpb", "heb_Hebr") == "PTBaselineBpbHebHebr"
+    assert va.macro_name("X", 128, "q90") == "XOneTwoEightQNinety"
+    assert va.macro_name("123") == "OneTwoThree"
+    for bad in ("", "_", "-+"):
+        with pytest.raises(ValueError):
+            va.macro_name(bad)
+    assert va.format_number(5.028626) == "5.03"
+    assert va.format_number(0.0893313) == "0.0893"
+    assert va.format_number(15660.19) == "15660"
+    assert va.format_number(999.7) == "1000"
+    assert va.format_number(1.2117e-5) == r"\ensuremath{1.21\times 10^{-5}}"
+    assert va.format_number(-0.00106) == r"\ensuremath{-0.00106}"
+    for bad in (math.nan, math.inf):
+        with pytest.raises(ValueError):
+            va.format_number(bad)
+    ms = va.MacroSet()
+    ms.add("PstarMeasured", 0.1, "a")
+    with pytest.raises(ValueError, match="twice"):
+        ms.add("PstarMeasured", 0.2, "b")
+    assert va.tex_text("a_b & 50% {x} \\ é") == r"a\_b \& 50\% \{x\} \textbackslash{} ?"
+
+
+def test_all_writes_well_formed_macros_from_results(standin_run):
+    rc, root = standin_run
+    assert rc == 0
+    macros = parse_macros((root / "macros.tex").read_text())
+    assert len(macros) > 200
+    numbers = {k: tex_number(v) for k, v in macros.items()}
+    for name, value in macros.items():
+        if value == va.NA:
+            continue
+        x = numbers[name]
+        assert x is None or math.isfinite(x), (name, value)
+        assert "nan" not in value.lower() and "inf" not in value.lower(), (name, value)
+    # values come from the JSONs
+    # three significant digits
+    assert macros["PstarMeasured"] == "0.134" and macros["PstarPredicted"] == "0.0893"
+    assert numbers["PstarAbsDiff"] == pytest.approx(0.1336 - 0.0893, rel=1e-2)
+    assert numbers["RsqCurve"] == pytest.approx(0.619, rel=1e-3)
+    assert numbers["DisparityNone"] == pytest.approx(1.34, rel=1e-3)
+    assert macros["DisparityNoneCILow"] == va.NA  # None in the JSON: printed n/a, never a number
+    assert numbers["OAAlphaTheoryLaplaceAciqFour"] == pytest.approx(5.03)
+    assert numbers["OARealPenaltyMedianFourPct"] == pytest.approx(0.0025, rel=1e-3)
+    assert numbers["OARealBestFitStudentT"] == 3 and numbers["OARealBestFitGaussian"] == 0
+    assert numbers["DistBestFitStudentT"] == 6 and numbers["DistBestFitGennorm"] == 3
+    assert numbers["DistAlphaFallbacks"] == 6
+    assert numbers["DistSpreadMaxRatio"] == pytest.approx(5.42)
+    assert numbers["DistSpreadMedianRatio"] == pytest.approx((5.42 + 1.2) / 2, rel=1e-2)
+    assert macros["DistSpreadMaxHighLanguage"] == r"heb\_Hebr"
+    assert numbers["RDECSQGapBits"] == pytest.approx(0.255)
+    assert numbers["RDLloydMaxMseGaussianOne"] == pytest.approx(0.363)
+    assert numbers["RDGapUniformMaxFour"] == pytest.approx(1.2 + 0.4)
+    assert macros["RDGapUniformMaxFourFamily"] == "lognormal"
+    assert numbers["PTForwardPasses"] == 24
+    assert macros["PTInteractionMaxLanguage"] == r"jpn\_Jpan" and numbers["PTInteractionMin"] == pytest.approx(0.96)
+    assert numbers["DisparityBoundAtRateNone"] == pytest.approx(0.47) and numbers["PTBoundAbove"] == 4
+    assert numbers["PTBaselineBpbHebHebr"] == pytest.approx(1.1)
+    assert macros["RunMode"] == "quick"
+    assert numbers["LASpearman"] == pytest.approx(0.23)
+    assert numbers["LAAlphaStarRelErrorPct"] == pytest.approx(0.417)
+    assert macros["LAMostPenalised"] == r"eng\_Latn" and numbers["LAMostPenalisedMixPct"] == pytest.approx(0.07)
+    assert numbers["LAWorstLayersHebHebr"] == 32
+    assert macros["LAWorstMixTheory"] == va.NA
+    # every timing of this run is a finite number of seconds
+    for exp in synthetic_results():
+        assert numbers[va.macro_name("Time", exp)] >= 0
+
+
+def test_generic_extractor_takes_scalars_two_levels_deep():
+    doc = {"experiment": "new_one", "provenance": {"x": 1}, "files": {"x": "y"}, "mean_gain": 0.042,
+           "per_language": {"heb_Hebr": {"alpha_ratio": 1.7, "note": "ok"}}, "a list": [1, 2],
+           "bad": float("nan")}
+    ms = va.MacroSet()
+    va.macros_generic("NewOne")(doc, ms, "new_one.json")
+    got = {m.name: m for m in ms}
+    assert got["NewOneMeanGain"].value == pytest.approx(0.042)
+    assert got["NewOnePerLanguageHebHebrAlphaRatio"].value == pytest.approx(1.7)
+    assert "NewOneAList" not in got and "NewOneProvenanceX" not in got  # lists and provenance skipped
+    assert got["NewOneBad"].tex() == va.NA
+
+
+def test_manifest_lists_exactly_the_files_this_run_wrote(standin_run):
+    rc, root = standin_run
+    man = read_json(root / "manifest.json")
+    assert man["quick"] is True and man["run_id"] and man["started_utc"]
+    assert "git_commit" in man
+    assert [e["status"] for e in man["experiments"]] == ["ok"] * 5
+    paths = {f["path"] for f in man["files"]}
+    for exp in synthetic_results():
+        assert f"{exp}/{exp}.json" in paths and f"{exp}/figure.png" in paths
+        assert read_json(root / exp / f"{exp}.json")["quick_flag_seen"] is True
+    assert {"macros.tex", "derivations.tex", "derivations/laplace_aciq.tex",
+            "derivations/protection_sharpness.tex"} <= paths
+    assert "phase_transition/stale_from_an_earlier_run.tex" not in paths
+    assert "manifest.json" not in paths
+    for f in man["files"]:
+        data = (root / f["path"]).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == f["sha256"] and len(data) == f["bytes"]
+    assert "DisparityNoneCILow" in man["macros"]["unavailable"]
+    assert man["macros"]["values"]["PstarMeasured"]["value"] == pytest.approx(0.13359602203336737)
+    assert all(s["written_by_this_run"] for s in man["macros"]["sources"].values())
+
+
+def test_derivations_are_latex_of_the_theory(standin_run):
+    _, root = standin_run
+    text = (root / "derivations" / "laplace_aciq.tex").read_text()
+    assert r"\begin{align*}" in text and r"\end{align*}" in text
+    assert "W" in text  # alpha* = b W(3 4^M)
+    stems = {p.stem for p in (root / "derivations").glob("*.tex")}
+    assert {"gaussian_aciq", "aciq_mse_student_t", "rate_distortion_gaussian"} <= stems
+    assert _balanced((root / "derivations.tex").read_text())
+
+
+def test_a_failing_experiment_fails_the_run_by_name(tmp_path, capfd):
+    root = tmp_path / "results"
+    docs = synthetic_results()
+    rc = va.run_all(["--out", str(root)], standins(tmp_path, docs, fail="distributions",
+                                                   missing=("language_alpha",)))
+    assert rc == 1
+    err = capfd.readouterr().err
+    assert "distributions" in err and "FAILED" in err
+    man = read_json(root / "manifest.json")
+    status = {e["name"]: e["status"] for e in man["experiments"]}
+    assert status == {"optimal_alpha": "ok", "distributions": "failed", "rate_distortion": "ok",
+                      "phase_transition": "ok", "language_alpha": "skipped"}
+    assert man["quick"] is False
+    macros = parse_macros((root / "macros.tex").read_text())
+    assert "PstarMeasured" in macros and not any(k.startswith("Dist") for k in macros)
+
+
+def test_a_missing_required_experiment_fails(tmp_path):
+    rc = va.run_all(["--out", str(tmp_path / "r"), "--only", "rate_distortion"],
+                    standins(tmp_path, synthetic_results(), missing=("rate_distortion",)))
+    assert rc == 1
+    man = read_json(tmp_path / "r" / "manifest.json")
+    assert {e["name"]: e["status"] for e in man["experiments"]}["rate_distortion"] == "failed"
+
+
+def test_pdf_without_latex_says_what_to_install(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(va.shutil, "which", lambda name: None)
+    rc = va.run_all(["--pdf", "--out", str(tmp_path / "r")], standins(tmp_path, synthetic_results()))
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "latexmk" in err and "tectonic" in err and "apt-get install" in err
+    assert not (tmp_path / "r" / "manifest.json").exists()  # failed before running anything
+
+
+def test_pdf_builds_a_copy_of_the_paper_that_reads_the_results_root(tmp_path, monkeypatch):
+    """--pdf with a stand-in latexmk: the build runs in <root>/paper, whose \\resultsdir is the
+    root, and the PDF lands in the manifest. (The real LaTeX build needs TeX installed.)"""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "latexmk"
+    fake.write_text("#!" + sys.executable + "\n"
+                    "import pathlib, re, sys\n"
+                    "assert sys.argv[-1] == 'main.tex' and '-pdf' in sys.argv\n"
+                    "paths = pathlib.Path('paths.tex').read_text()\n"
+                    "root = re.search(r'\\\\newcommand\\{\\\\resultsdir\\}\\{([^}]*)\\}', paths).group(1)\n"
+                    "assert (pathlib.Path(root) / 'macros.tex').is_file(), root\n"
+                    "assert pathlib.Path('sections/results.tex').is_file()\n"
+                    "pathlib.Path('main.pdf').write_bytes(b'%PDF-1.5 stand-in')\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}")
+    root = tmp_path / "r"
+    rc = va.run_all(["--pdf", "--out", str(root)], standins(tmp_path, synthetic_results()))
+    assert rc == 0
+    man = read_json(root / "manifest.json")
+    assert man["pdf"]["status"] == "ok" and man["pdf"]["tool"] == "latexmk"
+    assert "paper/main.pdf" in {f["path"] for f in man["files"]}
+    assert r"\newcommand{\resultsdir}{../results}" in (PAPER / "paths.tex").read_text()  # source untouched
+
+
+def test_paper_uses_only_macros_the_writer_can_produce(standin_run):
+    """Every generated macro the .tex uses is produced from results shaped like the real ones,
+    so a misspelt macro fails here, without running an experiment."""
+    _, root = standin_run
+    defined = set(parse_macros((root / "macros.tex").read_text()))
+    used = used_generated_macros(paper_sources())
+    assert {"PstarMeasured", "PstarPredicted", "RsqCurve", "DisparityNone"} <= used
+    assert used - defined == set()
+
+
+def test_paper_types_no_measured_number():
+    """No decimal number in the LaTeX source: measured values come from macros.tex."""
+    for f, text in paper_sources().items():
+        hits = re.findall(r"\d+\.\d+", re.sub(r"\[[^\]]*\]\{", "{", text))  # not [width=0.8\linewidth]
+        assert not hits, f"{f.name} types numbers by hand: {hits}"
+
+
+# ---- the CI check: the real quick run ------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_quick_run_produces_every_file_and_macro_the_paper_uses(quick_results):
+    root, man = quick_results
+    assert man["quick"] is True
+    status = {e["name"]: e["status"] for e in man["experiments"]}
+    assert all(status[e] == "ok" for e in ("optimal_alpha", "distributions", "rate_distortion",
+                                           "phase_transition"))
+    written = {f["path"]: f for f in man["files"]}
+    sources = paper_sources()
+    inputs = generated_inputs(sources)
+    assert ("includegraphics", "phase_transition/phase_transition.png") in inputs
+    assert len(inputs) >= 15
+    for cmd, rel in inputs:
+        if cmd.startswith("optional") and status.get(rel.split("/")[0]) == "skipped":
+            continue  # validate.language_alpha does not exist yet
+        path = root / rel
+        assert path.is_file(), f"the paper reads {rel} ({cmd}), which the run did not write"
+        assert rel in written, f"{rel} exists but was not written by this run (not in its manifest)"
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == written[rel]["sha256"]
+    macros = parse_macros((root / "macros.tex").read_text())
+    missing = used_generated_macros(sources) - set(macros)
+    assert not missing, f"the paper uses macros that macros.tex does not define: {sorted(missing)}"
+    for name, value in macros.items():
+        x = tex_number(value)
+        assert x is None or math.isfinite(x), (name, value)
