@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from scipy import optimize, special
 
 from theory import (
-    GeneralizedGaussian, Gaussian, Laplace, Lognormal, StudentT, expected_mse, optimal_alpha,
+    GeneralizedGaussian, Gaussian, Laplace, Lognormal, StudentT, optimal_alpha,
 )
 from theory.grids import quantize
 from theory.language_alpha import (

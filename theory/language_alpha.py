@@ -30,7 +30,6 @@ the ratio of two closed-form MSEs (:func:`aciq_penalty_expr`).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 

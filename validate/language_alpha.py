@@ -31,7 +31,6 @@ import argparse
 import hashlib
 import io
 import json
-import math
 import time
 from pathlib import Path
 from typing import Sequence
