@@ -105,6 +105,12 @@ def _power_sums(x):  # pragma: no cover - compiled
     return c, out
 
 
+@nb.njit(cache=True)
+def _assign_in_order(dst, idx, vals):  # pragma: no cover - compiled
+    for j in range(idx.size):
+        dst[idx[j]] = vals[j]
+
+
 class StreamingStats:
     """Streaming moments, extremes, histogram and reservoir sample of a stream of values.
 
@@ -260,9 +266,9 @@ class StreamingStats:
             pos = np.concatenate(pos_all) - start
             slots = np.concatenate(slot_all)
             vals = x[torch.from_numpy(pos).to(x.device)].double().cpu().numpy()
-            # Later replacements win: keep the last occurrence of each slot.
-            rev_slots, first = np.unique(slots[::-1], return_index=True)
-            self.reservoir[rev_slots] = vals[::-1][first]
+            # In stream order, so a later replacement of a slot wins (numpy's fancy assignment
+            # leaves the winner of repeated indices unspecified).
+            _assign_in_order(self.reservoir, slots, vals)
 
     def _skip(self) -> int:
         u = self._rng.random()
