@@ -88,7 +88,7 @@ def aciq_clipping(name: str) -> Derivation:
     """Unit-scale ACIQ MSE and its derivative for any family, from its tail partial moments."""
     cls = family(name)
     expr, a, M = aciq_mse_expr(cls)
-    return Derivation(f"{cls.name}_aciq", {
+    return Derivation(f"{cls.name}_aciq_mse", {
         "pdf": sp.Eq(sp.Function("f")(X), cls.pdf_expr()),
         "mse": sp.Eq(sp.Symbol("MSE"), expr),
         "dmse": sp.Eq(sp.Symbol("dMSE/dalpha"), sp.diff(expr, a)),

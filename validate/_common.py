@@ -180,7 +180,13 @@ def _fmt_tex(v: Any, digits: int) -> str:
         f = float(v)
         if not math.isfinite(f):
             return "--"
-        return f"{f:.{digits}g}"
+        if 10 ** digits <= abs(f) < 1e9:
+            return f"{f:.0f}"  # 15660, not 1.566e+04
+        out = f"{f:.{digits}g}"
+        if "e" in out:  # small or huge: scientific notation in math mode
+            mant, exp = out.split("e")
+            return rf"${mant}\times 10^{{{int(exp)}}}$"
+        return out
     if isinstance(v, (int, np.integer)) and not isinstance(v, bool):
         return str(int(v))
     return latex_escape(v)

@@ -616,8 +616,6 @@ def derivation_blocks() -> list[tuple[str, str, str]]:
            ("gaussian_aciq", "ACIQ for a Gaussian density", to_latex(gaussian_aciq()))]
     for name, cls in FAMILIES.items():
         if not cls.one_sided:
-            # theory.all_derivations() names these "<family>_aciq" too, clashing with the two
-            # closed forms above, hence a stem of their own
             out.append((f"aciq_mse_{name}", f"Unit-scale ACIQ MSE, {_FAMILY_LABEL.get(name, name)}",
                         to_latex(aciq_clipping(name))))
     for name in ("gaussian", "laplace"):
