@@ -29,6 +29,16 @@ Padding
 -------
 Set :attr:`ActivationCapture.token_mask` (a ``(batch, seq)`` bool tensor, e.g. the attention
 mask) so that padded positions are left out; :func:`capture_corpus` does it.
+
+The start token
+---------------
+:func:`capture_corpus` leaves the BOS position out of the statistics by default
+(``include_bos=False``). It is the same token at the same position for every language, and in
+many models its residual stream carries "massive activations" (Sun et al., 2024) orders of
+magnitude above every other token: kept in, it sets every language's absmax to the same value
+and makes the kurtosis of a language depend on how many tokens its segments have (the share of
+BOS positions), not on the language. ``include_bos=True`` records what a deployed activation
+quantizer would see, BOS included.
 """
 
 from __future__ import annotations
@@ -514,8 +524,28 @@ def capture_activations(model, view: ModelView | None = None, languages: Iterabl
 @torch.no_grad()
 def capture_corpus(cap: ActivationCapture, tokenizer, corpus, languages: Sequence[str] | None = None,
                    max_length: int = 256, batch_size: int = 8, max_segments: int | None = None,
-                   device=None) -> None:
+                   device=None, include_bos: bool = False) -> None:
     """Run each language's segments through ``cap.model`` (from BOS), recording under its code.
+
+    Parameters
+    ----------
+    cap : ActivationCapture
+    tokenizer
+    corpus : empirical.corpora.Corpus
+    languages : sequence of str, optional
+        Codes to run (default: all of the corpus).
+    max_length : int
+        Tokens per segment, BOS included; longer segments are cut there (the statistics are of
+        the first ``max_length`` tokens of each segment).
+    batch_size : int
+        Segments per forward pass (sorted by length, so padding stays small).
+    max_segments : int, optional
+        First segments per language (default: all).
+    device : optional
+        Where inputs go (default: the model's device).
+    include_bos : bool
+        Record the BOS position too (default False: it is the same for every language; see the
+        module notes).
 
     Padded positions are excluded through ``cap.token_mask``.
     """
@@ -539,7 +569,10 @@ def capture_corpus(cap: ActivationCapture, tokenizer, corpus, languages: Sequenc
                 for r, e in enumerate(b):
                     ids[r, : len(e)] = torch.tensor(e)
                     mask[r, : len(e)] = True
-                cap.token_mask = mask
+                real = mask.clone()
+                if bos is not None and not include_bos:
+                    real[:, 0] = False  # every segment starts with BOS (module notes)
+                cap.token_mask = real
                 try:
                     model(input_ids=ids.to(device), attention_mask=mask.long().to(device))
                 finally:

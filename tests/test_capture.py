@@ -131,14 +131,41 @@ def test_reservoir_uniform_and_seeded():
     assert ss.kstest(a / 20000, "uniform").pvalue > 1e-3
 
 
-def test_capture_corpus_masks_padding(tiny_llama):
+@pytest.mark.parametrize("include_bos", [False, True])
+def test_capture_corpus_masks_padding(tiny_llama, include_bos):
     model, tok = tiny_llama
     c = Corpus("t", {k: v for k, v in TEXTS.items()}, {k: LanguageInfo(k, k) for k in TEXTS})
     with capture_activations(model, residual=True, linear_inputs=False, linear_outputs=False) as cap:
-        capture_corpus(cap, tok, c, batch_size=2)
-    n_tok = sum(len(s.encode()) + 1 for s in TEXTS["heb"])
+        capture_corpus(cap, tok, c, batch_size=2, include_bos=include_bos)
+    # byte tokenizer: one token per byte, plus BOS when it is recorded
+    n_tok = sum(len(s.encode()) + include_bos for s in TEXTS["heb"])
     st = cap.get(f"{model_view(model).block_names[0]}:residual", "heb")
     assert st.n == n_tok * model.config.hidden_size
+
+
+def test_capture_corpus_bos_left_out_exactly(tiny_llama):
+    """Without BOS the statistics are those of the non-BOS positions of a plain forward pass."""
+    model, tok = tiny_llama
+    texts = {"eng": ["hello there", "a longer second segment"]}
+    c = Corpus("t", texts, {"eng": LanguageInfo("eng", "eng")})
+    name = model_view(model).block_names[1]
+    with capture_activations(model, residual=True, linear_inputs=False, linear_outputs=False) as cap:
+        capture_corpus(cap, tok, c, batch_size=1)
+    kept = []
+    block = model_view(model).blocks[1]
+    h = block.register_forward_hook(lambda _m, _i, out: kept.append(out[0] if isinstance(out, tuple) else out))
+    try:
+        with torch.no_grad():
+            for t in texts["eng"]:
+                ids = [tok.bos_token_id] + tok([t], add_special_tokens=False)["input_ids"][0]
+                model(input_ids=torch.tensor([ids]))
+    finally:
+        h.remove()
+    ref = torch.cat([k[0, 1:] for k in kept]).double().flatten().numpy()
+    st = cap.get(f"{name}:residual", "eng")
+    assert st.n == ref.size
+    np.testing.assert_allclose([st.mean, st.variance, st.absmax],
+                               [ref.mean(), ref.var(), np.abs(ref).max()], rtol=1e-6)
 
 
 def test_bfloat16_model(tiny_model):

@@ -157,15 +157,16 @@ def synthetic_results() -> dict[str, dict]:
     langs = ["eng_Latn", "heb_Hebr", "zho_Hans"]
     dist_rows = [{"site": f"model.layers.{i}", "kind": "residual", "layer": i, "language": l,
                   "excess_kurtosis": 100.0 * (i + 1), "best_family": "student_t" if i else "gennorm",
-                  "alpha_family": "gennorm", "alpha_star": 1.0 + i}
+                  "alpha_family": "gennorm", "alpha_star": 1.0 + i, "alpha_swept": 2.0 + i,
+                  "theory_penalty": 0.25 * (i + 1)}
                  for i in range(3) for l in langs]
     dist = {"experiment": "distributions", "model": {"name": "gemma-3-270m"},
             "corpus": {"name": "udhr", "languages": langs}, "bits": 4, "grid": "int",
             "sites": "residual", "rows": dist_rows, "capture_seconds": 15.7,
             "alpha_spread": [{"site": "model.layers.2", "kind": "residual", "layer": 2, "ratio": 5.42,
-                              "min_language": "eng_Latn", "max_language": "heb_Hebr"},
+                              "theory_ratio": 2.0, "min_language": "eng_Latn", "max_language": "heb_Hebr"},
                              {"site": "model.layers.1", "kind": "residual", "layer": 1, "ratio": 1.2,
-                              "min_language": "zho_Hans", "max_language": "eng_Latn"}],
+                              "theory_ratio": 3.0, "min_language": "zho_Hans", "max_language": "eng_Latn"}],
             "provenance": _prov(model="gemma-3-270m")}
     rd_items = []
     for k, fam in enumerate(fams):
@@ -298,6 +299,8 @@ def test_all_writes_well_formed_macros_from_results(standin_run):
     assert numbers["DisparityNone"] == pytest.approx(1.34, rel=1e-3)
     assert macros["DisparityNoneCILow"] == va.NA  # None in the JSON: printed n/a, never a number
     assert numbers["OAAlphaTheoryLaplaceAciqFour"] == pytest.approx(5.03)
+    assert numbers["DistTheorySpreadMedianRatio"] == pytest.approx(2.5)
+    assert macros["DistTheoryPenaltyMedianPct"] == r"50\%"
     assert numbers["OARealPenaltyMedianFourPct"] == pytest.approx(0.0025, rel=1e-3)
     assert numbers["OARealBestFitStudentT"] == 3 and numbers["OARealBestFitGaussian"] == 0
     assert numbers["DistBestFitStudentT"] == 6 and numbers["DistBestFitGennorm"] == 3
@@ -443,6 +446,28 @@ def test_paper_types_no_measured_number():
     for f, text in paper_sources().items():
         hits = re.findall(r"\d+\.\d+", re.sub(r"\[[^\]]*\]\{", "{", text))  # not [width=0.8\linewidth]
         assert not hits, f"{f.name} types numbers by hand: {hits}"
+
+
+def test_every_citation_is_in_the_bibliography_and_sources_are_balanced():
+    """Without LaTeX here, the checks it would make first: each \\cite key exists in refs.bib
+    (an unknown key prints [?] silently), braces balance and environments close in order."""
+    bib = (PAPER / "refs.bib").read_text(encoding="utf-8")
+    keys = re.findall(r"^@\w+\{([^,\s]+),", bib, flags=re.M)
+    assert len(keys) == len(set(keys)), "a bibliography key is defined twice"
+    cited = set()
+    for f, text in paper_sources().items():
+        for group in re.findall(r"\\cite[tp]?\*?(?:\[[^\]]*\])*\{([^}]*)\}", text):
+            cited |= {k.strip() for k in group.split(",")}
+        assert _balanced(text), f"{f.name}: unbalanced braces"
+        stack = []
+        for kind, env in re.findall(r"\\(begin|end)\{([^}]*)\}", text):
+            if kind == "begin":
+                stack.append(env)
+            else:
+                assert stack and stack.pop() == env, f"{f.name}: \\end{{{env}}} closes the wrong environment"
+        assert not stack, f"{f.name}: {stack} never closed"
+    assert cited, "the paper cites nothing"
+    assert cited - set(keys) == set(), f"cited but not in refs.bib: {sorted(cited - set(keys))}"
 
 
 # ---- the CI check: the real quick run ------------------------------------------------------------------

@@ -391,6 +391,10 @@ def macros_distributions(doc: Mapping[str, Any], ms: MacroSet, src: str) -> None
     ms.add("DistKurtosisMax", _max(kurt), f"{src}: max rows[].excess_kurtosis")
     spread = doc.get("alpha_spread", [])
     ms.add("DistSpreadMedianRatio", _median(d.get("ratio") for d in spread), f"{src}: median alpha_spread[].ratio")
+    ms.add("DistTheorySpreadMedianRatio", _median(d.get("theory_ratio") for d in spread),
+           f"{src}: median alpha_spread[].theory_ratio")
+    ms.add_pct("DistTheoryPenaltyMedian", _median(r.get("theory_penalty") for r in rows),
+               f"{src}: median rows[].theory_penalty")
     if spread:
         top = spread[0]
         ms.add("DistSpreadMaxRatio", top.get("ratio"), f"{src}: alpha_spread[0].ratio")

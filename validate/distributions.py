@@ -3,11 +3,15 @@
 For each layer x language this experiment captures activations of a real model on a multilingual
 corpus (:mod:`empirical.capture`), fits the DESIGN.md families to the reservoir sample
 (:func:`empirical.fits.fit_all`, best by BIC), and computes theory's ``alpha*`` for the best fit
-(:func:`theory.optimal_alpha`). It writes
+(:func:`theory.optimal_alpha`), and the measured optimum: the exact MSE sweep of the same sample
+(:func:`empirical.optimal.empirical_optimal_alpha`), with what theory's alpha* costs against it
+(``theory_penalty``). The BOS position is left out unless ``--include-bos``
+(:func:`empirical.capture.capture_corpus`). It writes
 
 * ``kurtosis_heatmap.png/.pdf`` - excess kurtosis, layer x language;
 * ``best_fit_families.tex`` - the best-fit family per layer x language;
-* ``alpha_spread.tex`` - the layers whose alpha* differs most across languages;
+* ``alpha_spread.tex`` - the layers whose swept alpha* differs most across languages, with the
+  same ratio of theory's alpha*;
 * ``distributions.csv`` - one row per (site, language);
 * ``distributions.json`` - all rows, the spread table and provenance.
 
@@ -33,6 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
+from empirical.optimal import empirical_optimal_alpha
+from empirical.sweep import prepare
 from validate._common import (default_out_dir, provenance, save_figure, use_agg, write_csv,
                               write_json, write_latex_table)
 
@@ -59,6 +65,9 @@ def parse_args(argv=None):
     ap.add_argument("--reservoir", type=int, default=8192)
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--quick", action="store_true", help="few languages and segments (smoke run)")
+    ap.add_argument("--include-bos", action="store_true",
+                    help="also record the BOS position (default: left out; it is the same token for every "
+                         "language and often carries massive activations)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--top", type=int, default=5, help="layers listed in the alpha* spread table")
@@ -107,7 +116,8 @@ def run(args) -> dict:
     with capture_activations(model, view, corpus.languages, reservoir_size=reservoir, seed=args.seed,
                              linear_inputs="linear_input" in kinds, linear_outputs=False,
                              residual="residual" in kinds) as cap:
-        capture_corpus(cap, tok, corpus, max_segments=max_segments, device=args.device)
+        capture_corpus(cap, tok, corpus, max_segments=max_segments, device=args.device,
+                       include_bos=args.include_bos)
     t_capture = time.perf_counter() - t0
 
     rows = []
@@ -118,6 +128,11 @@ def run(args) -> dict:
             row = dict(site=site.name, kind=site.kind, layer=site.block, language=lang,
                        count=st.n, mean=st.mean, std=st.std, skewness=st.skewness,
                        excess_kurtosis=st.excess_kurtosis, absmax=st.absmax)
+            # The measured optimum: the exact MSE sweep of the same sample the fits see.
+            sm = prepare(x)
+            if float(sm.absmax[0]) > 0:
+                opt = empirical_optimal_alpha(sm, args.bits, args.grid)
+                row.update(alpha_swept=opt.alpha, swept_mse=opt.mse)
             try:
                 fits = fit_all(x, seed=args.seed)
             except Exception as exc:  # one bad fit must not lose the others; it is reported
@@ -140,6 +155,9 @@ def run(args) -> dict:
                 row.update(alpha_family=f.family, fitted_scale=float(np.asarray(dist.scale)),
                            alpha_star=a, alpha_over_std=a / st.std if st.std > 0 else math.nan,
                            alpha_over_absmax=a / st.absmax if st.absmax > 0 else math.nan)
+                if row.get("swept_mse"):
+                    # what theory's alpha* costs on this sample, relative to the swept optimum
+                    row["theory_penalty"] = float(sm.mse(a, args.bits, args.grid)) / row["swept_mse"] - 1.0
                 break
             if errors:
                 row["error"] = "; ".join(errors)
@@ -156,25 +174,35 @@ def run(args) -> dict:
         provenance=provenance(model=model_name, corpus=args.corpus, languages=corpus.languages,
                               sites=args.sites, bits=args.bits, grid=args.grid, seed=args.seed,
                               quick=args.quick, reservoir=reservoir, max_segments=max_segments,
+                              include_bos=args.include_bos,
                               device=args.device, dtype=str(torch.float32)),
     )
     return result
 
 
 def _alpha_spread(rows, languages) -> list[dict]:
-    """Per site: alpha* across languages, max/min ratio and the extreme languages."""
-    by_site: dict[tuple, dict] = {}
+    """Per site: the swept (measured) alpha* across languages, its max/min ratio and the extreme
+    languages, and the same ratio of theory's alpha* (from the fitted families). Sorted by the
+    measured ratio: a layer where only the fits disagree (a Student-t near nu = 2 moves alpha* a
+    lot) is not a layer where languages need different thresholds."""
+    swept: dict[tuple, dict] = {}
+    theory: dict[tuple, dict] = {}
     for r in rows:
+        key = (r["site"], r["kind"], r["layer"])
+        if r.get("alpha_swept") is not None:
+            swept.setdefault(key, {})[r["language"]] = r["alpha_swept"]
         if r.get("alpha_star") is not None and math.isfinite(r["alpha_star"]):
-            by_site.setdefault((r["site"], r["kind"], r["layer"]), {})[r["language"]] = r["alpha_star"]
+            theory.setdefault(key, {})[r["language"]] = r["alpha_star"]
     out = []
-    for (site, kind, layer), a in by_site.items():
+    for (site, kind, layer), a in swept.items():
         if len(a) < 2:
             continue
         lo, hi = min(a, key=a.get), max(a, key=a.get)
+        t = theory.get((site, kind, layer), {})
+        t_ratio = max(t.values()) / min(t.values()) if len(t) >= 2 and min(t.values()) > 0 else None
         out.append(dict(site=site, kind=kind, layer=layer, ratio=a[hi] / a[lo] if a[lo] > 0 else math.inf,
                         min_language=lo, min_alpha=a[lo], max_language=hi, max_alpha=a[hi],
-                        alpha_by_language=a))
+                        theory_ratio=t_ratio, alpha_by_language=a, theory_alpha_by_language=t))
     out.sort(key=lambda d: -d["ratio"])
     return out
 
@@ -223,16 +251,19 @@ def write_outputs(result: dict, out: Path, top: int = 5) -> list[Path]:
                                      caption=cap, label="tab:best-fit-families"))
     spread = result["alpha_spread"][:top]
     sp_rows = [dict(site=d["site"], layer=d["layer"], kind=d["kind"], ratio=d["ratio"],
+                    theory_ratio=d.get("theory_ratio"),
                     min_language=d["min_language"], min_alpha=d["min_alpha"],
                     max_language=d["max_language"], max_alpha=d["max_alpha"]) for d in spread]
     written.append(write_latex_table(
         out / "alpha_spread.tex", sp_rows,
-        ["layer", "kind", "ratio", "min_language", "min_alpha", "max_language", "max_alpha"],
-        caption=f"Layers whose alpha* ({result['bits']}-bit {result['grid']} grid) differs most "
-                "across languages (max/min ratio).", label="tab:alpha-spread"))
+        ["layer", "kind", "ratio", "theory_ratio", "min_language", "min_alpha", "max_language", "max_alpha"],
+        caption=f"Layers whose MSE-optimal clipping threshold ({result['bits']}-bit {result['grid']} grid, "
+                "swept on each language's sample) differs most across languages: max/min ratio, the "
+                "same ratio of theory's alpha* from the fitted families, and the extreme languages.",
+        label="tab:alpha-spread"))
     cols = ["site", "kind", "layer", "language", "count", "mean", "std", "skewness",
             "excess_kurtosis", "absmax", "best_family", "alpha_family", "fitted_scale", "bic", "ks", "alpha_star",
-            "alpha_over_std", "alpha_over_absmax", "error"]
+            "alpha_swept", "theory_penalty", "alpha_over_std", "alpha_over_absmax", "error"]
     written.append(write_csv(out / "distributions.csv", rows, cols))
     written.append(write_json(out / "distributions.json", result))
     return written
@@ -246,8 +277,10 @@ def main(argv=None) -> dict:
     if result.get("note"):
         print("NOTE:", result["note"])
     for d in result["alpha_spread"][: args.top]:
-        print(f"layer {d['layer']} {d['kind']}: alpha* ratio {d['ratio']:.3f} "
-              f"({d['min_language']} {d['min_alpha']:.4g} .. {d['max_language']} {d['max_alpha']:.4g})")
+        tr = d.get("theory_ratio")
+        print(f"layer {d['layer']} {d['kind']}: swept alpha* ratio {d['ratio']:.3f} "
+              f"({d['min_language']} {d['min_alpha']:.4g} .. {d['max_language']} {d['max_alpha']:.4g}); "
+              f"theory's {tr:.3f}" if tr is not None else "theory's: none")
     print("wrote", ", ".join(str(p) for p in paths))
     return result
 

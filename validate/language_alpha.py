@@ -63,6 +63,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reservoir", type=int, default=8192, help="reservoir sample per layer x language")
     p.add_argument("--fit-samples", type=int, default=4000, help="values per fit (subsample of the reservoir)")
     p.add_argument("--min-samples", type=int, default=500, help="fewer captured values for a language is an error")
+    p.add_argument("--include-bos", action="store_true",
+                   help="also record the BOS position (default: left out; it is the same token for every language)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help=f"output folder (default results/{EXPERIMENT})")
@@ -92,6 +94,7 @@ def capture_inputs(args, model, tok, view, corpus, cache_dir: Path) -> tuple[dic
     key = hashlib.sha256(json.dumps({
         "model": args.model, "corpus_digest": _digest(corpus), "languages": corpus.languages,
         "reservoir": args.reservoir, "seed": args.seed, "segments": args.segments,
+        "include_bos": args.include_bos,
     }, sort_keys=True).encode()).hexdigest()[:20]
     path = cache_dir / f"capture-{key}.npz"
     meta_cache = ResultCache(cache_dir)
@@ -103,7 +106,7 @@ def capture_inputs(args, model, tok, view, corpus, cache_dir: Path) -> tuple[dic
 
     with capture_activations(model, view, corpus.languages, reservoir_size=args.reservoir, seed=args.seed,
                              linear_inputs=True, linear_outputs=False, residual=False) as cap:
-        capture_corpus(cap, tok, corpus, device=args.device)
+        capture_corpus(cap, tok, corpus, device=args.device, include_bos=args.include_bos)
     # Linears reading the same tensor (q/k/v, gate/up) have identical statistics: keep the first.
     groups: dict[tuple, list[str]] = {}
     for site in cap.sites:
@@ -256,7 +259,7 @@ def run(args: argparse.Namespace) -> dict:
         "provenance": provenance(model=args.model, corpus=args.corpus, languages=langs, bits=args.bits,
                                  grid=args.grid, segments=args.segments, reservoir=args.reservoir,
                                  fit_samples=args.fit_samples, seed=args.seed, device=args.device,
-                                 quick=args.quick),
+                                 quick=args.quick, include_bos=args.include_bos),
         "model_metadata": {k: v for k, v in meta.items() if isinstance(v, (str, int, float, bool, type(None)))},
         "baseline_note": PREQUANTIZED_NOTE if meta.get("prequantized") else "baseline is the model's own weights",
         "languages": langs, "bits": args.bits, "grid": args.grid,
