@@ -3,8 +3,9 @@
 Baseline (what :class:`empirical.bpb.BpbEngine` replaces): per language, windows sorted by
 length, ``model(...).logits`` for the whole batch and ``cross_entropy`` over it. New: one
 engine over all languages (tokenized and batched once), the loss from the last hidden state at
-the scored positions only, and, for a pass whose first quantized block is ``b``, the recorded
-residual stream replayed for blocks ``0..b-1``. Both give the same per-segment NLL (checked).
+the scored positions only, windows packed several to a row, and, for a pass whose first
+quantized block is ``b``, the recorded residual stream replayed for blocks ``0..b-1``. The same
+engine with one window per row (``pack=False``) is timed too, for the packing ratio. Both give the same per-segment NLL (checked).
 Prints ms per token and the ratios, measured in one run.
 
     python -m benchmarks.bench_passes [--model gemma-3-270m] [--languages en he ...] [--segments N]
@@ -93,20 +94,34 @@ def main(argv=None) -> dict:
     replayed = eng.nll(start_block=mid)
     t_mid = time.perf_counter() - t0
     worst_replay = max(float(np.max(np.abs(replayed[l] - new[l]) / np.abs(new[l]))) for l in texts)
+    # the same engine with one window per row, sorted by length (its fallback layout)
+    padded_eng = BpbEngine(model, tok, texts, max_length=args.max_length, pack=False)
+    padded_eng.nll()  # first call runs the head check
+    t0 = time.perf_counter()
+    unpacked = padded_eng.nll()
+    t_padded = time.perf_counter() - t0
+    worst_pack = max(float(np.max(np.abs(unpacked[l] - new[l]) / np.abs(new[l]))) for l in texts)
     n = eng.n_tokens
-    res = {"tokens": n, "padding_fraction": eng.padding_fraction,
+    res = {"tokens": n, "padding_fraction": eng.padding_fraction, "packed": eng.packed,
+           "padding_fraction_unpacked": padded_eng.padding_fraction,
+           "padded_ms_per_token": 1e3 * t_padded / n, "speedup_packing": t_padded / t_full,
+           "max_rel_diff_packed_padded": worst_pack,
            "old_ms_per_token": 1e3 * t_old / n, "new_ms_per_token": 1e3 * t_full / n,
            "record_ms_per_token": 1e3 * t_new / n, "replay_mid_ms_per_token": 1e3 * t_mid / n,
            "speedup_full": t_old / t_full, "speedup_replay_mid": t_old / t_mid,
            "max_rel_diff_old_new": worst, "max_rel_diff_replay": worst_replay}
-    print(f"{args.model}: {n} scored tokens in {len(texts)} languages, padding {100 * eng.padding_fraction:.1f}%")
+    print(f"{args.model}: {n} scored tokens in {len(texts)} languages, "
+          f"{'packed' if eng.packed else 'not packed'}: padding {100 * eng.padding_fraction:.1f}% "
+          f"(one window per row: {100 * padded_eng.padding_fraction:.1f}%)")
     print(f"  old path (full logits, per language)   {res['old_ms_per_token']:6.2f} ms/token")
     print(f"  engine, all {n_blocks} blocks                {res['new_ms_per_token']:6.2f} ms/token  "
           f"ratio {res['speedup_full']:.2f}x   (recording pass {res['record_ms_per_token']:.2f})")
     print(f"  engine, replay blocks 0..{mid - 1}            {res['replay_mid_ms_per_token']:6.2f} ms/token  "
           f"ratio {res['speedup_replay_mid']:.2f}x")
+    print(f"  engine, one window per row, all blocks   {res['padded_ms_per_token']:6.2f} ms/token  "
+          f"packing ratio {res['speedup_packing']:.2f}x")
     print(f"  max relative NLL difference per segment: old vs new {worst:.1e}, replay vs full "
-          f"{worst_replay:.1e}")
+          f"{worst_replay:.1e}, packed vs one per row {worst_pack:.1e}")
     return res
 
 

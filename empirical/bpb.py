@@ -10,10 +10,14 @@ Counting conventions
 * A segment longer than ``max_length`` tokens is scored with a sliding window: each window
   scores only tokens not scored before, and keeps ``max_length - stride`` earlier tokens as
   context, so every token after the first window has at least that much context.
-* Segments (or windows) are sorted by length and batched under a budget of padded tokens, so
-  padding is small (:attr:`BpbEngine.padding_fraction` reports it; 2-4% on the UDHR default).
-  Segments are not packed into one sequence: that would let them attend to each other unless
-  every architecture took a block-diagonal mask and restarted positions, which not all do.
+* Segments (or windows) are packed, several to a row, by first-fit decreasing: each keeps its
+  own positions (``position_ids`` restart at 0) and, with no 2-D attention mask given,
+  transformers builds a block-diagonal causal mask from the restarts, so no segment sees another.
+  Rows of similar fill are batched together; what padding is left (:attr:`BpbEngine.padding_fraction`)
+  is the tail of the last rows. Not every architecture reads positions that way (BLOOM's ALiBi
+  comes from the attention mask), so the first scoring compares a packed batch with the same
+  windows scored one per row and falls back, with a warning, to length-sorted padded batches
+  (about 6% padding on the UDHR default) when they differ. ``pack=False`` asks for the latter.
 * The loss is computed at the scored positions only, from the last hidden state and the output
   embedding in chunks, so the vocabulary-sized logits (262k for Gemma) are never held for a
   whole batch (:class:`BpbEngine`).
@@ -155,11 +159,43 @@ def corpus_bits_per_byte(model, tokenizer, corpus, languages: Sequence[str] | No
 @dataclass
 class _Batch:
     ids: torch.Tensor          # (B, L) token ids, padded
-    mask: torch.Tensor         # (B, L) attention mask
+    mask: torch.Tensor | None  # (B, L) attention mask of a padded batch; None when packed
     rows: torch.Tensor         # (N,) batch row of each scored prediction
     cols: torch.Tensor         # (N,) position whose hidden state predicts it
     targets: torch.Tensor      # (N,) the predicted token
     owner: torch.Tensor        # (N,) global segment index the prediction belongs to
+    pos: torch.Tensor | None = None  # (B, L) position ids of a packed batch (restart per window)
+    win: torch.Tensor | None = None  # (N,) window index of each prediction (CPU)
+
+    def inputs(self) -> dict:
+        if self.pos is not None:
+            return {"input_ids": self.ids, "position_ids": self.pos}
+        return {"input_ids": self.ids, "attention_mask": self.mask}
+
+    def head(self, r: int) -> "_Batch":
+        """The first ``r`` rows."""
+        keep = self.rows < r
+        return _Batch(self.ids[:r], None if self.mask is None else self.mask[:r], self.rows[keep],
+                      self.cols[keep], self.targets[keep], self.owner[keep.cpu()],
+                      None if self.pos is None else self.pos[:r], self.win[keep.cpu()])
+
+
+def _pack_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """First-fit decreasing: indices of ``lengths`` grouped into rows of at most ``capacity``
+    (a longer item gets a row of its own)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    rows: list[list[int]] = []
+    free = np.zeros(0, dtype=np.int64)
+    for i in order:
+        fits = np.flatnonzero(free >= lengths[i])
+        if fits.size:
+            r = int(fits[0])
+            rows[r].append(i)
+            free[r] -= lengths[i]
+        else:
+            rows.append([i])
+            free = np.append(free, max(capacity - lengths[i], 0))
+    return rows
 
 
 class BpbEngine:
@@ -198,11 +234,17 @@ class BpbEngine:
         Scored positions per output-layer sweep (memory ``head_rows x head_chunk`` floats).
     max_record_bytes : int
         Refuse to record block outputs beyond this many bytes (then every pass runs in full).
+    pack : bool
+        Pack several windows per row (module notes); checked on first use, with a fallback.
+    pack_length : int
+        Tokens per packed row (a longer window gets a row of its own). Attention within a row
+        costs ``pack_length^2`` whatever the mask, so short rows waste less of it.
     """
 
     def __init__(self, model, tokenizer, texts: Mapping[str, Sequence[str]], *, max_length: int = 1024,
                  stride: int | None = None, max_batch_tokens: int = 4096, batch_size: int = 64,
-                 head_chunk: int = 4096, head_rows: int = 4096, device=None, max_record_bytes: int = 2 ** 31):
+                 head_chunk: int = 4096, head_rows: int = 4096, device=None, max_record_bytes: int = 2 ** 31,
+                 pack: bool = True, pack_length: int = 256):
         if not texts:
             raise ValueError("no texts given")
         self.model = model
@@ -238,31 +280,18 @@ class BpbEngine:
             n_seg += len(segs)
         self.n_segments = n_seg
 
+        self._windows, self._pad = windows, pad
+        # Padded layout: one window per row, rows sorted by length.
         order = sorted(range(len(windows)), key=lambda j: len(windows[j][1]))
-        self.batches: list[_Batch] = []
-        real = padded = 0
-        for j, k in _split_batches([len(windows[o][1]) for o in order], max_batch_tokens, batch_size):
-            batch = [windows[o] for o in order[j:k]]
-            L = max(len(w) for _, w, _ in batch)
-            ids = torch.full((len(batch), L), pad, dtype=torch.long)
-            mask = torch.zeros((len(batch), L), dtype=torch.long)
-            rows, cols, owner = [], [], []
-            for r, (seg, w, ctx) in enumerate(batch):
-                ids[r, : len(w)] = torch.tensor(w)
-                mask[r, : len(w)] = 1
-                pos = list(range(ctx, len(w) - 1))
-                rows += [r] * len(pos)
-                cols += pos
-                owner += [seg] * len(pos)
-                real += len(w)
-            padded += len(batch) * L
-            rows_t, cols_t = torch.tensor(rows, dtype=torch.long), torch.tensor(cols, dtype=torch.long)
-            self.batches.append(_Batch(ids.to(self.device), mask.to(self.device), rows_t.to(self.device),
-                                       cols_t.to(self.device), ids[rows_t, cols_t + 1].to(self.device),
-                                       torch.tensor(owner, dtype=torch.long)))
-        self.n_tokens = sum(int(b.targets.numel()) for b in self.batches)
-        self._owner = torch.cat([b.owner for b in self.batches]).numpy()
-        self.padding_fraction = 1.0 - real / padded if padded else 0.0
+        self._padded = self._layout([[o] for o in order], windows, pad, max_batch_tokens, batch_size, False)
+        self._packed = None
+        if pack:
+            rows = _pack_rows([len(w) for _, w, _ in windows], max(int(pack_length), 2))
+            rows.sort(key=lambda row: sum(len(windows[o][1]) for o in row))
+            if any(len(r) > 1 for r in rows):
+                self._packed = self._layout(rows, windows, pad, max_batch_tokens, batch_size, True)
+        self._pack_ok: bool | None = None if self._packed is not None else False
+        self._use(self._packed if self._packed is not None else self._padded)
 
         from empirical.models import model_view
 
@@ -272,6 +301,85 @@ class BpbEngine:
         self._fingerprints: list[float] | None = None
         self._head_ok: bool | None = None
         self.blocks_run = 0                             # decoder-block evaluations, for benchmarks
+
+    # -- layout ------------------------------------------------------------------------------
+
+    def _layout(self, rows: list[list[int]], windows, pad: int, max_tokens: int, max_size: int,
+                packed: bool) -> tuple[list[_Batch], float]:
+        """Batches of ``rows`` (each a list of window indices laid end to end), rows taken in
+        the given order (sorted by length), and the padding fraction."""
+        lengths = [sum(len(windows[o][1]) for o in row) for row in rows]
+        out, real, padded = [], 0, 0
+        for j, k in _split_batches(lengths, max_tokens, max_size):
+            L = max(lengths[j:k])
+            ids = torch.full((k - j, L), pad, dtype=torch.long)
+            mask = torch.zeros((k - j, L), dtype=torch.long)
+            pos = torch.zeros((k - j, L), dtype=torch.long)
+            r_idx, c_idx, owner, win = [], [], [], []
+            for r, row in enumerate(rows[j:k]):
+                o = 0
+                for wi in row:
+                    seg, w, ctx = windows[wi]
+                    ids[r, o: o + len(w)] = torch.tensor(w)
+                    mask[r, o: o + len(w)] = 1
+                    pos[r, o: o + len(w)] = torch.arange(len(w))
+                    n = len(w) - 1 - ctx
+                    r_idx += [r] * n
+                    c_idx += range(o + ctx, o + len(w) - 1)
+                    owner += [seg] * n
+                    win += [wi] * n
+                    o += len(w)
+                    real += len(w)
+                pos[r, o:] = torch.arange(L - o)  # padding: a sequence of its own
+            padded += (k - j) * L
+            rows_t, cols_t = torch.tensor(r_idx, dtype=torch.long), torch.tensor(c_idx, dtype=torch.long)
+            out.append(_Batch(ids.to(self.device), None if packed else mask.to(self.device),
+                              rows_t.to(self.device), cols_t.to(self.device),
+                              ids[rows_t, cols_t + 1].to(self.device), torch.tensor(owner, dtype=torch.long),
+                              pos.to(self.device) if packed else None, torch.tensor(win, dtype=torch.long)))
+        return out, (1.0 - real / padded if padded else 0.0)
+
+    def _use(self, layout: tuple[list[_Batch], float]) -> None:
+        self.batches, self.padding_fraction = layout
+        self.n_tokens = sum(int(b.targets.numel()) for b in self.batches)
+        self._owner = torch.cat([b.owner for b in self.batches]).numpy()
+
+    @property
+    def packed(self) -> bool:
+        """Whether scoring uses packed rows (decided at the first scoring)."""
+        return self.batches is not self._padded[0]
+
+    def _check_pack(self) -> None:
+        """Score the packed row holding the most windows both packed and one window per row;
+        keep packing only when the two agree (the model honours restarted positions)."""
+        best = (0, None, 0)
+        for b in self._packed[0]:
+            rows = b.rows.cpu()
+            for r in range(b.ids.shape[0]):
+                n = int(b.win[rows == r].unique().numel())
+                if n > best[0]:
+                    best = (n, b, r)
+        _, b, r = best
+        rows = b.rows.cpu()
+        keep = rows == r
+        mini = _Batch(b.ids[r: r + 1], None, torch.zeros_like(b.rows[keep.to(b.rows.device)]),
+                      b.cols[keep.to(b.cols.device)], b.targets[keep.to(b.targets.device)], b.owner[keep],
+                      b.pos[r: r + 1], b.win[keep])
+        wins = list(dict.fromkeys(mini.win.tolist()))
+        (alone,), _ = self._layout([[w] for w in wins], self._windows, self._pad, 2 ** 62, len(wins), False)
+        ours, ref = {}, {}
+        for w, v in zip(mini.win.tolist(), self._logits_nll(mini).tolist()):
+            ours.setdefault(w, []).append(v)
+        for w, v in zip(alone.win.tolist(), self._logits_nll(alone).tolist()):
+            ref.setdefault(w, []).append(v)
+        ok = ours.keys() == ref.keys() and all(
+            len(ours[w]) == len(ref[w]) and np.allclose(ours[w], ref[w], rtol=1e-3, atol=1e-3) for w in ours)
+        self._pack_ok = ok
+        if not ok:
+            warnings.warn(f"{type(self.model).__name__} does not keep packed segments apart through "
+                          "restarted position ids; scoring uses padded batches instead", RuntimeWarning,
+                          stacklevel=4)
+            self._use(self._padded)
 
     # -- helpers -----------------------------------------------------------------------------
 
@@ -313,23 +421,20 @@ class BpbEngine:
         return torch.cat(out) if out else h.new_zeros(0, dtype=torch.float32)
 
     def _logits_nll(self, b: _Batch) -> torch.Tensor:
-        logits = self.model(input_ids=b.ids, attention_mask=b.mask, use_cache=False).logits
+        logits = self.model(**b.inputs(), use_cache=False).logits
         z = logits[b.rows, b.cols].float()
         return F.cross_entropy(z, b.targets, reduction="none")
 
     def _hidden(self, b: _Batch) -> torch.Tensor:
         """Final hidden states at the scored positions of batch ``b``."""
-        hidden = self.model.base_model(input_ids=b.ids, attention_mask=b.mask,
-                                       use_cache=False).last_hidden_state
+        hidden = self.model.base_model(**b.inputs(), use_cache=False).last_hidden_state
         return hidden[b.rows, b.cols]
 
     def _check_head(self) -> None:
         """Compare the hidden-state head with the model's own logits on two windows."""
         head = self.model.get_output_embeddings()
-        b = self.batches[-1]  # the longest windows
-        r = min(2, b.ids.shape[0])
-        keep = b.rows < r
-        mini = _Batch(b.ids[:r], b.mask[:r], b.rows[keep], b.cols[keep], b.targets[keep], b.owner[keep.cpu()])
+        b = self.batches[-1]  # the longest rows
+        mini = b.head(min(2, b.ids.shape[0]))
         ok = isinstance(getattr(head, "weight", None), torch.Tensor) and head.weight.dim() == 2
         if ok:
             ours, ref = self._head_nll(self._hidden(mini), mini.targets), self._logits_nll(mini)
@@ -342,6 +447,8 @@ class BpbEngine:
 
     def _score(self) -> np.ndarray:
         """Per-token NLL of every batch, in batch order, under the current weights."""
+        if self._pack_ok is None:
+            self._check_pack()
         if self._head_ok is None:
             self._check_head()
         parts, pending, pending_t = [], [], []

@@ -84,7 +84,7 @@ def test_engine_replay_equals_full_pass_for_every_start_block(tiny_model):
     name, model, tok = tiny_model
     view = model_view(model)
     fq = FakeQuantizer(view.linears, QuantConfig(bits=2, grid="int"))
-    eng = BpbEngine(model, tok, {"x": TEXTS}, max_batch_tokens=40)
+    eng = BpbEngine(model, tok, {"x": TEXTS}, max_batch_tokens=40, pack_length=30)
     assert len(eng.batches) > 1
     base = eng.record()
     np.testing.assert_allclose(base["x"], eng.nll()["x"], rtol=0, atol=0)
@@ -97,6 +97,62 @@ def test_engine_replay_equals_full_pass_for_every_start_block(tiny_model):
         assert not np.allclose(full, base["x"])
     # forward methods are restored: a plain pass after replay is the baseline again
     np.testing.assert_allclose(eng.nll()["x"], base["x"], rtol=1e-6)
+
+
+# Architectures whose position ids keep packed segments apart (block-diagonal mask from the
+# restarts); OPT and BLOOM take positions from the attention mask and must fall back.
+PACKS = {"tiny-gpt2": True, "tiny-llama": True, "tiny-gemma": True, "tiny-opt": False, "tiny-bloom": False}
+
+
+def test_engine_packs_where_positions_keep_segments_apart(tiny_model):
+    """Packed rows give each segment the NLL it has alone; where an architecture would let
+    packed segments see each other the check catches it and padded batches give the same."""
+    from empirical.bpb import BpbEngine
+
+    name, model, tok = tiny_model
+    texts = TEXTS * 3
+    eng = BpbEngine(model, tok, {"x": texts}, pack_length=64)
+    assert max(int(b.win[b.rows.cpu() == 0].unique().numel()) for b in eng.batches) > 1  # really packed
+    packed_padding = eng.padding_fraction
+    if PACKS[name]:
+        nll = eng.nll()["x"]
+        assert eng.packed and eng._pack_ok is True
+    else:
+        with pytest.warns(RuntimeWarning, match="padded batches"):
+            nll = eng.nll()["x"]
+        assert not eng.packed and eng._pack_ok is False
+    direct = np.array([_direct_nll(model, tok, t) for t in texts])
+    np.testing.assert_allclose(nll, direct, rtol=1e-5)
+    plain = BpbEngine(model, tok, {"x": texts}, pack=False)
+    assert not plain.packed and packed_padding < plain.padding_fraction
+    np.testing.assert_allclose(plain.nll()["x"], direct, rtol=1e-5)
+
+
+def test_pack_check_catches_segments_that_see_each_other(tiny_llama):
+    """The check is not a formality: packed rows without restarted positions (one long
+    sequence, plain causal mask) let segments attend to each other, and are refused."""
+    from empirical.bpb import BpbEngine, _Batch
+
+    model, tok = tiny_llama
+    eng = BpbEngine(model, tok, {"x": TEXTS * 3}, pack_length=64)
+    for b in eng._packed[0]:
+        b.pos = torch.arange(b.ids.shape[1]).expand_as(b.ids).clone()
+    with pytest.warns(RuntimeWarning, match="padded batches"):
+        nll = eng.nll()["x"]
+    assert not eng.packed
+    np.testing.assert_allclose(nll, [_direct_nll(model, tok, t) for t in TEXTS * 3], rtol=1e-5)
+
+
+def test_pack_rows_first_fit_decreasing():
+    from empirical.bpb import _pack_rows
+
+    lengths = [5, 9, 3, 7, 2, 12, 4]
+    rows = _pack_rows(lengths, 10)
+    assert sorted(i for r in rows for i in r) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in r) <= 10 for r in rows if len(r) > 1)
+    assert [12] in [[lengths[i] for i in r] for r in rows]  # too long: a row of its own
+    # first-fit decreasing: 12 | 9 | 7+3 | 5+4 | 2 (fits nowhere: 1 free in rows 2 and 4)
+    assert len(rows) == 5
 
 
 def test_engine_refuses_to_replay_changed_blocks(tiny_llama):

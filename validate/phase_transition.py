@@ -430,6 +430,7 @@ def run(args: argparse.Namespace) -> dict:
                    "quantize_seconds": quantize_seconds[0],
                    "forward_passes_run": cache.n_forward, "scored_tokens_per_pass": engine.n_tokens,
                    "padding_fraction": engine.padding_fraction,
+                   "packed": engine.packed if cache.n_forward else None,  # decided at the first pass
                    "outside_forward_fraction": (1 - (cache.forward_seconds - quantize_seconds[0]) / wall)
                    if cache.n_forward else None},
     }
