@@ -143,6 +143,20 @@ def test_pack_check_catches_segments_that_see_each_other(tiny_llama):
     np.testing.assert_allclose(nll, [_direct_nll(model, tok, t) for t in TEXTS * 3], rtol=1e-5)
 
 
+def test_pack_check_with_windows_of_very_different_lengths(tiny_llama):
+    """A packed row of one long and several short windows: scored one per row, those windows
+    fall into separate batches, and the check still compares all of them."""
+    from empirical.bpb import BpbEngine
+
+    model, tok = tiny_llama
+    texts = ["The quick brown fox jumps over the lazy dog. " * 3, "a", "b", "c"]
+    eng = BpbEngine(model, tok, {"x": texts}, pack_length=200)
+    assert len(eng.batches) == 1 and eng.batches[0].ids.shape[0] == 1  # all in one row
+    nll = eng.nll()["x"]
+    assert eng.packed
+    np.testing.assert_allclose(nll, [_direct_nll(model, tok, t) for t in texts], rtol=1e-5)
+
+
 def test_pack_rows_first_fit_decreasing():
     from empirical.bpb import _pack_rows
 
