@@ -172,12 +172,13 @@ class _Batch:
             return {"input_ids": self.ids, "position_ids": self.pos}
         return {"input_ids": self.ids, "attention_mask": self.mask}
 
-    def head(self, r: int) -> "_Batch":
-        """The first ``r`` rows."""
-        keep = self.rows < r
-        return _Batch(self.ids[:r], None if self.mask is None else self.mask[:r], self.rows[keep],
-                      self.cols[keep], self.targets[keep], self.owner[keep.cpu()],
-                      None if self.pos is None else self.pos[:r], self.win[keep.cpu()])
+    def take(self, r0: int, r1: int) -> "_Batch":
+        """Rows ``r0..r1-1`` as a batch of their own."""
+        keep = (self.rows >= r0) & (self.rows < r1)
+        kc = keep.cpu()
+        return _Batch(self.ids[r0:r1], None if self.mask is None else self.mask[r0:r1],
+                      self.rows[keep] - r0, self.cols[keep], self.targets[keep], self.owner[kc],
+                      None if self.pos is None else self.pos[r0:r1], self.win[kc])
 
 
 def _pack_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:
@@ -236,6 +237,7 @@ class BpbEngine:
         Refuse to record block outputs beyond this many bytes (then every pass runs in full).
     pack : bool
         Pack several windows per row (module notes); checked on first use, with a fallback.
+        The attribute ``packed`` says which layout scoring uses.
     pack_length : int
         Tokens per packed row (a longer window gets a row of its own). Attention within a row
         costs ``pack_length^2`` whatever the mask, so short rows waste less of it.
@@ -281,17 +283,15 @@ class BpbEngine:
         self.n_segments = n_seg
 
         self._windows, self._pad = windows, pad
-        # Padded layout: one window per row, rows sorted by length.
-        order = sorted(range(len(windows)), key=lambda j: len(windows[j][1]))
-        self._padded = self._layout([[o] for o in order], windows, pad, max_batch_tokens, batch_size, False)
+        self._batching = (int(max_batch_tokens), int(batch_size))
         self._packed = None
         if pack:
             rows = _pack_rows([len(w) for _, w, _ in windows], max(int(pack_length), 2))
             rows.sort(key=lambda row: sum(len(windows[o][1]) for o in row))
             if any(len(r) > 1 for r in rows):
-                self._packed = self._layout(rows, windows, pad, max_batch_tokens, batch_size, True)
+                self._packed = self._layout(rows, windows, pad, *self._batching, True)
         self._pack_ok: bool | None = None if self._packed is not None else False
-        self._use(self._packed if self._packed is not None else self._padded)
+        self._use(self._packed if self._packed is not None else self._padded_layout(), self._packed is not None)
 
         from empirical.models import model_view
 
@@ -339,15 +339,16 @@ class BpbEngine:
                               pos.to(self.device) if packed else None, torch.tensor(win, dtype=torch.long)))
         return out, (1.0 - real / padded if padded else 0.0)
 
-    def _use(self, layout: tuple[list[_Batch], float]) -> None:
+    def _padded_layout(self) -> tuple[list[_Batch], float]:
+        """One window per row, rows sorted by length (the layout without packing)."""
+        order = sorted(range(len(self._windows)), key=lambda j: len(self._windows[j][1]))
+        return self._layout([[o] for o in order], self._windows, self._pad, *self._batching, False)
+
+    def _use(self, layout: tuple[list[_Batch], float], packed: bool) -> None:
         self.batches, self.padding_fraction = layout
+        self.packed = packed  # whether scoring uses packed rows (decided at the first scoring)
         self.n_tokens = sum(int(b.targets.numel()) for b in self.batches)
         self._owner = torch.cat([b.owner for b in self.batches]).numpy()
-
-    @property
-    def packed(self) -> bool:
-        """Whether scoring uses packed rows (decided at the first scoring)."""
-        return self.batches is not self._padded[0]
 
     def _check_pack(self) -> None:
         """Score the packed row holding the most windows both packed and one window per row;
@@ -360,11 +361,7 @@ class BpbEngine:
                 if n > best[0]:
                     best = (n, b, r)
         _, b, r = best
-        rows = b.rows.cpu()
-        keep = rows == r
-        mini = _Batch(b.ids[r: r + 1], None, torch.zeros_like(b.rows[keep.to(b.rows.device)]),
-                      b.cols[keep.to(b.cols.device)], b.targets[keep.to(b.targets.device)], b.owner[keep],
-                      b.pos[r: r + 1], b.win[keep])
+        mini = b.take(r, r + 1)
         wins = sorted(set(mini.win.tolist()), key=lambda w: len(self._windows[w][1]))
         alone, _ = self._layout([[w] for w in wins], self._windows, self._pad, 2 ** 62, len(wins), False)
         ours, ref = {}, {}
@@ -380,7 +377,8 @@ class BpbEngine:
             warnings.warn(f"{type(self.model).__name__} does not keep packed segments apart through "
                           "restarted position ids; scoring uses padded batches instead", RuntimeWarning,
                           stacklevel=4)
-            self._use(self._padded)
+            self._use(self._padded_layout(), False)
+            self._packed = None
 
     # -- helpers -----------------------------------------------------------------------------
 
@@ -435,7 +433,7 @@ class BpbEngine:
         """Compare the hidden-state head with the model's own logits on two windows."""
         head = self.model.get_output_embeddings()
         b = self.batches[-1]  # the longest rows
-        mini = b.head(min(2, b.ids.shape[0]))
+        mini = b.take(0, min(2, b.ids.shape[0]))
         ok = isinstance(getattr(head, "weight", None), torch.Tensor) and head.weight.dim() == 2
         if ok:
             ours, ref = self._head_nll(self._hidden(mini), mini.targets), self._logits_nll(mini)

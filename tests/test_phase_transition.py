@@ -49,6 +49,28 @@ def test_disparity_and_bootstrap_statistics():
     assert pt.r_squared([1, 2, 3], [1, 2, 3]) == 1.0
 
 
+@pytest.mark.parametrize("parallel", [True, False])
+def test_vectorised_bootstrap_equals_a_loop_over_resamples(parallel):
+    """The (n_boot, n) resampling gives, resample by resample, the scalar D of DESIGN.md."""
+    rng = np.random.default_rng(1)
+    sizes = {"eng": 40, "heb": 40 if parallel else 33, "jpn": 40 if parallel else 47}
+    fp = {l: rng.uniform(10, 20, n) for l, n in sizes.items()}
+    q = {l: v * rng.uniform(1.0, 1.05, v.size) for l, v in fp.items()}
+    n_boot = 120
+    draw = np.random.default_rng(7)  # the same stream bootstrap_disparity draws from
+    shared = draw.integers(0, 40, (n_boot, 40)) if parallel else None
+    ids = {l: shared if parallel else draw.integers(0, n, (n_boot, n)) for l, n in sizes.items()}
+    loop = []
+    for b in range(n_boot):
+        d = {l: float(q[l][ids[l][b]].sum() / fp[l][ids[l][b]].sum() - 1.0) for l in sizes}
+        ref = d["eng"]
+        loop.append(np.mean([d[l] / ref for l in ("heb", "jpn")]) if ref > 0 else np.nan)
+    loop = np.asarray(loop)
+    loop = loop[np.isfinite(loop)]
+    lo, hi = pt.bootstrap_disparity(q, fp, ["eng"], parallel=parallel, n_boot=n_boot, seed=7)
+    assert (lo, hi) == pytest.approx(tuple(np.quantile(loop, [0.025, 0.975])), rel=1e-12)
+
+
 @pytest.mark.slow
 def test_quick_run_on_the_real_embedded_model(quick_results):
     """``python -m validate.phase_transition --quick`` on gemma-3-270m (run by validate.all)."""

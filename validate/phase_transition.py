@@ -85,7 +85,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     if a.stop_after is not None and a.stop_after < 0:
         a.stop_after = None
     if a.quick:
-        # On two CPU cores a gemma-3-270m pass costs ~5 ms per token (three quarters of it the
+        # On two CPU cores a gemma-3-270m pass costs ~6 ms per token (about half of it the
         # 262k-way output layer), so the quick run keeps to a few hundred tokens per pass.
         if a.languages == list(DEFAULT_LANGUAGES):
             a.languages = ["en", "he", "ja"]
@@ -143,22 +143,26 @@ class PassCache:
 
 # ---- statistics -------------------------------------------------------------------------------
 
-def degradation(nll_q: dict, nll_fp: dict, idx: dict | None = None) -> dict[str, float]:
-    """d_l = bpb_q / bpb_full - 1 (bytes cancel, so it is a ratio of NLL sums over the same ids)."""
+def degradation(nll_q: dict, nll_fp: dict, idx: dict | None = None) -> dict:
+    """d_l = bpb_q / bpb_full - 1 (bytes cancel, so it is a ratio of NLL sums over the same ids).
+
+    ``idx[l]`` selects sentence ids; a ``(n_boot, n)`` array gives one d_l per resample."""
     out = {}
     for l in nll_fp:
         sel = slice(None) if idx is None else idx[l]
-        out[l] = float(nll_q[l][sel].sum() / nll_fp[l][sel].sum() - 1.0)
+        d = nll_q[l][sel].sum(axis=-1) / nll_fp[l][sel].sum(axis=-1) - 1.0
+        out[l] = float(d) if np.ndim(d) == 0 else d
     return out
 
 
-def disparity(d: dict[str, float], reference: Sequence[str]) -> float:
-    """Mean over non-reference languages of d_l / mean_{r in R} d_r (DESIGN.md)."""
-    ref = float(np.mean([d[r] for r in reference]))
-    others = [l for l in d if l not in reference]
-    if ref <= 0:
-        return float("nan")
-    return float(np.mean([d[l] / ref for l in others]))
+def disparity(d: dict, reference: Sequence[str]):
+    """Mean over non-reference languages of d_l / mean_{r in R} d_r (DESIGN.md); nan where the
+    reference is not degraded. Array values (bootstrap resamples) give an array."""
+    ref = np.mean([d[r] for r in reference], axis=0)
+    others = np.mean([d[l] for l in d if l not in reference], axis=0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = np.where(ref > 0, others / np.where(ref > 0, ref, 1.0), np.nan)
+    return float(out) if out.ndim == 0 else out
 
 
 def bootstrap_disparity(nll_q, nll_fp, reference, parallel: bool, n_boot: int, seed: int):
@@ -168,15 +172,9 @@ def bootstrap_disparity(nll_q, nll_fp, reference, parallel: bool, n_boot: int, s
     rng = np.random.default_rng(seed)
     n0 = len(next(iter(nll_fp.values())))
     shared = rng.integers(0, n0, (n_boot, n0)) if parallel else None
-    d = {}
-    for l in nll_fp:
-        n = len(nll_fp[l])
-        ids = shared if parallel else rng.integers(0, n, (n_boot, n))
-        d[l] = nll_q[l][ids].sum(axis=1) / nll_fp[l][ids].sum(axis=1) - 1.0
-    ref = np.mean([d[r] for r in reference], axis=0)
-    others = [l for l in d if l not in reference]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        vals = np.where(ref > 0, np.mean([d[l] for l in others], axis=0) / np.where(ref > 0, ref, 1), np.nan)
+    idx = {l: shared if parallel else rng.integers(0, len(nll_fp[l]), (n_boot, len(nll_fp[l])))
+           for l in nll_fp}
+    vals = disparity(degradation(nll_q, nll_fp, idx), reference)
     vals = vals[np.isfinite(vals)]
     if vals.size < max(10, n_boot // 2):
         return float("nan"), float("nan")
@@ -207,10 +205,12 @@ def weight_fits(linears, seed: int, cache: ResultCache | None = None) -> dict[st
     checksum of their weights, so every run on the same model (quick or full, any corpus) fits
     once.
     """
+    import torch
+
     from empirical.fits import best_theory_fit
 
     digest = hashlib.sha256(json.dumps(
-        [[q.name, float(q.module.weight.detach().sum(dtype=__import__("torch").float64))] for q in linears]
+        [[q.name, float(q.module.weight.detach().sum(dtype=torch.float64))] for q in linears]
     ).encode()).hexdigest()[:16]
     config = {"weight_fits": digest, "n": len(linears), "samples": FIT_SAMPLES, "seed": seed}
     hit = cache.get(config) if cache is not None else None
