@@ -3,7 +3,7 @@
 ``python benchmarks/bench_sweep.py [--n 1e7] [--alphas 128] [--grid int] [--full]``
 
 Same data (float32 Gaussian samples), same (bits, alpha) points, one run, printed side by side
-as ratios (DESIGN.md, "Measuring speed"). Each baseline evaluates one (bits, alpha) pair at a
+as ratios (docs/design.md, "Measuring speed"). Each baseline evaluates one (bits, alpha) pair at a
 time on the whole array with in-place float64 array operations, which is how the sweep is
 written without a kernel. When a baseline's full sweep would take longer than ``--budget``
 seconds it is timed on the first pairs only and scaled by the pair count; the output says so.

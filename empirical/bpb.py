@@ -1,6 +1,6 @@
 """Bits per UTF-8 byte, the project's tokenizer-independent per-language cost.
 
-bpb = (total next-token negative log-likelihood in nats) / (ln 2 x UTF-8 bytes), DESIGN.md.
+bpb = (total next-token negative log-likelihood in nats) / (ln 2 x UTF-8 bytes), docs/design.md.
 
 Counting conventions
 --------------------

@@ -1,6 +1,6 @@
 """Fake quantization of Linear weights, with protected layers left in full precision.
 
-Weights are rounded onto a grid of DESIGN.md (``theory.grids``: the same levels theory
+Weights are rounded onto a grid of docs/design.md (``theory.grids``: the same levels theory
 integrates over) per tensor, per output channel or per group of input weights, with the
 clipping threshold chosen by
 
@@ -136,7 +136,7 @@ def fake_quantize_weight(w: torch.Tensor, cfg: QuantConfig, transposed: bool = F
 
 
 def protected_fraction(linears: Sequence, protected: Iterable[str]) -> float:
-    """Share of quantizable weight parameters kept in full precision (DESIGN.md, Protection)."""
+    """Share of quantizable weight parameters kept in full precision (docs/design.md, Protection)."""
     protected = set(protected)
     names = {q.name for q in linears}
     unknown = protected - names

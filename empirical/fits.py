@@ -1,4 +1,4 @@
-"""Maximum-likelihood fits of the DESIGN.md distribution families to weights and activations.
+"""Maximum-likelihood fits of the docs/design.md distribution families to weights and activations.
 
 Each fit is a scipy.stats maximum-likelihood estimate on (a seeded subsample of) the data:
 
@@ -15,7 +15,7 @@ family          scipy.stats              theory object (:meth:`FitResult.to_theo
 Models are compared by AIC = 2k - 2 ln L and BIC = k ln n - 2 ln L (Schwarz 1978), k the number
 of free parameters, and by the Kolmogorov-Smirnov distance sup |F_n - F|. The data's excess
 kurtosis (Fisher's definition, moment estimate on all data) is reported
-alongside, since it is the quantity that ties the families together (DESIGN.md), with
+alongside, since it is the quantity that ties the families together (docs/design.md), with
 statsmodels' quantile-based (robust) kurtosis measures of the fitted sample in ``extra``.
 """
 

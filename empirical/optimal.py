@@ -53,7 +53,7 @@ def empirical_optimal_alpha(x, bits: int, grid: Grid | str = "int", n_grid: int 
     bits : int
         Bit width ``M``.
     grid : str
-        Quantizer grid (DESIGN.md); ``aciq`` minimises clipping error + ``alpha^2/(3*4^M)``.
+        Quantizer grid (docs/design.md); ``aciq`` minimises clipping error + ``alpha^2/(3*4^M)``.
     n_grid : int
         Points of the coarse geometric grid on ``[1e-3, 1] * max|x|``; the bracket around its
         best point is then searched on a 257-point linear grid and polished by Brent's method.
@@ -112,7 +112,7 @@ def octav_alpha(x, bits: int, grid: Grid | str = "aciq", iters: int = 50, tol: f
 
     where ``c alpha^2 = step^2 / 12`` is the uniform rounding noise. For the symmetric grids with
     step ``2 alpha / 2^M`` (``aciq``, ``midrise``, ``midtread``) ``c = 4^-M / 3``, the paper's
-    constant; for ``int`` and ``uint`` ``c`` follows their step (DESIGN.md), e.g.
+    constant; for ``int`` and ``uint`` ``c`` follows their step (docs/design.md), e.g.
     ``1 / (12 (2^(M-1) - 1)^2)`` for ``int``. Expectations are sample means over ``|x|``.
 
     Parameters

@@ -1,6 +1,6 @@
 """Exact empirical quantization MSE over many clipping thresholds and bit widths at once.
 
-For data ``x_1..x_N``, a grid (DESIGN.md, "Quantizer grids"), clipping thresholds
+For data ``x_1..x_N``, a grid (docs/design.md, "Quantizer grids"), clipping thresholds
 ``alpha_1..alpha_K`` and bit widths ``M_1..M_B`` this module computes
 
     MSE(M, alpha) = 1/N sum_i (x_i - Q_{M,alpha}(x_i))^2
@@ -286,7 +286,7 @@ def mse_sweep(x, alphas, bits, grid: Grid | str = "int", axis: int | None = None
     bits : int or sequence of int
         Bit widths ``M`` (checked with :func:`theory.grids.check_bits`).
     grid : str
-        ``aciq``, ``midrise``, ``midtread``, ``int`` or ``uint`` (DESIGN.md). ``aciq`` returns
+        ``aciq``, ``midrise``, ``midtread``, ``int`` or ``uint`` (docs/design.md). ``aciq`` returns
         the measured clipping error plus ``alpha^2/(3*4^M)`` (Banner et al. 2019, eq. 5); the
         others the exact error of rounding onto the grid's levels
         (:func:`theory.grids.quantize`).

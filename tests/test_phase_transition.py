@@ -51,7 +51,7 @@ def test_disparity_and_bootstrap_statistics():
 
 @pytest.mark.parametrize("parallel", [True, False])
 def test_vectorised_bootstrap_equals_a_loop_over_resamples(parallel):
-    """The (n_boot, n) resampling gives, resample by resample, the scalar D of DESIGN.md."""
+    """The (n_boot, n) resampling gives, resample by resample, the scalar D of docs/design.md."""
     rng = np.random.default_rng(1)
     sizes = {"eng": 40, "heb": 40 if parallel else 33, "jpn": 40 if parallel else 47}
     fp = {l: rng.uniform(10, 20, n) for l, n in sizes.items()}

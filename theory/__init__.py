@@ -5,7 +5,7 @@ The way in is flat::
     from theory import Gaussian, Laplace, optimal_alpha, expected_mse
     optimal_alpha(Laplace(b=0.02), bits=4, grid="aciq")   # = 0.02 * W(3 * 4^4)
 
-Definitions (grids, distributions) follow DESIGN.md. This package imports numpy, scipy and
+Definitions (grids, distributions) follow docs/design.md. This package imports numpy, scipy and
 sympy only, never torch.
 """
 

@@ -1,4 +1,4 @@
-"""Quantizer grids shared by theory and empirical code (DESIGN.md, "Quantizer grids").
+"""Quantizer grids shared by theory and empirical code (docs/design.md, "Quantizer grids").
 
 A grid is fully described by three numbers for a given clipping threshold ``alpha`` and bit
 width ``M``: the step, the smallest and largest integer level index, and an offset, so that
@@ -34,7 +34,7 @@ __all__ = ["Grid", "GridSpec", "grid_spec", "levels", "quantize", "check_bits", 
 
 
 class Grid(str, Enum):
-    """Where the quantization levels lie (DESIGN.md)."""
+    """Where the quantization levels lie (docs/design.md)."""
 
     ACIQ = "aciq"
     MIDRISE = "midrise"

@@ -1,4 +1,4 @@
-"""Expected quantization MSE of a distribution on every grid of DESIGN.md.
+"""Expected quantization MSE of a distribution on every grid of docs/design.md.
 
 The error of quantizing X onto levels ``q_j`` with nearest-level decision edges ``e_j`` is
 
@@ -188,7 +188,7 @@ def expected_mse(dist: Distribution, alpha, bits: int, grid: Grid | str = "int",
     bits : int
         Bit width M, 1..16 (2..16 for ``int``).
     grid : {'aciq', 'midrise', 'midtread', 'int', 'uint'}
-        Level placement (DESIGN.md). ``uint`` only with one-sided families and vice versa.
+        Level placement (docs/design.md). ``uint`` only with one-sided families and vice versa.
     exact : bool
         Integrate rounding over the real levels (True) or use the high-resolution noise term.
 

@@ -2,7 +2,7 @@
 
 First-order additive damage model. Quantizing layer i adds quantization noise of MSE ``eps_i``
 (theory's prediction for the layer's fitted distribution, grid and bits); language l's
-degradation (DESIGN.md: ``d_l = bpb_q / bpb_full - 1``) with protected set P is
+degradation (docs/design.md: ``d_l = bpb_q / bpb_full - 1``) with protected set P is
 
     d_l(P) = sum_{i not in P} s_{l,i} eps_i                                            (1)
 
@@ -17,7 +17,7 @@ Under (1) both numerator and denominator are sums over unprotected layers, so wi
     D(P) <= 1   <=>   sum_{i not in P} e_i <= 0     (when dbar_R(P) > 0).              (3)
 
 Protecting layers in a ranked order gives the curve D(p) over the protected fraction p (share of
-quantizable parameters, DESIGN.md); the phase transition p* is the smallest p with D(p) <= 1.
+quantizable parameters, docs/design.md); the phase transition p* is the smallest p with D(p) <= 1.
 By (3), choosing the protected set of least parameter count is a knapsack problem whose
 continuous relaxation is solved exactly by ranking layers by excess damage per parameter,
 ``e_i / n_i``, descending (:func:`rank_layers` ``"excess"``); so that ranking minimises p* up to

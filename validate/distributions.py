@@ -1,7 +1,7 @@
 """Per-layer, per-language activation distributions and their MSE-optimal clipping.
 
 For each layer x language this experiment captures activations of a real model on a multilingual
-corpus (:mod:`empirical.capture`), fits the DESIGN.md families to the reservoir sample
+corpus (:mod:`empirical.capture`), fits the docs/design.md families to the reservoir sample
 (:func:`empirical.fits.fit_all`, best by BIC), and computes theory's ``alpha*`` for the best fit
 (:func:`theory.optimal_alpha`), and the measured optimum: the exact MSE sweep of the same sample
 (:func:`empirical.optimal.empirical_optimal_alpha`), with what theory's alpha* costs against it

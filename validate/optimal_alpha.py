@@ -86,7 +86,7 @@ def synthetic_distribution(family: str):
 
 
 def valid_pair(family: str, grid: str) -> bool:
-    """One-sided data goes with the one-sided grid only (DESIGN.md)."""
+    """One-sided data goes with the one-sided grid only (docs/design.md)."""
     return (family == "lognormal") == (grid == "uint")
 
 

@@ -5,7 +5,7 @@ hurting other languages more than English, and does the additive theory predict 
 
 Load -> run -> compare with theory -> write:
 
-1. Full-precision bits per byte per language (DESIGN.md), then one pass per *unit* (a decoder
+1. Full-precision bits per byte per language (docs/design.md), then one pass per *unit* (a decoder
    block by default, or a single Linear with ``--unit linear``) with only that unit quantized:
    the single-unit degradations ``d_{l,i}``.
 2. Theory (``theory.protection``): the additive model ``d_l(P) = sum_{i not in P} s_{l,i} eps_i``
@@ -156,7 +156,7 @@ def degradation(nll_q: dict, nll_fp: dict, idx: dict | None = None) -> dict:
 
 
 def disparity(d: dict, reference: Sequence[str]):
-    """Mean over non-reference languages of d_l / mean_{r in R} d_r (DESIGN.md); nan where the
+    """Mean over non-reference languages of d_l / mean_{r in R} d_r (docs/design.md); nan where the
     reference is not degraded. Array values (bootstrap resamples) give an array."""
     ref = np.mean([d[r] for r in reference], axis=0)
     others = np.mean([d[l] for l in d if l not in reference], axis=0)
