@@ -24,8 +24,8 @@ def _numbers(obj, path="$"):
 
 def test_quick_run(tmp_path):
     out = tmp_path / "rd"
-    doc = exp.main(["--quick", "--out", str(out), "--bits", "1", "3", "4", "--samples", "20000",
-                    "--seed", "3"])
+    assert exp.main(["--quick", "--out", str(out), "--bits", "1", "3", "4", "--samples", "20000",
+                     "--seed", "3"]) == 0
     on_disk = json.loads((out / "rate_distortion.json").read_text())
     assert on_disk["experiment"] == "rate_distortion"
     prov = on_disk["provenance"]
@@ -34,7 +34,7 @@ def test_quick_run(tmp_path):
     assert "git_commit" in prov and "packages" in prov
     assert on_disk["ecsq_gap_bits"] == pytest.approx(0.2546, abs=1e-4)
     fams = on_disk["families"]
-    assert [f["family"] for f in fams] == list(exp.DEFAULT_FAMILIES)
+    assert [f["family"] for f in fams] == list(exp.Config().families)
     for f in fams:
         assert f["grid"] == ("uint" if f["family"] == "lognormal" else "midrise")
         assert [r["bits"] for r in f["rows"]] == [1, 3, 4]
@@ -47,7 +47,7 @@ def test_quick_run(tmp_path):
             # the swept minimum is fitted to the sample: close to theory, not above the bound
             assert r["d_uniform_swept"] > r["d_slb"]
             assert abs(math.log(r["d_uniform_swept"] / r["d_uniform_theory"])) < 0.5  # heavy tails, 2e4 samples
-    assert set(on_disk["gap_at_4_bits"]) == set(exp.DEFAULT_FAMILIES)
+    assert set(on_disk["gap_at_4_bits"]) == set(exp.Config().families)
     assert all(math.isfinite(v) for _, v in _numbers(on_disk))
     for name in ("rate_distortion.csv", "gap_table.tex", "d_vs_r.png"):
         assert (out / name).stat().st_size > 0
@@ -56,17 +56,19 @@ def test_quick_run(tmp_path):
     assert len(rows) == 5 * 3
     tex = (out / "gap_table.tex").read_text()
     assert r"\begin{tabular}" in tex and "Lloyd-Max" in tex
-    assert doc["families"][0]["rows"][0]["d_lloyd_max"] == on_disk["families"][0]["rows"][0]["d_lloyd_max"]
+    # a rerun reads every family from the cache and writes the same numbers
+    assert exp.main(["--quick", "--out", str(out), "--bits", "1", "3", "4", "--samples", "20000",
+                     "--seed", "3"]) == 0
+    again = json.loads((out / "rate_distortion.json").read_text())
+    assert again["families"] == on_disk["families"]
+    assert len(list((out / "cache").glob("*.json"))) == 5
 
 
-def test_theory_only_and_bad_args(tmp_path):
-    doc = exp.main(["--out", str(tmp_path / "t"), "--bits", "2", "--samples", "0",
-                    "--families", "laplace"])
-    row = doc["families"][0]["rows"][0]
+def test_theory_only_and_bad_args(tmp_path, capsys):
+    res = exp.run(exp.Config(bits=(2,), samples=0, families=("laplace",)))
+    row = res["families"][0]["rows"][0]
     assert row["d_uniform_swept"] is None and row["gap_uniform_bits"] > 0
-    with pytest.raises(ValueError):
-        exp.main(["--out", str(tmp_path / "x"), "--samples", "10"])
-    with pytest.raises(ValueError):
-        exp.main(["--out", str(tmp_path / "x"), "--families", "cauchy"])
-    with pytest.raises(ValueError):
-        exp.main(["--out", str(tmp_path / "x"), "--bits", "0"])
+    for argv in (["--samples", "10"], ["--families", "cauchy"], ["--bits", "0"]):
+        assert exp.main(["--out", str(tmp_path / "x"), *argv]) == 2
+    assert not (tmp_path / "x").exists()  # refused before any work
+

@@ -1,4 +1,4 @@
-"""Shared helpers for experiments: output folders, provenance, atomic writes, tables, figures.
+"""Shared helpers for experiments: output folders, provenance, atomic writes, CSV, figures, caches.
 
 Every experiment in ``validate/`` reads as load -> run -> compare with theory -> write, and writes
 through these helpers so that every artefact is written atomically (an interruption never leaves
@@ -32,7 +32,6 @@ __all__ = [
     "write_json",
     "read_json",
     "write_csv",
-    "write_latex_table",
     "save_figure",
     "to_jsonable",
     "config_key",
@@ -163,59 +162,6 @@ def _fmt_csv(v: Any) -> Any:
     if isinstance(v, (float, np.floating)):
         return repr(float(v))
     return v
-
-
-_LATEX_SPECIAL = {"&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
-                  "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
-
-
-def latex_escape(s: str) -> str:
-    return "".join(_LATEX_SPECIAL.get(c, c) for c in str(s))
-
-
-def _fmt_tex(v: Any, digits: int) -> str:
-    if v is None:
-        return "--"
-    if isinstance(v, (float, np.floating)):
-        f = float(v)
-        if not math.isfinite(f):
-            return "--"
-        if 10 ** digits <= abs(f) < 1e9:
-            return f"{f:.0f}"  # 15660, not 1.566e+04
-        out = f"{f:.{digits}g}"
-        if "e" in out:  # small or huge: scientific notation in math mode
-            mant, exp = out.split("e")
-            return rf"${mant}\times 10^{{{int(exp)}}}$"
-        return out
-    if isinstance(v, (int, np.integer)) and not isinstance(v, bool):
-        return str(int(v))
-    return latex_escape(v)
-
-
-def write_latex_table(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]],
-                      columns: Sequence[str], headers: Sequence[str] | None = None,
-                      caption: str | None = None, label: str | None = None,
-                      digits: int = 4) -> Path:
-    """Atomically write a booktabs ``tabular`` (wrapped in ``table`` when caption is given)."""
-    headers = list(headers) if headers is not None else [latex_escape(c) for c in columns]
-    align = "".join("l" if not _is_numeric_col(rows, c) else "r" for c in columns)
-    lines = []
-    if caption is not None:
-        lines += [r"\begin{table}[t]", r"\centering", rf"\caption{{{caption}}}"]
-        if label:
-            lines.append(rf"\label{{{label}}}")
-    lines += [rf"\begin{{tabular}}{{{align}}}", r"\toprule", " & ".join(headers) + r" \\", r"\midrule"]
-    for r in rows:
-        lines.append(" & ".join(_fmt_tex(r.get(c), digits) for c in columns) + r" \\")
-    lines += [r"\bottomrule", r"\end{tabular}"]
-    if caption is not None:
-        lines.append(r"\end{table}")
-    return atomic_write_text(path, "\n".join(lines) + "\n")
-
-
-def _is_numeric_col(rows: Sequence[Mapping[str, Any]], c: str) -> bool:
-    vals = [r.get(c) for r in rows if r.get(c) is not None]
-    return bool(vals) and all(isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) for v in vals)
 
 
 def save_figure(fig, path: str | os.PathLike, dpi: int = 150) -> Path:

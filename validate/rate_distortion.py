@@ -1,8 +1,9 @@
 """Experiment: how far is the MSE-optimal uniform quantizer from the rate-distortion bound?
 
 ``python -m validate.rate_distortion [--quick] [--bits 1 2 ...] [--samples N] [--seed S] [--out DIR]``
+(``--help`` lists every flag with its default)
 
-For every family (the synthetic members of ``validate.optimal_alpha``: Gaussian, Laplace,
+For every family (the synthetic members of ``validate._synthetic``: Gaussian, Laplace,
 generalized Gaussian beta=0.8, Student-t nu=6, lognormal sigma=0.6) and bit width M, the distortion
 ``D`` (MSE) at rate ``R = M`` bits of
 
@@ -26,29 +27,19 @@ per family, log D against R).
 
 from __future__ import annotations
 
-import argparse
 import math
-import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-from validate._common import (
-    default_out_dir,
-    provenance,
-    save_figure,
-    use_agg,
-    write_csv,
-    write_json,
-    write_latex_table,
-)
+from validate import _protocol as protocol
+from validate._common import save_figure, use_agg, write_csv, write_json
+from validate._latex import MacroSet, finite, format_number, write_latex_table
+from validate._synthetic import SYNTHETIC_FAMILIES, family_label, sample_family, synthetic_distribution
 
 EXPERIMENT = "rate_distortion"
-DEFAULT_BITS = (1, 2, 3, 4, 5, 6, 7, 8)
-DEFAULT_FAMILIES = ("gaussian", "laplace", "gennorm", "student_t", "lognormal")
-DEFAULT_SAMPLES = 1_000_000
-QUICK_SAMPLES = 20_000
 
 _CSV_COLUMNS = [
     "family", "params", "excess_kurtosis", "entropy_bits", "grid", "bits", "samples",
@@ -58,6 +49,26 @@ _CSV_COLUMNS = [
     "gap_ecsq_bits", "lloyd_max_over_panter_dite", "uniform_over_lloyd_max",
     "lloyd_max_iterations",
 ]
+
+
+@dataclass(frozen=True)
+class Config:
+    bits: tuple[int, ...] = protocol.param((1, 2, 3, 4, 5, 6, 7, 8), "bit widths (rates R = M)")
+    samples: int = protocol.param(1_000_000, "seeded samples per family for the swept points (0 skips the sweep)")
+    families: tuple[str, ...] = protocol.param(SYNTHETIC_FAMILIES, "distribution families",
+                                               choices=SYNTHETIC_FAMILIES)
+    seed: int = protocol.param(0, "random seed of the samples")
+
+    def __post_init__(self):
+        protocol.check_bits_grid(self.bits)
+        protocol.check_positive("samples", self.samples, allow_zero=True)
+        if 0 < self.samples < 1000:
+            raise protocol.ConfigError(f"--samples: {self.samples} samples are too few for a swept MSE "
+                                       "(use >= 1000, or 0 to skip the sweep)")
+
+    @classmethod
+    def quick(cls) -> "Config":
+        return cls(bits=(1, 2, 4, 8), samples=20_000)
 
 
 def _gap(d: float, d_slb: float) -> float:
@@ -77,8 +88,6 @@ def family_item(family: str, bits: Sequence[int], samples: int, seed: int) -> di
         shannon_lower_bound,
         uniform_mse,
     )
-    from validate.optimal_alpha import sample_family, synthetic_distribution
-
     dist = synthetic_distribution(family)
     grid = "uint" if dist.one_sided else "midrise"
     sm = None
@@ -175,76 +184,106 @@ def plot(items: Sequence[dict[str, Any]], path: Path) -> Path:
     return out
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m validate.rate_distortion",
-                                description=__doc__.split("\n")[0])
-    p.add_argument("--out", type=Path, default=None, help="output folder (default results/rate_distortion)")
-    p.add_argument("--bits", type=int, nargs="+", default=None, help="bit widths (default 1..8)")
-    p.add_argument("--samples", type=float, default=None,
-                   help=f"samples per family for the swept points (default {DEFAULT_SAMPLES:,}; "
-                        f"--quick {QUICK_SAMPLES:,}; 0 skips the sweep)")
-    p.add_argument("--families", nargs="+", default=None,
-                   help=f"families (default {' '.join(DEFAULT_FAMILIES)})")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quick", action="store_true", help=f"smoke run: {QUICK_SAMPLES:,} samples, bits 1 2 4 8")
-    return p.parse_args(argv)
-
-
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    args = parse_args(argv)
-    out = Path(args.out) if args.out is not None else default_out_dir(EXPERIMENT)
-    bits = list(args.bits) if args.bits else ([1, 2, 4, 8] if args.quick else list(DEFAULT_BITS))
-    if args.samples is None:
-        samples = QUICK_SAMPLES if args.quick else DEFAULT_SAMPLES
-    else:
-        if not math.isfinite(args.samples) or args.samples < 0:
-            raise ValueError(f"--samples must be >= 0, got {args.samples}")
-        samples = int(args.samples)
-    if 0 < samples < 1000:
-        raise ValueError(f"--samples: {samples} samples are too few for a swept MSE (use >= 1000, or 0)")
-    families = list(args.families or DEFAULT_FAMILIES)
-    from theory.grids import check_bits
-    from validate.optimal_alpha import synthetic_distribution
-
-    for m in bits:
-        check_bits(m)
-    for f in families:
-        synthetic_distribution(f)  # unknown family: ValueError before any work
-    t0 = time.perf_counter()
-    items = [family_item(f, bits, samples, args.seed) for f in families]
-    rows = [r for it in items for r in it["rows"]]
-
+def run(config: Config, cache=None) -> protocol.Result:
+    """Every family's rate-distortion numbers; one cached item per family."""
     from theory import ecsq_gap_bits, ecsq_gap_db
 
-    files = {"csv": write_csv(out / "rate_distortion.csv", rows, _CSV_COLUMNS)}
-    table = gap_table_rows(items, bits)
-    files["gap_table"] = write_latex_table(
-        out / "gap_table.tex", table, ["family", "kurtosis", "quantizer", *[f"M{m}" for m in bits]],
-        headers=["family", "ex.\\ kurt.", "quantizer", *[f"$M={m}$" for m in bits]],
-        caption=(r"Rate gap $\tfrac12\log_2(D/D_{\mathrm{SLB}})$ in bits of fixed-rate quantizers "
-                 r"with $2^M$ levels against the Shannon lower bound. The entropy-coded uniform "
-                 r"quantizer's high-rate gap is $\tfrac12\log_2(\pi e/6)=" + f"{ecsq_gap_bits():.4f}" + r"$ bits. Swept: "
-                 f"{samples:,} seeded samples per family."),
-        label="tab:rate-distortion-gap", digits=3)
-    files["figure"] = plot(items, out / "d_vs_r.png")
-
+    items = []
+    for f in protocol.progress(config.families, desc="families", unit="family"):
+        key = {"family": f, "bits": list(config.bits), "samples": config.samples, "seed": config.seed}
+        item = cache.get(key) if cache is not None else None
+        if item is None:
+            item = family_item(f, config.bits, config.samples, config.seed)
+            if cache is not None:
+                cache.put(key, item)
+        items.append(item)
     gap4 = {it["family"]: {k: r[k] for k in ("gap_uniform_bits", "gap_lloyd_max_bits",
                                                "gap_panter_dite_bits", "gap_swept_bits")}
             for it in items for r in it["rows"] if r["bits"] == 4}
-    doc = {
-        "experiment": EXPERIMENT,
-        "provenance": provenance(bits=bits, samples=samples, seed=args.seed, families=families,
-                                 quick=bool(args.quick)),
-        "ecsq_gap_bits": ecsq_gap_bits(),
-        "ecsq_gap_db": ecsq_gap_db(),
-        "families": items,
-        "gap_at_4_bits": gap4 if 4 in bits else None,
-        "files": {k: str(v) for k, v in files.items()},
-        "elapsed_s": time.perf_counter() - t0,
-    }
-    write_json(out / "rate_distortion.json", doc)
-    return doc
+    return protocol.Result(EXPERIMENT, config, {
+        "ecsq_gap_bits": ecsq_gap_bits(), "ecsq_gap_db": ecsq_gap_db(), "families": items,
+        "gap_at_4_bits": gap4 or None})
+
+
+def write(result: protocol.Result, out: Path) -> list[Path]:
+    bits = sorted({int(r["bits"]) for it in result["families"] for r in it["rows"]})
+    items = result["families"]
+    samples = result.config_dict["samples"]
+    rows = [r for it in items for r in it["rows"]]
+    files = [write_csv(out / "rate_distortion.csv", rows, _CSV_COLUMNS)]
+    files.append(write_latex_table(
+        out / "gap_table.tex", gap_table_rows(items, bits),
+        ["family", "kurtosis", "quantizer", *[f"M{m}" for m in bits]],
+        headers=["family", "ex.\\ kurt.", "quantizer", *[f"$M={m}$" for m in bits]],
+        caption=(r"Rate gap $\tfrac12\log_2(D/D_{\mathrm{SLB}})$ in bits of fixed-rate quantizers "
+                 r"with $2^M$ levels against the Shannon lower bound. The entropy-coded uniform "
+                 r"quantizer's high-rate gap is $\tfrac12\log_2(\pi e/6)=" + format_number(result["ecsq_gap_bits"], 4)
+                 + r"$ bits. Swept: " + (f"{format_number(samples)} seeded samples per family." if samples
+                                         else "not run.")),
+        label="tab:rate-distortion-gap", digits=3))
+    files.append(plot(items, out / "d_vs_r.png"))
+    files.append(write_json(out / f"{EXPERIMENT}.json", result.to_json()))
+    return files
+
+
+def summary(result: protocol.Result) -> str:
+    g = result.get("gap_at_4_bits") or {}
+    worst = max(g.items(), key=lambda kv: kv[1]["gap_uniform_bits"], default=None)
+    return (f"largest 4-bit gap of the optimal uniform quantizer: {worst[1]['gap_uniform_bits']:.3f} bits "
+            f"({worst[0]})") if worst else "no 4-bit rows"
+
+
+_RD_GAPS = (("Uniform", "gap_uniform_bits"), ("Swept", "gap_swept_bits"),
+            ("LloydMax", "gap_lloyd_max_bits"), ("PanterDite", "gap_panter_dite_bits"))
+
+
+def macros(result: protocol.Result) -> MacroSet:
+    ms = MacroSet(f"{EXPERIMENT}.json")
+    ms.add("RDECSQGapBits", result.get("ecsq_gap_bits"), "ecsq_gap_bits")
+    ms.add("RDECSQGapDb", result.get("ecsq_gap_db"), "ecsq_gap_db")
+    ms.add("RDSamples", result.config_dict.get("samples"), "provenance.config.samples")
+    ms.add("RDElapsedSeconds", result.timing.get("wall_seconds"), "timing.wall_seconds")
+    items = result.get("families", [])
+    bits = sorted({int(r["bits"]) for it in items for r in it["rows"]})
+    if bits:
+        ms.add("RDMinBits", bits[0], "smallest bit width")
+        ms.add("RDMaxBits", bits[-1], "largest bit width")
+    for it in items:
+        fam = it["family"]
+        ms.add(["RDKurtosis", fam], it.get("excess_kurtosis"), f"families[{fam}].excess_kurtosis")
+        for r in it["rows"]:
+            b = int(r["bits"])
+            where = f"families[{fam}].rows[bits={b}]"
+            for label, key in _RD_GAPS:
+                ms.add(["RDGap", label, fam, b], r.get(key), f"{where}.{key}")
+            for name, key in (("RDLloydMaxOverPanterDite", "lloyd_max_over_panter_dite"),
+                              ("RDUniformOverLloydMax", "uniform_over_lloyd_max"),
+                              ("RDLloydMaxMse", "d_lloyd_max")):
+                ms.add([name, fam, b], r.get(key), f"{where}.{key}")
+    # summaries across families: at 4 bits, and at the top rate
+    for b in sorted({4, *bits[-1:]} & set(bits)):
+        rows = [(it["family"], r) for it in items for r in it["rows"] if int(r["bits"]) == b]
+        for label, key in _RD_GAPS:
+            vals = [(r.get(key), fam) for fam, r in rows if finite([r.get(key)])]
+            if vals:
+                hi, lo = max(vals), min(vals)
+                where = f"families[].rows[bits={b}].{key}"
+                ms.add(["RDGap", label, "Max", b], hi[0], f"max over families of {where}")
+                ms.add(["RDGap", label, "Max", b, "Family"], family_label(hi[1]), f"argmax of {where}")
+                ms.add(["RDGap", label, "Min", b], lo[0], f"min over families of {where}")
+                ms.add(["RDGap", label, "Min", b, "Family"], family_label(lo[1]), f"argmin of {where}")
+    if bits:
+        top = bits[-1]
+        dev = [abs(r["lloyd_max_over_panter_dite"] - 1.0) for it in items for r in it["rows"]
+               if int(r["bits"]) == top and finite([r.get("lloyd_max_over_panter_dite")])]
+        ms.add_pct("RDLloydMaxPanterDiteWorstDevAtMaxBits", max(dev) if dev else None,
+                   f"max over families of |lloyd_max_over_panter_dite - 1| at bits={top}")
+    return ms
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return protocol.main(__name__, argv)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

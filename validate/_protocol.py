@@ -1,0 +1,342 @@
+"""The experiment protocol: every ``validate`` module has the same parts, and one runner.
+
+docs/design.md, "Experiment protocol". A module ``validate.<name>`` defines
+
+* ``EXPERIMENT = "<name>"``;
+* ``Config``: a frozen dataclass whose fields are the experiment's parameters, each declared
+  with :func:`param` (type, default, help), validated in ``__post_init__`` with the checks below
+  (so bad values are refused before a model is loaded), and ``Config.quick()`` for the smoke-size
+  variant;
+* ``run(config, cache=None) -> Result``: measure and compare with theory; ``cache`` is a
+  :class:`~validate._common.ResultCache` under ``<out>/cache`` that the runner provides (``None``
+  runs without caching);
+* ``write(result, out) -> list[Path]``: figure, table and ``<name>.json`` (with provenance);
+* ``macros(result) -> MacroSet``: the numbers the paper quotes;
+* ``main(argv=None) -> int``: ``return protocol.main(__name__, argv)``.
+
+:func:`main` turns ``Config`` into a command line (one flag per field, its default shown in
+``--help``; ``--quick`` starts from ``Config.quick()`` and explicit flags override), refuses bad
+flags with one line and exit status 2, runs, stamps provenance and wall time on the result,
+writes and prints the module's one-line summary. ``validate.all`` reads a written result back
+with :meth:`Result.load` and asks the module for its macros.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import importlib
+import os
+import sys
+import time
+import types
+import typing
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from validate._common import ResultCache, default_out_dir, provenance, read_json, to_jsonable
+
+__all__ = [
+    "EXPERIMENTS", "Result", "param", "main", "build_parser", "parse_config", "load_result",
+    "check_model", "check_corpus", "check_languages", "check_device", "check_bits_grid",
+    "check_positive", "load_corpus", "corpus_digest", "frozen_set", "experiment_module", "progress",
+    "ConfigError",
+]
+
+#: The experiments ``validate.all`` regenerates, in order (modules ``validate.<name>``).
+EXPERIMENTS: tuple[str, ...] = (
+    "optimal_alpha", "distributions", "rate_distortion", "phase_transition", "language_alpha",
+)
+
+
+class ConfigError(ValueError):
+    """A parameter the experiment cannot run with; the message names it and what is accepted."""
+
+
+# ---- parameters ---------------------------------------------------------------------------------
+
+def param(default: Any, help: str, *, choices: Sequence[Any] | None = None, metavar: str | None = None):
+    """A ``Config`` field: its default and the ``--help`` text of its flag."""
+    meta = {"help": help, "choices": tuple(choices) if choices is not None else None, "metavar": metavar}
+    if isinstance(default, (list, dict, set)):
+        raise TypeError("use a tuple for a sequence default (Config is frozen and hashable)")
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _unwrap(tp) -> tuple[Any, bool, bool]:
+    """(element type, optional, sequence) of a field annotation."""
+    optional = False
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        optional = len(args) < len(typing.get_args(tp))
+        tp = args[0]
+        origin = typing.get_origin(tp)
+    if origin in (tuple, list):
+        return typing.get_args(tp)[0], optional, True
+    return tp, optional, False
+
+
+def _show(v: Any) -> str:
+    if isinstance(v, tuple):
+        return " ".join(map(str, v)) if v else "none"
+    return "none" if v is None else str(v)
+
+
+def build_parser(module) -> argparse.ArgumentParser:
+    """The command line of an experiment module, from its ``Config``: one flag per field."""
+    cfg_cls = module.Config
+    full, quick = cfg_cls(), cfg_cls.quick()
+    hints = typing.get_type_hints(cfg_cls)
+    doc = (module.__doc__ or "").strip()
+    p = argparse.ArgumentParser(prog=f"python -m validate.{module.EXPERIMENT}", description=doc,
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                argument_default=argparse.SUPPRESS)
+    for f in dataclasses.fields(cfg_cls):
+        tp, optional, seq = _unwrap(hints[f.name])
+        d_full, d_quick = getattr(full, f.name), getattr(quick, f.name)
+        help_ = f.metadata.get("help", "")
+        help_ += f" (default {_show(d_full)}" + (f"; --quick {_show(d_quick)})" if d_quick != d_full else ")")
+        kw: dict[str, Any] = {"help": help_.replace("%", "%%"), "dest": f.name}
+        if f.metadata.get("choices"):
+            kw["choices"] = f.metadata["choices"]
+        if f.metadata.get("metavar"):
+            kw["metavar"] = f.metadata["metavar"]
+        if tp is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        else:
+            kw["type"] = tp if tp in (int, float, str) else str
+            if seq:
+                kw["nargs"] = "+"
+        p.add_argument(_flag(f.name), **kw)
+    p.add_argument("--out", type=Path, default=None,
+                   help=f"output folder (default results/{module.EXPERIMENT}, or $LANGQUANT_RESULTS/{module.EXPERIMENT})")
+    p.add_argument("--quick", action="store_true", default=False,
+                   help="smoke-size run (the --quick defaults above); explicit flags still apply")
+    return p
+
+
+def parse_config(module, argv: Sequence[str] | None = None):
+    """``(config, out)`` from a command line; :class:`ConfigError` names a bad value."""
+    args = vars(build_parser(module).parse_args(argv))
+    out = args.pop("out") or default_out_dir(module.EXPERIMENT)
+    quick = args.pop("quick")
+    base = module.Config.quick() if quick else module.Config()
+    hints = typing.get_type_hints(module.Config)
+    given = {k: (tuple(v) if _unwrap(hints[k])[2] else v) for k, v in args.items()}
+    try:
+        return dataclasses.replace(base, **given), Path(out)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(str(exc)) from None
+
+
+# ---- results ------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Result:
+    """What ``run`` returns: the experiment's name, its configuration (a ``Config``, or the
+    dict read back from JSON) and ``data``, everything measured (JSON-able). ``to_json`` is the
+    written document: ``experiment``, ``provenance``, the data's keys, and ``timing``."""
+
+    experiment: str
+    config: Any
+    data: dict
+    provenance: dict | None = None
+    timing: dict = dataclasses.field(default_factory=dict)
+
+    def __getitem__(self, key: str) -> Any:
+        return self.data[key]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.data.get(key, default)
+
+    @property
+    def config_dict(self) -> dict:
+        c = self.config
+        return dataclasses.asdict(c) if dataclasses.is_dataclass(c) else dict(c or {})
+
+    def to_json(self) -> dict:
+        prov = self.provenance or provenance(**self.config_dict)
+        return to_jsonable({"experiment": self.experiment, "provenance": prov, **self.data,
+                            "timing": self.timing})
+
+    @classmethod
+    def from_json(cls, doc: dict) -> "Result":
+        doc = dict(doc)
+        prov = doc.pop("provenance", None) or {}
+        timing = doc.pop("timing", None) or {}
+        return cls(doc.pop("experiment", "?"), prov.get("config", {}), doc, prov, timing)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Result":
+        doc = read_json(path)
+        if not isinstance(doc, dict):
+            raise ValueError(f"{path}: not a result document (a JSON object)")
+        return cls.from_json(doc)
+
+
+def load_result(name: str, root: str | os.PathLike) -> Result:
+    """The result ``<root>/<name>/<name>.json`` written by experiment ``name``."""
+    return Result.load(Path(root) / name / f"{name}.json")
+
+
+def experiment_module(name: str):
+    """The module ``validate.<name>`` (or a module path given in full)."""
+    return importlib.import_module(name if "." in name else f"validate.{name}")
+
+
+# ---- the runner ---------------------------------------------------------------------------------
+
+def main(module_name: str, argv: Sequence[str] | None = None) -> int:
+    """Parse, validate, run, write, summarise: the ``main`` of every experiment module."""
+    module = sys.modules[module_name] if module_name in sys.modules else experiment_module(module_name)
+    prog = f"python -m validate.{module.EXPERIMENT}"
+    try:
+        config, out = parse_config(module, argv)
+    except ConfigError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    except SystemExit as exc:  # argparse: --help (0) or a malformed flag (2, already printed)
+        return int(exc.code or 0)
+    t0 = time.perf_counter()
+    result = module.run(config, cache=ResultCache(out / "cache"))
+    result.provenance = result.provenance or provenance(**dataclasses.asdict(config))
+    result.timing = {**result.timing, "wall_seconds": time.perf_counter() - t0}
+    files = module.write(result, out)
+    summary = module.summary(result) if hasattr(module, "summary") else ""
+    print(f"{module.EXPERIMENT}: {summary + '; ' if summary else ''}{len(files)} files in "
+          f"{result.timing['wall_seconds']:.0f} s -> {out}")
+    return 0
+
+
+def progress(iterable: Iterable | None = None, total: int | None = None, desc: str = "", unit: str = "it"):
+    """A tqdm progress bar on stderr (``LANGQUANT_PROGRESS=0`` turns it off)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, unit=unit,
+                disable=os.environ.get("LANGQUANT_PROGRESS", "1") == "0")
+
+
+# ---- checks run in Config.__post_init__, before any model is loaded -----------------------------------
+
+def check_positive(name: str, value: Any, *, allow_zero: bool = False, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (value >= 0 if allow_zero else value > 0)
+    if not ok:
+        raise ConfigError(f"{_flag(name)} must be {'>= 0' if allow_zero else 'positive'}, got {value!r}")
+
+
+def check_bits_grid(bits: int | Sequence[int], grid: str | None = None, *, flag: str = "--bits") -> None:
+    """Bits in 1..16 (2..16 for ``int``) and a known grid, named by flag."""
+    from theory.grids import Grid, check_bits
+
+    g = None
+    if grid is not None:
+        try:
+            g = Grid.parse(grid)
+        except ValueError as exc:
+            raise ConfigError(f"--grid: {exc}") from None
+    for b in (bits if isinstance(bits, (tuple, list)) else [bits]):
+        try:
+            check_bits(b, g)
+        except ValueError as exc:
+            raise ConfigError(f"{flag}: {exc}") from None
+
+
+def check_model(name: str) -> None:
+    """An embedded name, a tiny test model, an existing local folder, or a hub id (org/name)."""
+    from empirical.models import EMBEDDED_MODELS, TINY_MODELS
+
+    if name in EMBEDDED_MODELS or name in TINY_MODELS:
+        return
+    p = Path(name).expanduser()
+    if p.exists():
+        if not p.is_dir():
+            raise ConfigError(f"--model {name}: not a folder (give a model folder, an embedded name "
+                              f"({', '.join(EMBEDDED_MODELS)}), a tiny-* test model or a hub id)")
+        return
+    hub_id = name.count("/") == 1 and not name.startswith(("/", ".", "~")) and " " not in name
+    if not hub_id:
+        close = difflib.get_close_matches(name, [*EMBEDDED_MODELS, *TINY_MODELS], n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise ConfigError(f"--model {name}: no such folder, and not an embedded model "
+                          f"({', '.join(EMBEDDED_MODELS)}), tiny test model ({', '.join(TINY_MODELS)}) "
+                          f"or hub id (org/name){hint}")
+
+
+def check_corpus(spec: str) -> None:
+    """``udhr`` (embedded) or an existing one-file-per-language folder."""
+    if spec == "udhr":
+        return
+    p = Path(spec).expanduser()
+    if not p.is_dir():
+        raise ConfigError(f"--corpus {spec}: expected 'udhr' (the embedded UDHR text) or a folder of "
+                          f"one text file per language; {'not a folder' if p.exists() else 'no such folder'}")
+
+
+def check_languages(codes: Sequence[str], *, flag: str = "--languages") -> tuple[str, ...]:
+    """Normalised FLORES-style codes (docs/design.md, "Language codes"); duplicates refused."""
+    from empirical.languages import normalize
+
+    out = []
+    for c in codes:
+        try:
+            out.append(normalize(c))
+        except ValueError as exc:
+            raise ConfigError(f"{flag}: {exc}") from None
+    dup = sorted({c for c in out if out.count(c) > 1})
+    if dup:
+        raise ConfigError(f"{flag}: {', '.join(dup)} given twice")
+    if not out:
+        raise ConfigError(f"{flag}: give at least one language")
+    return tuple(out)
+
+
+def check_device(device: str) -> None:
+    """``cpu``, or ``cuda``/``cuda:N`` when a CUDA device is available."""
+    if device == "cpu":
+        return
+    if device == "cuda" or device.startswith("cuda:"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {device}: no CUDA device is available on this machine; "
+                              "run on the CPU with --device cpu")
+        if ":" in device and int(device.split(":")[1]) >= torch.cuda.device_count():
+            raise ConfigError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s)")
+        return
+    raise ConfigError(f"--device {device}: expected cpu, cuda or cuda:N")
+
+
+def frozen_set(obj, **values: Any) -> None:
+    """Set normalised values on a frozen dataclass inside ``__post_init__``."""
+    for k, v in values.items():
+        object.__setattr__(obj, k, v)
+
+
+# ---- data ---------------------------------------------------------------------------------------------
+
+def load_corpus(spec: str, languages: Sequence[str], segments: int | None = None):
+    """The corpus (``udhr`` or a one-file-per-language folder) restricted to ``languages``, first
+    ``segments`` segments of each (all when None)."""
+    from empirical.corpora import load_parallel_dir, load_udhr
+
+    corpus = load_udhr(languages) if spec == "udhr" else load_parallel_dir(spec, languages)
+    return corpus.head(segments) if segments else corpus
+
+
+def corpus_digest(corpus) -> str:
+    """Short hash of a corpus's texts: part of every cache key that depends on the text."""
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(corpus.texts, sort_keys=True).encode()).hexdigest()[:16]
+
