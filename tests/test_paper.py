@@ -18,11 +18,10 @@ from pathlib import Path
 
 import pytest
 
+from test_paper_source import PAPER, _balanced, paper_sources
+from validate import _latex as latex
 from validate import all as va
 from validate._common import read_json
-
-ROOT = Path(__file__).resolve().parent.parent
-PAPER = ROOT / "paper"
 
 # ---- reading LaTeX ------------------------------------------------------------------------------
 
@@ -46,16 +45,6 @@ def parse_macros(text: str) -> dict[str, str]:
     return out
 
 
-def _balanced(s: str) -> bool:
-    depth = 0
-    s = re.sub(r"\\[{}]", "", s)  # escaped braces are text
-    for c in s:
-        depth += {"{": 1, "}": -1}.get(c, 0)
-        if depth < 0:
-            return False
-    return depth == 0
-
-
 def tex_number(value: str) -> float | None:
     """The number a generated numeric macro prints, or None when it is text."""
     v = value.strip()
@@ -73,26 +62,6 @@ def tex_number(value: str) -> float | None:
     else:
         return None
     return x / 100 if pct else x
-
-
-def strip_comments(tex: str) -> str:
-    return re.sub(r"(?<!\\)%.*", "", tex)
-
-
-def paper_sources(paper: Path = PAPER) -> dict[Path, str]:
-    """main.tex and every source file it \\inputs (not the generated ones), comments removed."""
-    seen: dict[Path, str] = {}
-    todo = [paper / "main.tex"]
-    while todo:
-        f = todo.pop()
-        if f in seen:
-            continue
-        assert f.exists(), f"the paper inputs {f}, which does not exist"
-        seen[f] = strip_comments(f.read_text(encoding="utf-8"))
-        for arg in re.findall(r"\\input\{([^}]*)\}", seen[f]):
-            if "\\resultsdir" not in arg and "#" not in arg:
-                todo.append(paper / (arg if arg.endswith(".tex") else arg + ".tex"))
-    return seen
 
 
 _GENERATED = re.compile(r"\\(input|includegraphics|optionalinput|optionalgraphics)(?:\[[^\]]*\])?"
@@ -178,7 +147,7 @@ def synthetic_results() -> dict[str, dict]:
         rd_items.append({"family": fam, "excess_kurtosis": float(k), "rows": rows})
     rd = {"experiment": "rate_distortion", "provenance": _prov(samples=20000, bits=[1, 2, 4, 8]),
           "ecsq_gap_bits": 0.25461433482006296, "ecsq_gap_db": 1.53293104213742,
-          "families": rd_items, "elapsed_s": 2.5}
+          "families": rd_items, "timing": {"wall_seconds": 2.5}}
     pt_langs = ["eng_Latn", "heb_Hebr", "jpn_Jpan"]
     curve = [{"k": k, "protected_fraction": k / 18, "disparity": 1.337 - 0.2 * k,
               "ci_low": None if k == 0 else 0.9, "ci_high": 7.93, "predicted": 1.30 - 0.2 * k,
@@ -195,8 +164,8 @@ def synthetic_results() -> dict[str, dict]:
           "r2_curve": 0.6187338316374016, "r2_curve_calibrated": 0.435, "pstar_predicted_calibrated": 0.105,
           "interaction_factor": {"eng_Latn": 1.01, "heb_Hebr": 0.96, "jpn_Jpan": 1.16},
           "disparity_bound": {"points": 4, "measured_above_bound_at_rate": 4, "median_shrink": 0.097},
-          "timing": {"wall_seconds": 122.05, "forward_seconds": 77.5, "load_seconds": 8.06,
-                     "fit_seconds": 35.1, "forward_passes_run": 24, "scored_tokens_per_pass": 538}}
+          "passes_in_result": 24, "scored_tokens_per_pass": 538,
+          "timing": {"wall_seconds": 122.05, "forward_passes_run": 0}}
     la = {"experiment": "language_alpha", "provenance": _prov(model="gemma-3-270m"), "bits": 4, "grid": "int",
           "languages": pt_langs, "sites": [{}] * 72,
           "agreement": {"spearman_penalty_mix": 0.23, "worst_language_agreement": 0.56,
@@ -210,73 +179,60 @@ def synthetic_results() -> dict[str, dict]:
             "phase_transition": pt, "language_alpha": la}
 
 
-# A stand-in experiment: writes the synthetic JSON (and a figure-like file) to --out.
-_STANDIN = r"""
-import json, sys, pathlib
-src, argv = sys.argv[1], sys.argv[2:]
-out = pathlib.Path(argv[argv.index("--out") + 1])
-out.mkdir(parents=True, exist_ok=True)
-doc = json.load(open(src))
-doc["quick_flag_seen"] = "--quick" in argv
-(out / (doc["experiment"] + ".json")).write_text(json.dumps(doc))
-(out / "figure.png").write_bytes(b"png")
-"""
-
-
-def standins(tmp: Path, docs: dict[str, dict], fail: str | None = None,
-             missing: tuple[str, ...] = ()) -> list[va.Experiment]:
-    exps = []
-    for name, doc in docs.items():
-        src = tmp / f"{name}.src.json"
-        src.write_text(json.dumps(doc, allow_nan=True))
-        if name == fail:
-            cmd = (sys.executable, "-c", "import sys; print('boom', file=sys.stderr); sys.exit(3)")
+@pytest.fixture(scope="module")
+def standins(tmp_path_factory):
+    """Stand-in experiments (``tests/_standin.py``): each writes the synthetic result of its
+    experiment; ``validate.all`` then applies the real module's ``macros`` to it."""
+    tmp = tmp_path_factory.mktemp("standin")
+    for name, doc in synthetic_results().items():
+        (tmp / f"{name}.src.json").write_text(json.dumps(doc, allow_nan=True))
+    here = str(Path(__file__).resolve().parent)
+    saved = {k: os.environ.get(k) for k in ("LANGQUANT_STANDIN_DIR", "LANGQUANT_STANDIN_FAIL", "PYTHONPATH")}
+    os.environ["LANGQUANT_STANDIN_DIR"] = str(tmp)
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [here, saved["PYTHONPATH"]]))
+    yield tmp, {name: "_standin" for name in synthetic_results()}
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
         else:
-            cmd = (sys.executable, "-c", _STANDIN, str(src))
-        if name in missing:
-            exps.append(va.Experiment(name, f"validate.{name}_does_not_exist", f"{name}.json",
-                                      optional=(name == "language_alpha")))
-        else:
-            exps.append(va.Experiment(name, f"validate.{name}", f"{name}.json",
-                                      optional=(name == "language_alpha"), command_override=cmd))
-    return exps
+            os.environ[k] = v
 
 
 @pytest.fixture(scope="module")
-def standin_run(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("standin")
+def standin_run(standins):
+    tmp, modules = standins
     root = tmp / "results"
     stale = root / "phase_transition" / "stale_from_an_earlier_run.tex"
     stale.parent.mkdir(parents=True)
     stale.write_text("old")
-    rc = va.run_all(["--quick", "--out", str(root)], standins(tmp, synthetic_results()))
+    rc = va.run_all(["--quick", "--out", str(root)], modules)
     return rc, root
 
 
 # ---- fast tests ------------------------------------------------------------------------------------
 
 def test_macro_names_and_numbers():
-    assert va.macro_name("RDGap", "student_t", 4) == "RDGapStudentTFour"
-    assert va.macro_name("PTBaselineBpb", "heb_Hebr") == "PTBaselineBpbHebHebr"
-    assert va.macro_name("X", 128, "q90") == "XOneTwoEightQNinety"
-    assert va.macro_name("123") == "OneTwoThree"
+    assert latex.macro_name("RDGap", "student_t", 4) == "RDGapStudentTFour"
+    assert latex.macro_name("PTBaselineBpb", "heb_Hebr") == "PTBaselineBpbHebHebr"
+    assert latex.macro_name("X", 128, "q90") == "XOneTwoEightQNinety"
+    assert latex.macro_name("123") == "OneTwoThree"
     for bad in ("", "_", "-+"):
         with pytest.raises(ValueError):
-            va.macro_name(bad)
-    assert va.format_number(5.028626) == "5.03"
-    assert va.format_number(0.0893313) == "0.0893"
-    assert va.format_number(15660.19) == "15660"
-    assert va.format_number(999.7) == "1000"
-    assert va.format_number(1.2117e-5) == r"\ensuremath{1.21\times 10^{-5}}"
-    assert va.format_number(-0.00106) == r"\ensuremath{-0.00106}"
+            latex.macro_name(bad)
+    assert latex.format_number(5.028626) == "5.03"
+    assert latex.format_number(0.0893313) == "0.0893"
+    assert latex.format_number(15660.19) == "15660"
+    assert latex.format_number(999.7) == "1000"
+    assert latex.format_number(1.2117e-5) == r"\ensuremath{1.21\times 10^{-5}}"
+    assert latex.format_number(-0.00106) == r"\ensuremath{-0.00106}"
     for bad in (math.nan, math.inf):
         with pytest.raises(ValueError):
-            va.format_number(bad)
-    ms = va.MacroSet()
+            latex.format_number(bad)
+    ms = latex.MacroSet()
     ms.add("PstarMeasured", 0.1, "a")
     with pytest.raises(ValueError, match="twice"):
         ms.add("PstarMeasured", 0.2, "b")
-    assert va.tex_text("a_b & 50% {x} \\ é") == r"a\_b \& 50\% \{x\} \textbackslash{} ?"
+    assert latex.tex_text("a_b & 50% {x} \\ é") == r"a\_b \& 50\% \{x\} \textbackslash{} ?"
 
 
 def test_all_writes_well_formed_macros_from_results(standin_run):
@@ -286,7 +242,7 @@ def test_all_writes_well_formed_macros_from_results(standin_run):
     assert len(macros) > 200
     numbers = {k: tex_number(v) for k, v in macros.items()}
     for name, value in macros.items():
-        if value == va.NA:
+        if value == latex.NA:
             continue
         x = numbers[name]
         assert x is None or math.isfinite(x), (name, value)
@@ -297,7 +253,7 @@ def test_all_writes_well_formed_macros_from_results(standin_run):
     assert numbers["PstarAbsDiff"] == pytest.approx(0.1336 - 0.0893, rel=1e-2)
     assert numbers["RsqCurve"] == pytest.approx(0.619, rel=1e-3)
     assert numbers["DisparityNone"] == pytest.approx(1.34, rel=1e-3)
-    assert macros["DisparityNoneCILow"] == va.NA  # None in the JSON: printed n/a, never a number
+    assert macros["DisparityNoneCILow"] == latex.NA  # None in the JSON: printed n/a, never a number
     assert numbers["OAAlphaTheoryLaplaceAciqFour"] == pytest.approx(5.03)
     assert numbers["DistTheorySpreadMedianRatio"] == pytest.approx(2.5)
     assert macros["DistTheoryPenaltyMedianPct"] == r"50\%"
@@ -312,7 +268,7 @@ def test_all_writes_well_formed_macros_from_results(standin_run):
     assert numbers["RDLloydMaxMseGaussianOne"] == pytest.approx(0.363)
     assert numbers["RDGapUniformMaxFour"] == pytest.approx(1.2 + 0.4)
     assert macros["RDGapUniformMaxFourFamily"] == "lognormal"
-    assert numbers["PTForwardPasses"] == 24
+    assert numbers["PTPassesCurve"] == 24 and numbers["PTTokensPerPass"] == 538
     assert macros["PTInteractionMaxLanguage"] == r"jpn\_Jpan" and numbers["PTInteractionMin"] == pytest.approx(0.96)
     assert numbers["DisparityBoundAtRateNone"] == pytest.approx(0.47) and numbers["PTBoundAbove"] == 4
     assert numbers["PTBaselineBpbHebHebr"] == pytest.approx(1.1)
@@ -321,23 +277,10 @@ def test_all_writes_well_formed_macros_from_results(standin_run):
     assert numbers["LAAlphaStarRelErrorPct"] == pytest.approx(0.417)
     assert macros["LAMostPenalised"] == r"eng\_Latn" and numbers["LAMostPenalisedMixPct"] == pytest.approx(0.07)
     assert numbers["LAWorstLayersHebHebr"] == 32
-    assert macros["LAWorstMixTheory"] == va.NA
+    assert macros["LAWorstMixTheory"] == latex.NA
     # every timing of this run is a finite number of seconds
     for exp in synthetic_results():
-        assert numbers[va.macro_name("Time", exp)] >= 0
-
-
-def test_generic_extractor_takes_scalars_two_levels_deep():
-    doc = {"experiment": "new_one", "provenance": {"x": 1}, "files": {"x": "y"}, "mean_gain": 0.042,
-           "per_language": {"heb_Hebr": {"alpha_ratio": 1.7, "note": "ok"}}, "a list": [1, 2],
-           "bad": float("nan")}
-    ms = va.MacroSet()
-    va.macros_generic("NewOne")(doc, ms, "new_one.json")
-    got = {m.name: m for m in ms}
-    assert got["NewOneMeanGain"].value == pytest.approx(0.042)
-    assert got["NewOnePerLanguageHebHebrAlphaRatio"].value == pytest.approx(1.7)
-    assert "NewOneAList" not in got and "NewOneProvenanceX" not in got  # lists and provenance skipped
-    assert got["NewOneBad"].tex() == va.NA
+        assert numbers[latex.macro_name("Time", exp)] >= 0
 
 
 def test_manifest_lists_exactly_the_files_this_run_wrote(standin_run):
@@ -372,41 +315,51 @@ def test_derivations_are_latex_of_the_theory(standin_run):
     assert _balanced((root / "derivations.tex").read_text())
 
 
-def test_a_failing_experiment_fails_the_run_by_name(tmp_path, capfd):
+def test_a_failing_experiment_fails_the_run_by_name(standins, tmp_path, capfd, monkeypatch):
+    _, modules = standins
+    monkeypatch.setenv("LANGQUANT_STANDIN_FAIL", "distributions")
     root = tmp_path / "results"
-    docs = synthetic_results()
-    rc = va.run_all(["--out", str(root)], standins(tmp_path, docs, fail="distributions",
-                                                   missing=("language_alpha",)))
+    rc = va.run_all(["--out", str(root)], {**modules, "language_alpha": "validate.language_alpha_does_not_exist"})
     assert rc == 1
     err = capfd.readouterr().err
     assert "distributions" in err and "FAILED" in err
     man = read_json(root / "manifest.json")
     status = {e["name"]: e["status"] for e in man["experiments"]}
     assert status == {"optimal_alpha": "ok", "distributions": "failed", "rate_distortion": "ok",
-                      "phase_transition": "ok", "language_alpha": "skipped"}
+                      "phase_transition": "ok", "language_alpha": "failed"}
     assert man["quick"] is False
     macros = parse_macros((root / "macros.tex").read_text())
-    assert "PstarMeasured" in macros and not any(k.startswith("Dist") for k in macros)
+    assert "PstarMeasured" in macros and not any(k.startswith(("Dist", "LA")) for k in macros)
 
 
-def test_a_missing_required_experiment_fails(tmp_path):
-    rc = va.run_all(["--out", str(tmp_path / "r"), "--only", "rate_distortion"],
-                    standins(tmp_path, synthetic_results(), missing=("rate_distortion",)))
-    assert rc == 1
-    man = read_json(tmp_path / "r" / "manifest.json")
-    assert {e["name"]: e["status"] for e in man["experiments"]}["rate_distortion"] == "failed"
+def test_only_runs_the_named_experiment_and_reads_earlier_results(standins, standin_run, tmp_path):
+    _, modules = standins
+    _, first = standin_run
+    root = tmp_path / "r"
+    root.mkdir()
+    (root / "phase_transition").mkdir()
+    (root / "phase_transition" / "phase_transition.json").write_bytes(
+        (first / "phase_transition" / "phase_transition.json").read_bytes())
+    assert va.run_all(["--out", str(root), "--only", "rate_distortion"], modules) == 0
+    man = read_json(root / "manifest.json")
+    status = {e["name"]: e["status"] for e in man["experiments"]}
+    assert status["rate_distortion"] == "ok" and status["optimal_alpha"] == "not_selected"
+    assert man["macros"]["sources"]["phase_transition"]["written_by_this_run"] is False
+    assert "PstarMeasured" in parse_macros((root / "macros.tex").read_text())
 
 
-def test_pdf_without_latex_says_what_to_install(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(va.shutil, "which", lambda name: None)
-    rc = va.run_all(["--pdf", "--out", str(tmp_path / "r")], standins(tmp_path, synthetic_results()))
+def test_pdf_without_latex_says_what_to_install(standins, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    rc = va.run_all(["--pdf", "--out", str(tmp_path / "r")], standins[1])
     assert rc == 2
     err = capsys.readouterr().err
     assert "latexmk" in err and "tectonic" in err and "apt-get install" in err
     assert not (tmp_path / "r" / "manifest.json").exists()  # failed before running anything
 
 
-def test_pdf_builds_a_copy_of_the_paper_that_reads_the_results_root(tmp_path, monkeypatch):
+def test_pdf_builds_a_copy_of_the_paper_that_reads_the_results_root(standins, tmp_path, monkeypatch):
     """--pdf with a stand-in latexmk: the build runs in <root>/paper, whose \\resultsdir is the
     root, and the PDF lands in the manifest. (The real LaTeX build needs TeX installed.)"""
     bin_dir = tmp_path / "bin"
@@ -423,7 +376,7 @@ def test_pdf_builds_a_copy_of_the_paper_that_reads_the_results_root(tmp_path, mo
     fake.chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}")
     root = tmp_path / "r"
-    rc = va.run_all(["--pdf", "--out", str(root)], standins(tmp_path, synthetic_results()))
+    rc = va.run_all(["--pdf", "--out", str(root)], standins[1])
     assert rc == 0
     man = read_json(root / "manifest.json")
     assert man["pdf"]["status"] == "ok" and man["pdf"]["tool"] == "latexmk"
@@ -441,35 +394,6 @@ def test_paper_uses_only_macros_the_writer_can_produce(standin_run):
     assert used - defined == set()
 
 
-def test_paper_types_no_measured_number():
-    """No decimal number in the LaTeX source: measured values come from macros.tex."""
-    for f, text in paper_sources().items():
-        hits = re.findall(r"\d+\.\d+", re.sub(r"\[[^\]]*\]\{", "{", text))  # not [width=0.8\linewidth]
-        assert not hits, f"{f.name} types numbers by hand: {hits}"
-
-
-def test_every_citation_is_in_the_bibliography_and_sources_are_balanced():
-    """Without LaTeX here, the checks it would make first: each \\cite key exists in refs.bib
-    (an unknown key prints [?] silently), braces balance and environments close in order."""
-    bib = (PAPER / "refs.bib").read_text(encoding="utf-8")
-    keys = re.findall(r"^@\w+\{([^,\s]+),", bib, flags=re.M)
-    assert len(keys) == len(set(keys)), "a bibliography key is defined twice"
-    cited = set()
-    for f, text in paper_sources().items():
-        for group in re.findall(r"\\cite[tp]?\*?(?:\[[^\]]*\])*\{([^}]*)\}", text):
-            cited |= {k.strip() for k in group.split(",")}
-        assert _balanced(text), f"{f.name}: unbalanced braces"
-        stack = []
-        for kind, env in re.findall(r"\\(begin|end)\{([^}]*)\}", text):
-            if kind == "begin":
-                stack.append(env)
-            else:
-                assert stack and stack.pop() == env, f"{f.name}: \\end{{{env}}} closes the wrong environment"
-        assert not stack, f"{f.name}: {stack} never closed"
-    assert cited, "the paper cites nothing"
-    assert cited - set(keys) == set(), f"cited but not in refs.bib: {sorted(cited - set(keys))}"
-
-
 # ---- the CI check: the real quick run ------------------------------------------------------------------
 
 @pytest.mark.slow
@@ -477,16 +401,13 @@ def test_quick_run_produces_every_file_and_macro_the_paper_uses(quick_results):
     root, man = quick_results
     assert man["quick"] is True
     status = {e["name"]: e["status"] for e in man["experiments"]}
-    assert all(status[e] == "ok" for e in ("optimal_alpha", "distributions", "rate_distortion",
-                                           "phase_transition"))
+    assert all(s == "ok" for s in status.values()), status
     written = {f["path"]: f for f in man["files"]}
     sources = paper_sources()
     inputs = generated_inputs(sources)
     assert ("includegraphics", "phase_transition/phase_transition.png") in inputs
     assert len(inputs) >= 15
     for cmd, rel in inputs:
-        if cmd.startswith("optional") and status.get(rel.split("/")[0]) == "skipped":
-            continue  # validate.language_alpha does not exist yet
         path = root / rel
         assert path.is_file(), f"the paper reads {rel} ({cmd}), which the run did not write"
         assert rel in written, f"{rel} exists but was not written by this run (not in its manifest)"

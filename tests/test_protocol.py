@@ -51,10 +51,10 @@ def test_no_experiment_imports_another(name):
 
 def test_quick_then_explicit_flags_override():
     mod = protocol.experiment_module("rate_distortion")
-    cfg, out = protocol.parse_config(mod, ["--quick", "--samples", "0", "--out", "/tmp/x"])
-    assert cfg.samples == 0 and cfg.bits == mod.Config.quick().bits and str(out) == "/tmp/x"
-    cfg, _ = protocol.parse_config(mod, ["--bits", "3", "5"])
-    assert cfg.bits == (3, 5) and cfg.samples == mod.Config().samples
+    cfg, out, quick = protocol.parse_config(mod, ["--quick", "--samples", "0", "--out", "/tmp/x"])
+    assert cfg.samples == 0 and cfg.bits == mod.Config.quick().bits and str(out) == "/tmp/x" and quick
+    cfg, _, quick = protocol.parse_config(mod, ["--bits", "3", "5"])
+    assert cfg.bits == (3, 5) and cfg.samples == mod.Config().samples and not quick
 
 
 @pytest.mark.parametrize("argv, needle", [

@@ -18,7 +18,8 @@ import numpy as np
 
 __all__ = [
     "tex_text", "format_number", "write_latex_table", "Macro", "MacroSet", "macro_name",
-    "number_word", "render_macros", "NA", "finite", "median", "vmax", "vmin",
+    "number_word", "render_macros", "NA", "finite", "median", "vmax", "vmin", "find_pdf_tool",
+    "build_pdf", "PDF_HELP",
 ]
 
 NA = r"\textit{n/a}"
@@ -259,3 +260,51 @@ def vmax(values: Iterable[Any]) -> float | None:
 def vmin(values: Iterable[Any]) -> float | None:
     v = finite(values)
     return min(v) if v else None
+
+
+# ---- the PDF ------------------------------------------------------------------------------------
+
+PDF_TOOLS = ("latexmk", "tectonic")
+PDF_HELP = (
+    "--pdf needs a LaTeX build tool on PATH: neither latexmk nor tectonic was found. Install one:\n"
+    "  Debian/Ubuntu: sudo apt-get install latexmk texlive-latex-recommended texlive-latex-extra "
+    "texlive-fonts-recommended\n"
+    "  or tectonic (self-contained, fetches packages on first use): https://tectonic-typesetting.github.io\n"
+    "then rerun with --pdf, or build by hand: cd paper && latexmk -pdf main.tex"
+)
+
+
+def find_pdf_tool() -> tuple[str, str] | None:
+    """``(name, path)`` of the first LaTeX build tool on PATH, or None."""
+    import shutil
+
+    for tool in PDF_TOOLS:
+        path = shutil.which(tool)
+        if path:
+            return tool, path
+    return None
+
+
+def build_pdf(root, tool: tuple[str, str]):
+    """Copy ``paper/`` to ``<root>/paper`` with ``\\resultsdir`` = ``..`` (the root) and build
+    ``main.pdf`` there; the source tree stays clean and any root works."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    from validate._common import ROOT, atomic_write_text
+
+    build = Path(root) / "paper"
+    shutil.copytree(ROOT / "paper", build, dirs_exist_ok=True,
+                    ignore=shutil.ignore_patterns("*.pdf", "*.aux", "*.log", "*.fls", "*.fdb_latexmk",
+                                                  "*.bbl", "*.blg", "*.out"))
+    atomic_write_text(build / "paths.tex", "% written by validate.all --pdf: the results root is "
+                                           "this folder's parent\n\\newcommand{\\resultsdir}{..}\n")
+    name, path = tool
+    cmd = ([path, "-pdf", "-interaction=nonstopmode", "-halt-on-error", "main.tex"] if name == "latexmk"
+           else [path, "main.tex"])
+    print(f"[validate.all] building the PDF: {' '.join(cmd)} (in {build})", flush=True)
+    rc = subprocess.run(cmd, cwd=build, stdout=subprocess.DEVNULL if name == "latexmk" else None).returncode
+    if rc != 0 or not (build / "main.pdf").exists():
+        raise RuntimeError(f"{name} failed (exit {rc}); see {build / 'main.log'}")
+    return build / "main.pdf"

@@ -122,7 +122,7 @@ def build_parser(module) -> argparse.ArgumentParser:
 
 
 def parse_config(module, argv: Sequence[str] | None = None):
-    """``(config, out)`` from a command line; :class:`ConfigError` names a bad value."""
+    """``(config, out, quick)`` from a command line; :class:`ConfigError` names a bad value."""
     args = vars(build_parser(module).parse_args(argv))
     out = args.pop("out") or default_out_dir(module.EXPERIMENT)
     quick = args.pop("quick")
@@ -130,7 +130,7 @@ def parse_config(module, argv: Sequence[str] | None = None):
     hints = typing.get_type_hints(module.Config)
     given = {k: (tuple(v) if _unwrap(hints[k])[2] else v) for k, v in args.items()}
     try:
-        return dataclasses.replace(base, **given), Path(out)
+        return dataclasses.replace(base, **given), Path(out), quick
     except ConfigError:
         raise
     except (ValueError, TypeError) as exc:
@@ -199,7 +199,7 @@ def main(module_name: str, argv: Sequence[str] | None = None) -> int:
     module = sys.modules[module_name] if module_name in sys.modules else experiment_module(module_name)
     prog = f"python -m validate.{module.EXPERIMENT}"
     try:
-        config, out = parse_config(module, argv)
+        config, out, quick = parse_config(module, argv)
     except ConfigError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
@@ -207,7 +207,7 @@ def main(module_name: str, argv: Sequence[str] | None = None) -> int:
         return int(exc.code or 0)
     t0 = time.perf_counter()
     result = module.run(config, cache=ResultCache(out / "cache"))
-    result.provenance = result.provenance or provenance(**dataclasses.asdict(config))
+    result.provenance = result.provenance or provenance(**dataclasses.asdict(config), quick=quick)
     result.timing = {**result.timing, "wall_seconds": time.perf_counter() - t0}
     files = module.write(result, out)
     summary = module.summary(result) if hasattr(module, "summary") else ""
