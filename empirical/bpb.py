@@ -21,18 +21,26 @@ Counting conventions
 * The loss is computed at the scored positions only, from the last hidden state and the output
   embedding in chunks, so the vocabulary-sized logits (262k for Gemma) are never held for a
   whole batch (:class:`BpbEngine`).
+
+:class:`BpbEngine` puts three parts together, each a module of its own: the layout of windows
+into packed rows and batches with the packing check (:mod:`empirical._packing`), the chunked
+output layer with its check against the model's logits (:mod:`empirical._head`), and the replay
+of a recorded residual stream through explicitly called decoder blocks (:mod:`empirical._replay`).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 import warnings
+from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+
+from empirical._head import ChunkedHead, logits_nll
+from empirical._packing import Batch, Layout, Window, packed_layout, packing_is_exact, padded_layout, segment_windows
+from empirical._replay import ResidualReplay
 
 __all__ = ["BpbEngine", "BpbResult", "bits_per_byte", "corpus_bits_per_byte", "segment_windows"]
 
@@ -76,29 +84,6 @@ def _start_id(tokenizer) -> int:
         if v is not None:
             return int(v)
     raise ValueError("the tokenizer has neither a BOS nor an EOS token to start segments with")
-
-
-def segment_windows(ids: list[int], max_length: int, stride: int) -> list[tuple[list[int], int]]:
-    """Sliding windows over ``ids`` (which start with BOS).
-
-    Returns
-    -------
-    list of (window_ids, n_context)
-        Each window predicts ``window_ids[n_context+1:]`` from what precedes; together the windows
-        predict every token of ``ids`` after the first exactly once.
-    """
-    if stride < 1 or stride > max_length - 1:
-        raise ValueError(f"need 1 <= stride <= max_length - 1, got stride={stride}, max_length={max_length}")
-    if len(ids) <= max_length:
-        return [(ids, 0)]
-    out = [(ids[:max_length], 0)]
-    scored_upto = max_length  # tokens ids[1:scored_upto] are predicted
-    while scored_upto < len(ids):
-        end = min(scored_upto + stride, len(ids))
-        start = end - max_length
-        out.append((ids[start:end], scored_upto - 1 - start))
-        scored_upto = end
-    return out
 
 
 def bits_per_byte(model, tokenizer, texts: Sequence[str], *, max_length: int = 1024,
@@ -156,66 +141,26 @@ def corpus_bits_per_byte(model, tokenizer, corpus, languages: Sequence[str] | No
 
 # ---- repeated scoring of fixed texts ---------------------------------------------------------
 
-@dataclass
-class _Batch:
-    ids: torch.Tensor          # (B, L) token ids, padded
-    mask: torch.Tensor | None  # (B, L) attention mask of a padded batch; None when packed
-    rows: torch.Tensor         # (N,) batch row of each scored prediction
-    cols: torch.Tensor         # (N,) position whose hidden state predicts it
-    targets: torch.Tensor      # (N,) the predicted token
-    owner: torch.Tensor        # (N,) global segment index the prediction belongs to
-    pos: torch.Tensor | None = None  # (B, L) position ids of a packed batch (restart per window)
-    win: torch.Tensor | None = None  # (N,) window index of each prediction (CPU)
-
-    def inputs(self) -> dict:
-        if self.pos is not None:
-            return {"input_ids": self.ids, "position_ids": self.pos}
-        return {"input_ids": self.ids, "attention_mask": self.mask}
-
-    def take(self, r0: int, r1: int) -> "_Batch":
-        """Rows ``r0..r1-1`` as a batch of their own."""
-        keep = (self.rows >= r0) & (self.rows < r1)
-        kc = keep.cpu()
-        return _Batch(self.ids[r0:r1], None if self.mask is None else self.mask[r0:r1],
-                      self.rows[keep] - r0, self.cols[keep], self.targets[keep], self.owner[kc],
-                      None if self.pos is None else self.pos[r0:r1], self.win[kc])
-
-
-def _pack_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:
-    """First-fit decreasing: indices of ``lengths`` grouped into rows of at most ``capacity``
-    (a longer item gets a row of its own)."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    rows: list[list[int]] = []
-    free = np.zeros(0, dtype=np.int64)
-    for i in order:
-        fits = np.flatnonzero(free >= lengths[i])
-        if fits.size:
-            r = int(fits[0])
-            rows[r].append(i)
-            free[r] -= lengths[i]
-        else:
-            rows.append([i])
-            free = np.append(free, max(capacity - lengths[i], 0))
-    return rows
-
-
 class BpbEngine:
     """Per-segment NLL of a fixed set of texts, scored again and again under changing weights.
 
-    Everything that does not depend on the weights is done once: tokenization, windows, batches
-    (windows of every language sorted by length together, so padding stays small) and the
-    indices of the scored positions. Two further savings keep the result exact:
+    Everything that does not depend on the weights is done once: tokenization, windows, packed
+    rows and batches (:mod:`empirical._packing`) and the indices of the scored positions. Two
+    further savings keep the result exact:
 
     * **Output layer.** The loss is computed from the base model's last hidden state, only at
-      the scored positions, by a chunked matmul with the output embedding and a fused
-      log-sum-exp, never materialising ``batch x length x vocabulary`` logits. The first batch
-      is checked against the model's own logits; a model whose head does something else
-      (logit scaling of an unknown kind) falls back to the plain ``model(...).logits`` path.
+      the scored positions, by a chunked matmul with the output embedding and an online
+      log-sum-exp (:class:`empirical._head.ChunkedHead`), never materialising
+      ``batch x length x vocabulary`` logits. At the first scoring it is checked against the
+      model's own logits; a model whose head does something else (logit scaling of an unknown
+      kind) is scored from ``model(...).logits`` instead.
     * **Residual stream reuse.** :meth:`record` scores the texts with the reference weights and
-      keeps every decoder block's output. A later :meth:`nll` with ``start_block=b`` replays the
-      recorded output of block ``b-1`` instead of running blocks ``0..b-1``: exact whenever
-      those blocks still hold the weights they had when recorded, which is checked (a float64
-      checksum of their parameters) on every call.
+      keeps the residual stream entering every decoder block. A later :meth:`nll` with
+      ``start_block=b`` starts from the recorded stream entering block ``b`` and calls blocks
+      ``b..n-1``, the final norm and the head directly (:class:`empirical._replay.ResidualReplay`):
+      exact whenever blocks ``0..b-1`` still hold the weights they had when recorded, which is
+      checked (a float64 checksum of their parameters) on every call, and checked once at
+      recording against the model's own pass.
 
     Parameters
     ----------
@@ -228,19 +173,33 @@ class BpbEngine:
     max_batch_tokens : int
         Most padded tokens per forward pass.
     batch_size : int
-        Most windows per forward pass.
+        Most rows per forward pass.
     head_chunk : int
         Output-vocabulary rows per matmul of the output layer.
     head_rows : int
         Scored positions per output-layer sweep (memory ``head_rows x head_chunk`` floats).
+    device : optional
+        Where inputs go (default: the model's device).
     max_record_bytes : int
-        Refuse to record block outputs beyond this many bytes (then every pass runs in full).
+        Refuse to record the residual stream beyond this many bytes (then every pass runs in full).
     pack : bool
         Pack several windows per row (module notes); checked on first use, with a fallback.
-        The attribute ``packed`` says which layout scoring uses.
     pack_length : int
         Tokens per packed row (a longer window gets a row of its own). Attention within a row
         costs ``pack_length^2`` whatever the mask, so short rows waste less of it.
+
+    Attributes
+    ----------
+    keys : list of str
+        The keys of ``texts``, in order.
+    n_bytes : dict str -> np.ndarray
+        UTF-8 bytes of every segment, per key.
+    n_segments : int
+        Segments over all keys.
+    blocks : list of nn.Module
+        The model's decoder blocks.
+    blocks_run : int
+        Decoder-block evaluations so far (for benchmarks).
     """
 
     def __init__(self, model, tokenizer, texts: Mapping[str, Sequence[str]], *, max_length: int = 1024,
@@ -252,17 +211,27 @@ class BpbEngine:
         self.model = model
         self.keys = list(texts)
         self.device = device or next(model.parameters()).device
-        self.head_chunk = int(head_chunk)
-        self.head_rows = int(head_rows)
         self.max_record_bytes = int(max_record_bytes)
-        stride = stride or max(1, max_length // 2)
-        bos = _start_id(tokenizer)
-        pad = getattr(tokenizer, "pad_token_id", None)
-        pad = bos if pad is None else int(pad)
-
         self.n_bytes: dict[str, np.ndarray] = {}
         self._slices: dict[str, slice] = {}
-        windows: list[tuple[int, list[int], int]] = []  # (global segment, ids, n_context)
+        self._windows = self._tokenize(tokenizer, texts, max_length, stride or max(1, max_length // 2))
+        self._pad = _pad_id(tokenizer)
+        self._batching = (int(max_batch_tokens), int(batch_size))
+
+        layout = packed_layout(self._windows, self._pad, pack_length, *self._batching, self.device) if pack else None
+        self._layout: Layout = layout or padded_layout(self._windows, self._pad, *self._batching, self.device)
+        self._owner = self._layout.owner
+        self._head = ChunkedHead(model, head_chunk, head_rows)
+        self._replay = ResidualReplay(model)
+        self.blocks = self._replay.blocks
+        self.blocks_run = 0
+        self._packing_exact: bool | None = None
+        self._head_exact: bool | None = None
+        self._replay_unavailable: str | None = None
+
+    def _tokenize(self, tokenizer, texts, max_length: int, stride: int) -> list[Window]:
+        bos = _start_id(tokenizer)
+        windows: list[Window] = []
         n_seg = 0
         for key in self.keys:
             segs = texts[key]
@@ -276,228 +245,120 @@ class BpbEngine:
             enc = tokenizer(list(segs), add_special_tokens=False)["input_ids"]
             for i, ids in enumerate(enc):
                 for w, ctx in segment_windows([bos] + list(ids), max_length, stride):
-                    windows.append((n_seg + i, w, ctx))
+                    windows.append(Window(n_seg + i, w, ctx))
             self.n_bytes[key] = nb
             self._slices[key] = slice(n_seg, n_seg + len(segs))
             n_seg += len(segs)
         self.n_segments = n_seg
+        return windows
 
-        self._windows, self._pad = windows, pad
-        self._batching = (int(max_batch_tokens), int(batch_size))
-        self._packed = None
-        if pack:
-            rows = _pack_rows([len(w) for _, w, _ in windows], max(int(pack_length), 2))
-            rows.sort(key=lambda row: sum(len(windows[o][1]) for o in row))
-            if any(len(r) > 1 for r in rows):
-                self._packed = self._layout(rows, windows, pad, *self._batching, True)
-        self._pack_ok: bool | None = None if self._packed is not None else False
-        self._use(self._packed if self._packed is not None else self._padded_layout(), self._packed is not None)
+    # -- what the first scoring decides ------------------------------------------------------
 
-        from empirical.models import model_view
+    @property
+    def batches(self) -> list[Batch]:
+        """The batches scoring uses (packed rows, or one window per row)."""
+        return self._layout.batches
 
-        self.blocks = model_view(model).blocks
-        self._recorded: list[dict] | None = None      # [block][batch] -> block output
-        self._current = 0                               # batch being scored
-        self._fingerprints: list[float] | None = None
-        self._head_ok: bool | None = None
-        self.blocks_run = 0                             # decoder-block evaluations, for benchmarks
+    @property
+    def packed(self) -> bool:
+        """Whether scoring uses packed rows (decided at the first scoring)."""
+        return self._layout.packed
 
-    # -- layout ------------------------------------------------------------------------------
+    @property
+    def padding_fraction(self) -> float:
+        """Share of the tokens in the batches that are padding."""
+        return self._layout.padding_fraction
 
-    def _layout(self, rows: list[list[int]], windows, pad: int, max_tokens: int, max_size: int,
-                packed: bool) -> tuple[list[_Batch], float]:
-        """Batches of ``rows`` (each a list of window indices laid end to end), rows taken in
-        the given order (sorted by length), and the padding fraction."""
-        lengths = [sum(len(windows[o][1]) for o in row) for row in rows]
-        out, real, padded = [], 0, 0
-        for j, k in _split_batches(lengths, max_tokens, max_size):
-            L = max(lengths[j:k])
-            ids = torch.full((k - j, L), pad, dtype=torch.long)
-            mask = torch.zeros((k - j, L), dtype=torch.long)
-            pos = torch.zeros((k - j, L), dtype=torch.long)
-            r_idx, c_idx, owner, win = [], [], [], []
-            for r, row in enumerate(rows[j:k]):
-                o = 0
-                for wi in row:
-                    seg, w, ctx = windows[wi]
-                    ids[r, o: o + len(w)] = torch.tensor(w)
-                    mask[r, o: o + len(w)] = 1
-                    pos[r, o: o + len(w)] = torch.arange(len(w))
-                    n = len(w) - 1 - ctx
-                    r_idx += [r] * n
-                    c_idx += range(o + ctx, o + len(w) - 1)
-                    owner += [seg] * n
-                    win += [wi] * n
-                    o += len(w)
-                    real += len(w)
-                pos[r, o:] = torch.arange(L - o)  # padding: a sequence of its own
-            padded += (k - j) * L
-            rows_t, cols_t = torch.tensor(r_idx, dtype=torch.long), torch.tensor(c_idx, dtype=torch.long)
-            out.append(_Batch(ids.to(self.device), None if packed else mask.to(self.device),
-                              rows_t.to(self.device), cols_t.to(self.device),
-                              ids[rows_t, cols_t + 1].to(self.device), torch.tensor(owner, dtype=torch.long),
-                              pos.to(self.device) if packed else None, torch.tensor(win, dtype=torch.long)))
-        return out, (1.0 - real / padded if padded else 0.0)
+    @property
+    def n_tokens(self) -> int:
+        """Scored tokens per pass."""
+        return self._layout.n_tokens
 
-    def _padded_layout(self) -> tuple[list[_Batch], float]:
-        """One window per row, rows sorted by length (the layout without packing)."""
-        order = sorted(range(len(self._windows)), key=lambda j: len(self._windows[j][1]))
-        return self._layout([[o] for o in order], self._windows, self._pad, *self._batching, False)
+    @property
+    def packing_exact(self) -> bool | None:
+        """Whether packed rows gave each window the NLL it has alone (checked at the first
+        scoring; False means padded batches are used); None before, or when nothing was packed."""
+        return self._packing_exact
 
-    def _use(self, layout: tuple[list[_Batch], float], packed: bool) -> None:
-        self.batches, self.padding_fraction = layout
-        self.packed = packed  # whether scoring uses packed rows (decided at the first scoring)
-        self.n_tokens = sum(int(b.targets.numel()) for b in self.batches)
-        self._owner = torch.cat([b.owner for b in self.batches]).numpy()
+    @property
+    def head_exact(self) -> bool | None:
+        """Whether the chunked output layer reproduced the model's logits (checked at the first
+        scoring; False means scoring uses ``model(...).logits``); None before."""
+        return self._head_exact
 
-    def _check_pack(self) -> None:
-        """Score the packed row holding the most windows both packed and one window per row;
-        keep packing only when the two agree (the model honours restarted positions)."""
-        best = (0, None, 0)
-        for b in self._packed[0]:
-            rows = b.rows.cpu()
-            for r in range(b.ids.shape[0]):
-                n = int(b.win[rows == r].unique().numel())
-                if n > best[0]:
-                    best = (n, b, r)
-        _, b, r = best
-        mini = b.take(r, r + 1)
-        wins = sorted(set(mini.win.tolist()), key=lambda w: len(self._windows[w][1]))
-        alone, _ = self._layout([[w] for w in wins], self._windows, self._pad, 2 ** 62, len(wins), False)
-        ours, ref = {}, {}
-        for w, v in zip(mini.win.tolist(), self._logits_nll(mini).tolist()):
-            ours.setdefault(w, []).append(v)
-        for ab in alone:  # the batch split may put very different lengths apart
-            for w, v in zip(ab.win.tolist(), self._logits_nll(ab).tolist()):
-                ref.setdefault(w, []).append(v)
-        ok = ours.keys() == ref.keys() and all(
-            len(ours[w]) == len(ref[w]) and np.allclose(ours[w], ref[w], rtol=1e-3, atol=1e-3) for w in ours)
-        self._pack_ok = ok
-        if not ok:
-            warnings.warn(f"{type(self.model).__name__} does not keep packed segments apart through "
-                          "restarted position ids; scoring uses padded batches instead", RuntimeWarning,
-                          stacklevel=4)
-            self._use(self._padded_layout(), False)
-            self._packed = None
+    @property
+    def recorded(self) -> bool:
+        """Whether :meth:`record` kept a residual stream that :meth:`nll` can replay."""
+        return self._replay.recorded
 
-    # -- helpers -----------------------------------------------------------------------------
+    @property
+    def replay_unavailable(self) -> str | None:
+        """Why :meth:`record` kept nothing to replay (every pass then runs in full); None when it
+        did or has not been called."""
+        return self._replay_unavailable
 
-    def _fingerprint(self, i: int) -> float:
-        return float(sum(p.detach().sum(dtype=torch.float64) for p in self.blocks[i].parameters()))
+    def _check_first_use(self) -> None:
+        """Packing check, then head check; each runs once."""
+        if self._layout.packed and self._packing_exact is None:
+            score = lambda b: logits_nll(self.model, b)  # noqa: E731
+            self._packing_exact = packing_is_exact(self._layout, self._windows, self._pad, score, self.device)
+            if not self._packing_exact:
+                warnings.warn(f"{type(self.model).__name__} does not keep packed segments apart through "
+                              "restarted position ids; scoring uses padded batches instead", RuntimeWarning,
+                              stacklevel=4)
+                self._layout = padded_layout(self._windows, self._pad, *self._batching, self.device)
+                self._owner = self._layout.owner
+        if self._head_exact is None:
+            b = self.batches[-1]  # the longest rows
+            mini = b.take(0, min(2, b.ids.shape[0]))
+            h = self._replay.model_pass(mini)[0][mini.rows, mini.cols]
+            self._head_exact = self._head.agrees(h, mini.targets, logits_nll(self.model, mini))
+            if not self._head_exact:
+                warnings.warn(f"{type(self.model).__name__}: the output layer is not a plain projection "
+                              "of the base model's last hidden state; scoring falls back to the full "
+                              "logits", RuntimeWarning, stacklevel=4)
 
-    def _head_nll(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """NLL of ``targets`` given final hidden states ``h`` (N x d): the output projection in
-        vocabulary chunks with an online log-sum-exp, so each chunk of the (tied) output
-        embedding is read once for all N rows and no N x vocabulary array is formed."""
-        head = self.model.get_output_embeddings()
-        w = head.weight
-        bias = getattr(head, "bias", None)
-        cap = getattr(self.model.config, "final_logit_softcapping", None)
-        h = h.to(w.dtype)
+    # -- scoring -----------------------------------------------------------------------------
 
-        def logits(rows, v0, v1):
-            z = (rows @ w[v0:v1].T).float()
-            if bias is not None:
-                z += bias[v0:v1].float()
-            return torch.tanh(z / cap) * cap if cap else z
-
-        out = []
-        for r0 in range(0, h.shape[0], self.head_rows):
-            rows, t = h[r0: r0 + self.head_rows], targets[r0: r0 + self.head_rows]
-            zt = (rows.float() * w[t].float()).sum(dim=1)
-            if bias is not None:
-                zt += bias[t].float()
-            if cap:
-                zt = torch.tanh(zt / cap) * cap
-            m = torch.full((rows.shape[0],), -math.inf, device=h.device)
-            acc = torch.zeros(rows.shape[0], device=h.device)
-            for v0 in range(0, w.shape[0], self.head_chunk):
-                z = logits(rows, v0, v0 + self.head_chunk)
-                m_new = torch.maximum(m, z.amax(dim=1))
-                acc = acc * torch.exp(m - m_new) + z.sub_(m_new[:, None]).exp_().sum(dim=1)
-                m = m_new
-            out.append(acc.log() + m - zt)
-        return torch.cat(out) if out else h.new_zeros(0, dtype=torch.float32)
-
-    def _logits_nll(self, b: _Batch) -> torch.Tensor:
-        logits = self.model(**b.inputs(), use_cache=False).logits
-        z = logits[b.rows, b.cols].float()
-        return F.cross_entropy(z, b.targets, reduction="none")
-
-    def _hidden(self, b: _Batch) -> torch.Tensor:
-        """Final hidden states at the scored positions of batch ``b``."""
-        hidden = self.model.base_model(**b.inputs(), use_cache=False).last_hidden_state
-        return hidden[b.rows, b.cols]
-
-    def _check_head(self) -> None:
-        """Compare the hidden-state head with the model's own logits on two windows."""
-        head = self.model.get_output_embeddings()
-        b = self.batches[-1]  # the longest rows
-        mini = b.take(0, min(2, b.ids.shape[0]))
-        ok = isinstance(getattr(head, "weight", None), torch.Tensor) and head.weight.dim() == 2
-        if ok:
-            ours, ref = self._head_nll(self._hidden(mini), mini.targets), self._logits_nll(mini)
-            ok = bool(torch.allclose(ours, ref, rtol=1e-3, atol=1e-3))
-        self._head_ok = ok
-        if not ok:
-            warnings.warn(f"{type(self.model).__name__}: the output layer is not a plain projection "
-                          "of the base model's last hidden state; scoring falls back to the full "
-                          "logits", RuntimeWarning, stacklevel=4)
-
-    def _score(self) -> np.ndarray:
-        """Per-token NLL of every batch, in batch order, under the current weights."""
-        if self._pack_ok is None:
-            self._check_pack()
-        if self._head_ok is None:
-            self._check_head()
-        parts, pending, pending_t = [], [], []
-        for bi, b in enumerate(self.batches):
-            self._current = bi
-            if not self._head_ok:
-                parts.append(self._logits_nll(b))
-                continue
-            pending.append(self._hidden(b))
-            pending_t.append(b.targets)
-        if pending:
-            parts = [self._head_nll(torch.cat(pending), torch.cat(pending_t))]
-        return torch.cat(parts).double().cpu().numpy()
-
-    def _collect(self, nll: np.ndarray) -> dict[str, np.ndarray]:
+    def _collect(self, nll: torch.Tensor) -> dict[str, np.ndarray]:
+        """Per-token NLL in batch order -> per-segment NLL per key."""
         seg = np.zeros(self.n_segments, dtype=np.float64)
-        np.add.at(seg, self._owner, nll)
+        np.add.at(seg, self._owner, nll.double().cpu().numpy())
         return {k: seg[self._slices[k]].copy() for k in self.keys}
 
-    # -- public --------------------------------------------------------------------------------
+    def _targets(self) -> torch.Tensor:
+        return torch.cat([b.targets for b in self.batches])
 
     @torch.no_grad()
     def record(self) -> dict[str, np.ndarray]:
-        """Score with the current (reference) weights and keep every block's output for reuse.
+        """Score with the current (reference) weights and keep the residual stream entering every
+        block for :meth:`nll` to replay.
 
-        Returns the per-segment NLL (nats) per key, like :meth:`nll`.
+        Returns the per-segment NLL (nats) per key, like :meth:`nll`. When replay is not possible
+        (:attr:`replay_unavailable` says why, and a warning is issued) nothing is kept and this is
+        :meth:`nll`.
         """
-        width = int(self.model.config.hidden_size) if hasattr(self.model.config, "hidden_size") else 0
-        elem = next(self.model.parameters()).element_size()
-        need = len(self.blocks) * sum(b.ids.numel() for b in self.batches) * width * elem
-        if not width or need > self.max_record_bytes:
-            warnings.warn(f"recording block outputs would take {need / 2**20:.0f} MiB "
-                          f"(> max_record_bytes); every pass will run all blocks", RuntimeWarning,
-                          stacklevel=2)
-            return self.nll()
-        store: list[dict] = [{} for _ in self.blocks]
-
-        def keep(i, out):  # keyed by batch: the head check may run a batch twice
-            store[i][self._current] = _detach(out)
-
-        hooks = [blk.register_forward_hook(lambda _m, _i, out, i=i: keep(i, out))
-                 for i, blk in enumerate(self.blocks)]
-        try:
-            res = self.nll()
-        finally:
-            for h in hooks:
-                h.remove()
-        self._recorded = store
-        self._fingerprints = [self._fingerprint(i) for i in range(len(self.blocks))]
-        return res
+        self._check_first_use()
+        need = self._replay.record_bytes(self.batches)
+        reason = self._replay.unsupported
+        if reason is None and not self._head_exact:
+            reason = "the output layer is scored from the model's own logits, not from hidden states"
+        if reason is None and need > self.max_record_bytes:
+            reason = f"recording would take {need / 2**20:.0f} MiB (> max_record_bytes)"
+        if reason is None:
+            finals = self._replay.record(self.batches)
+            self.blocks_run += len(self.blocks) * len(self.batches)
+            b = self.batches[-1]
+            reason = self._replay.verify(b.take(b.ids.shape[0] - 1, b.ids.shape[0]))  # the longest row
+            if reason is not None:
+                self._replay.forget()
+            else:
+                self._replay_unavailable = None
+                return self._collect(self._head.nll(torch.cat(finals), self._targets()))
+        self._replay_unavailable = reason
+        warnings.warn(f"{type(self.model).__name__}: no residual stream kept for replay ({reason}); "
+                      "every pass will run all blocks", RuntimeWarning, stacklevel=3)
+        return self.nll()
 
     @torch.no_grad()
     def nll(self, start_block: int = 0) -> dict[str, np.ndarray]:
@@ -506,27 +367,30 @@ class BpbEngine:
         Parameters
         ----------
         start_block : int
-            First block to run; blocks before it replay what :meth:`record` saw. The caller
-            promises they are unchanged since then, and it is checked.
+            First block to run; blocks before it are replayed from what :meth:`record` kept. The
+            caller promises they are unchanged since then, and it is checked. Without a recorded
+            stream (:attr:`recorded` False) every block runs.
+
+        Raises
+        ------
+        ValueError
+            ``start_block`` outside ``0..len(blocks)``.
+        RuntimeError
+            A block before ``start_block`` changed since :meth:`record`.
         """
         start_block = int(start_block)
         if not 0 <= start_block <= len(self.blocks):
             raise ValueError(f"start_block must be in 0..{len(self.blocks)}, got {start_block}")
-        if start_block and self._recorded is None:
-            start_block = 0  # nothing recorded (or recording refused): run everything
-        for i in range(start_block):
-            if self._fingerprint(i) != self._fingerprints[i]:
-                raise RuntimeError(f"block {i} changed since record(); cannot replay it "
-                                   f"(start_block={start_block})")
-        replay = self._recorded[start_block - 1] if start_block else None
-        for blk in self.blocks[:start_block]:
-            blk.forward = lambda *a, **k: replay[self._current]
-        try:
-            nll = self._score()
-            self.blocks_run += (len(self.blocks) - start_block) * len(self.batches)
-        finally:
-            for blk in self.blocks[:start_block]:
-                del blk.forward
+        if not self.recorded:
+            start_block = 0
+        self._replay.check_unchanged(start_block)
+        self._check_first_use()
+        if self._head_exact:
+            h = [self._replay.final_hidden(i, b, start_block)[b.rows, b.cols] for i, b in enumerate(self.batches)]
+            nll = self._head.nll(torch.cat(h), self._targets())
+        else:
+            nll = torch.cat([logits_nll(self.model, b) for b in self.batches])
+        self.blocks_run += (len(self.blocks) - start_block) * len(self.batches)
         return self._collect(nll)
 
     def result(self, key: str, nll: Mapping[str, np.ndarray]) -> BpbResult:
@@ -539,33 +403,6 @@ class BpbEngine:
         return BpbResult(total / (math.log(2) * int(nb.sum())), total, int(nb.sum()), n_tok, seg, nb)
 
 
-def _split_batches(lengths: Sequence[int], max_tokens: int, max_size: int,
-                   overhead_tokens: int = 32) -> list[tuple[int, int]]:
-    """Split windows sorted by length into contiguous batches ``[j, k)`` that minimise padded
-    tokens plus ``overhead_tokens`` per batch (a forward call's fixed cost), under at most
-    ``max_size`` windows and ``max_tokens`` padded tokens per batch (a single longer window still
-    gets a batch of its own). Dynamic programming over the sorted order, O(n * max_size)."""
-    n = len(lengths)
-    best = [0.0] + [math.inf] * n
-    cut = [0] * (n + 1)
-    for k in range(1, n + 1):
-        for j in range(k - 1, max(-1, k - 1 - max_size), -1):
-            size = (k - j) * lengths[k - 1]
-            if size > max_tokens and k - j > 1:
-                break
-            c = best[j] + size + overhead_tokens
-            if c < best[k]:
-                best[k], cut[k] = c, j
-    out, k = [], n
-    while k > 0:
-        out.append((cut[k], k))
-        k = cut[k]
-    return out[::-1]
-
-
-def _detach(out):
-    if isinstance(out, torch.Tensor):
-        return out.detach()
-    if isinstance(out, tuple):
-        return tuple(_detach(o) for o in out)
-    return out
+def _pad_id(tokenizer) -> int:
+    pad = getattr(tokenizer, "pad_token_id", None)
+    return _start_id(tokenizer) if pad is None else int(pad)

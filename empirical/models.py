@@ -25,7 +25,8 @@ Three kinds of model are loaded by :func:`load_model`:
   ``AutoTokenizer.from_pretrained``: a Hugging Face hub id (needs the network) or a local folder.
 
 :class:`ModelView` finds the decoder blocks, the quantizable linear layers (``nn.Linear`` and
-GPT-2's ``Conv1D``), the final norm and the output head by structure, not by architecture name.
+GPT-2's ``Conv1D``), the final norm, the output head and the rotary position embedding by
+structure, not by architecture name.
 """
 
 from __future__ import annotations
@@ -375,6 +376,9 @@ class ModelView:
         The output projection (``lm_head``).
     embeddings : nn.Module or None
         The input token embedding.
+    rotary : nn.Module or None
+        The rotary position embedding that the base model computes once and hands to every
+        block (``rotary_emb`` of Llama and Gemma); None for models without one.
     """
 
     model: nn.Module
@@ -386,6 +390,7 @@ class ModelView:
     head: nn.Module | None
     embeddings: nn.Module | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    rotary: nn.Module | None = None
 
     @property
     def n_layers(self) -> int:
@@ -474,10 +479,12 @@ def model_view(model: nn.Module, include_head: bool = False, include_embeddings:
     siblings = [(n, m) for n, m in norms_outside
                 if (n.rsplit(".", 1)[0] if "." in n else "") == parent]
     chosen = (siblings or norms_outside or [(None, None)])[-1]
+    rotary = next((m for n, m in model.named_modules()
+                   if not n.startswith(prefix) and type(m).__name__.endswith("RotaryEmbedding")), None)
     return ModelView(model=model, blocks=list(blocks),
                      block_names=[f"{blocks_name}.{i}" for i in range(len(blocks))],
                      linears=linears, final_norm=chosen[1], final_norm_name=chosen[0], head=head,
-                     embeddings=emb, extra={"blocks_path": blocks_name})
+                     embeddings=emb, extra={"blocks_path": blocks_name}, rotary=rotary)
 
 
 def quantizable_linears(model: nn.Module, include_head: bool = False) -> list[QuantLinear]:

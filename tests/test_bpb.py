@@ -69,14 +69,27 @@ def test_engine_uses_hidden_state_head_on_every_arch(tiny_model):
     name, model, tok = tiny_model
     eng = BpbEngine(model, tok, {"a": TEXTS[:3], "b": TEXTS[3:]}, head_chunk=7, head_rows=5)
     nll = eng.nll()
-    assert eng._head_ok is True, name
+    assert eng.head_exact is True, name
     direct = np.array([_direct_nll(model, tok, t) for t in TEXTS])
     np.testing.assert_allclose(np.concatenate([nll["a"], nll["b"]]), direct, rtol=1e-4)
     assert eng.result("b", nll).n_bytes == sum(len(t.encode()) for t in TEXTS[3:])
 
 
+def _block_calls(blocks):
+    """Count calls of every block (a test-only probe: replay itself needs no hooks)."""
+    calls = [0] * len(blocks)
+    handles = [blk.register_forward_pre_hook(lambda *_a, i=i: calls.__setitem__(i, calls[i] + 1))
+               for i, blk in enumerate(blocks)]
+    return calls, handles
+
+
+# Architectures whose blocks replay calls directly; BLOOM's ALiBi is not rebuilt, so it runs in full.
+REPLAYS = {"tiny-gpt2": True, "tiny-llama": True, "tiny-gemma": True, "tiny-opt": True, "tiny-bloom": False}
+
+
 def test_engine_replay_equals_full_pass_for_every_start_block(tiny_model):
-    """Replaying recorded block outputs is exact when the later blocks are quantized."""
+    """Replaying the recorded residual stream through explicitly called blocks is exact when the
+    later blocks are quantized, and runs only blocks start_block.. (counted)."""
     from empirical.bpb import BpbEngine
     from empirical.fakequant import FakeQuantizer, QuantConfig
     from empirical.models import model_view
@@ -86,17 +99,92 @@ def test_engine_replay_equals_full_pass_for_every_start_block(tiny_model):
     fq = FakeQuantizer(view.linears, QuantConfig(bits=2, grid="int"))
     eng = BpbEngine(model, tok, {"x": TEXTS}, max_batch_tokens=40, pack_length=30)
     assert len(eng.batches) > 1
-    base = eng.record()
+    if REPLAYS[name]:
+        base = eng.record()
+        assert eng.recorded and eng.replay_unavailable is None
+    else:
+        with pytest.warns(RuntimeWarning, match="ALiBi"):
+            base = eng.record()
+        assert not eng.recorded and "ALiBi" in eng.replay_unavailable
     np.testing.assert_allclose(base["x"], eng.nll()["x"], rtol=0, atol=0)
-    for b in range(view.n_layers):
+    n_batches = len(eng.batches)
+    for b in range(view.n_layers + 1):
         protect = {q.name for q in view.linears if q.block < b}
         with fq.quantized(protect=protect):
             full = eng.nll()["x"]
-            replayed = eng.nll(start_block=b)["x"]
-        np.testing.assert_allclose(replayed, full, rtol=1e-6, err_msg=f"{name} start_block={b}")
-        assert not np.allclose(full, base["x"])
-    # forward methods are restored: a plain pass after replay is the baseline again
+            calls, handles = _block_calls(view.blocks)
+            try:
+                replayed = eng.nll(start_block=b)["x"]
+            finally:
+                for h in handles:
+                    h.remove()
+        np.testing.assert_allclose(replayed, full, rtol=1e-5, err_msg=f"{name} start_block={b}")
+        if b < view.n_layers:
+            assert not np.allclose(full, base["x"])
+        first = min(b, view.n_layers - 1) if REPLAYS[name] else 0  # start_block=n runs the last block again
+        assert calls == [0] * first + [n_batches] * (view.n_layers - first), (name, b, calls)
+    # nothing was left patched: a plain pass after replay is the baseline again
     np.testing.assert_allclose(eng.nll()["x"], base["x"], rtol=1e-6)
+
+
+LONG = ["The quick brown fox jumps over the lazy dog. " * 2, "Une phrase en français, avec des accents.",
+        "שלום עולם, " * 6, "a"]
+
+
+def _tiny_gemma_mixed_layers(sliding_window=8):
+    """A Gemma 3 with local (sliding) and global layers interleaved and a window shorter than
+    the texts, so that replay must give each layer type its own mask and rotary base."""
+    import transformers as tf
+
+    from empirical.models import ByteTokenizer
+
+    cfg = tf.Gemma3TextConfig(vocab_size=ByteTokenizer.vocab_size, hidden_size=64, intermediate_size=128,
+                              num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                              max_position_embeddings=512, sliding_window=sliding_window,
+                              layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                              bos_token_id=ByteTokenizer.bos_token_id, eos_token_id=ByteTokenizer.eos_token_id,
+                              pad_token_id=ByteTokenizer.pad_token_id)
+    torch.manual_seed(0)
+    return tf.AutoModelForCausalLM.from_config(cfg).eval(), ByteTokenizer()
+
+
+@pytest.mark.parametrize("pack", [True, False])
+def test_replay_is_exact_with_sliding_and_full_gemma_layers(pack):
+    from empirical.bpb import BpbEngine
+    from empirical.fakequant import FakeQuantizer, QuantConfig
+    from empirical.models import model_view
+
+    model, tok = _tiny_gemma_mixed_layers()
+    view = model_view(model)
+    eng = BpbEngine(model, tok, {"x": LONG}, pack=pack, pack_length=160, max_batch_tokens=200)
+    base = eng.record()
+    assert eng.recorded and eng.packed == pack
+    np.testing.assert_allclose(base["x"], [_direct_nll(model, tok, t) for t in LONG], rtol=1e-5)
+    fq = FakeQuantizer(view.linears, QuantConfig(bits=3, grid="int"))
+    for b in (1, 2):
+        with fq.quantized(protect={q.name for q in view.linears if q.block < b}):
+            full = eng.nll()["x"]
+            np.testing.assert_allclose(eng.nll(start_block=b)["x"], full, rtol=1e-5, err_msg=f"start_block={b}")
+
+
+def test_replay_check_catches_a_wrong_block_input(monkeypatch):
+    """The check at record() is not a formality: blocks given a causal mask without the sliding
+    window disagree with the model's pass, replay is refused, and passes run in full."""
+    from empirical._replay import Gemma3
+    from empirical.bpb import BpbEngine
+
+    def without_window(self, h, batch):
+        kw = {"attention_mask": self.mask(h, batch), "position_ids": batch.pos,
+              "position_embeddings": self.rotary(h, batch.pos, "sliding_attention")}
+        return [kw] * self.n_blocks
+
+    monkeypatch.setattr(Gemma3, "for_batch", without_window)
+    model, tok = _tiny_gemma_mixed_layers()
+    eng = BpbEngine(model, tok, {"x": LONG})
+    with pytest.warns(RuntimeWarning, match="differs from the model's pass"):
+        base = eng.record()
+    assert not eng.recorded and "differs" in eng.replay_unavailable
+    np.testing.assert_allclose(eng.nll(start_block=2)["x"], base["x"], rtol=0, atol=0)
 
 
 # Architectures whose position ids keep packed segments apart (block-diagonal mask from the
@@ -116,26 +204,27 @@ def test_engine_packs_where_positions_keep_segments_apart(tiny_model):
     packed_padding = eng.padding_fraction
     if PACKS[name]:
         nll = eng.nll()["x"]
-        assert eng.packed and eng._pack_ok is True
+        assert eng.packed and eng.packing_exact is True
     else:
         with pytest.warns(RuntimeWarning, match="padded batches"):
             nll = eng.nll()["x"]
-        assert not eng.packed and eng._pack_ok is False
+        assert not eng.packed and eng.packing_exact is False
     direct = np.array([_direct_nll(model, tok, t) for t in texts])
     np.testing.assert_allclose(nll, direct, rtol=1e-5)
     plain = BpbEngine(model, tok, {"x": texts}, pack=False)
-    assert not plain.packed and packed_padding < plain.padding_fraction
+    assert not plain.packed and packed_padding < plain.padding_fraction and plain.packing_exact is None
     np.testing.assert_allclose(plain.nll()["x"], direct, rtol=1e-5)
 
 
 def test_pack_check_catches_segments_that_see_each_other(tiny_llama):
     """The check is not a formality: packed rows without restarted positions (one long
     sequence, plain causal mask) let segments attend to each other, and are refused."""
-    from empirical.bpb import BpbEngine, _Batch
+    from empirical.bpb import BpbEngine
 
     model, tok = tiny_llama
     eng = BpbEngine(model, tok, {"x": TEXTS * 3}, pack_length=64)
-    for b in eng._packed[0]:
+    assert eng.packed  # before the first scoring: the packed layout, not yet checked
+    for b in eng.batches:
         b.pos = torch.arange(b.ids.shape[1]).expand_as(b.ids).clone()
     with pytest.warns(RuntimeWarning, match="padded batches"):
         nll = eng.nll()["x"]
@@ -158,10 +247,10 @@ def test_pack_check_with_windows_of_very_different_lengths(tiny_llama):
 
 
 def test_pack_rows_first_fit_decreasing():
-    from empirical.bpb import _pack_rows
+    from empirical._packing import pack_rows
 
     lengths = [5, 9, 3, 7, 2, 12, 4]
-    rows = _pack_rows(lengths, 10)
+    rows = pack_rows(lengths, 10)
     assert sorted(i for r in rows for i in r) == list(range(len(lengths)))
     assert all(sum(lengths[i] for i in r) <= 10 for r in rows if len(r) > 1)
     assert [12] in [[lengths[i] for i in r] for r in rows]  # too long: a row of its own
@@ -198,11 +287,11 @@ def test_engine_applies_softcapping_and_falls_back_on_unknown_heads(tiny_model):
         eng = BpbEngine(model, tok, {"x": TEXTS})
         if "gemma" in name:
             nll = eng.nll()["x"]
-            assert eng._head_ok is True
+            assert eng.head_exact is True
         else:
             with pytest.warns(RuntimeWarning, match="falls back"):
                 nll = eng.nll()["x"]
-            assert eng._head_ok is False
+            assert eng.head_exact is False
         np.testing.assert_allclose(nll, direct, rtol=1e-4)
     finally:
         model.config.final_logit_softcapping = old
