@@ -355,9 +355,10 @@ class BpbEngine:
             else:
                 self._replay_unavailable = None
                 return self._collect(self._head.nll(torch.cat(finals), self._targets()))
+        if reason != self._replay_unavailable:  # once per reason, however often record() is retried
+            warnings.warn(f"{type(self.model).__name__}: no residual stream kept for replay ({reason}); "
+                          "every pass will run all blocks", RuntimeWarning, stacklevel=3)
         self._replay_unavailable = reason
-        warnings.warn(f"{type(self.model).__name__}: no residual stream kept for replay ({reason}); "
-                      "every pass will run all blocks", RuntimeWarning, stacklevel=3)
         return self.nll()
 
     @torch.no_grad()

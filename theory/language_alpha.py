@@ -34,13 +34,11 @@ from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 import numpy as np
-import sympy as sp
-from scipy import optimize
 
 from theory.distributions import Distribution, Laplace
 from theory.grids import Grid, check_bits
 from theory.mse import aciq_mse_expr, expected_mse, mse_derivative
-from theory.optimal import optimal_alpha
+from theory.optimal import _brentq, optimal_alpha
 
 __all__ = ["LanguageAlphas", "mixture_mse", "mixture_alpha", "alpha_penalty", "minimax_alpha",
            "weighted_alpha", "language_alphas", "aciq_penalty_expr", "laplace_penalty_expr"]
@@ -129,6 +127,8 @@ def _minimise(f, lo: float, hi: float) -> float:
     ys = np.asarray(f(xs), dtype=np.float64)
     i = int(np.argmin(ys))
     a, b = xs[max(i - 1, 0)], xs[min(i + 1, xs.size - 1)]
+    from scipy import optimize  # 0.3 s to import: only when a language-aware alpha is asked for
+
     res = optimize.minimize_scalar(lambda x: float(f(np.array([x]))[0]), bounds=(a, b), method="bounded",
                                    options={"xatol": 1e-12 * hi, "maxiter": 500})
     return float(res.x) if res.fun <= ys[i] else float(xs[i])
@@ -152,7 +152,7 @@ def mixture_alpha(dists, bits: int, grid: Grid | str = "int", weights=None) -> f
 
     d_lo, d_hi = deriv(lo), deriv(hi)
     if d_lo < 0 < d_hi:
-        return float(optimize.brentq(deriv, lo, hi, xtol=1e-13 * hi, rtol=4 * np.finfo(float).eps))
+        return float(_brentq(deriv, lo, hi, xtol=1e-13 * hi, rtol=4 * np.finfo(float).eps))
     # derivative does not change sign inside (a weight of 0, or a flat MSE): minimise directly
     return _minimise(lambda a: w @ _mse_matrix(ds, a, bits, grid), lo, hi)
 
@@ -262,6 +262,7 @@ def language_alphas(dists, bits: int, grid: Grid | str = "int", mix_weights=None
 def aciq_penalty_expr(cls: type[Distribution]) -> tuple[sp.Expr, sp.Symbol, sp.Symbol, sp.Symbol]:
     """Symbolic ACIQ-grid penalty of family ``cls`` on unit scale:
     ``MSE(alpha) / MSE(alpha_star) - 1``; returns ``(expr, alpha, alpha_star, M)``."""
+    import sympy as sp
     mse, a, M = aciq_mse_expr(cls)
     a_star = sp.Symbol("alpha_star", positive=True)
     return mse / mse.subs(a, a_star) - 1, a, a_star, M
@@ -274,6 +275,7 @@ def laplace_penalty_expr() -> tuple[sp.Expr, sp.Symbol, sp.Symbol]:
     (``theory.derivations.laplace_aciq``), and ``e^{-W} = W / z`` turns ``MSE(u*)`` into
     ``W (W + 2) / z``. Returns ``(expr, u, M)``.
     """
+    import sympy as sp
     mse, a, M = aciq_mse_expr(Laplace)
     u = sp.Symbol("u", positive=True)
     z = 3 * 4**M

@@ -30,9 +30,8 @@ from __future__ import annotations
 import functools
 
 import numpy as np
-import sympy as sp
 
-from .distributions import Distribution, T
+from .distributions import Distribution
 from .grids import Grid, check_bits, step_factor
 
 __all__ = ["expected_mse", "clipping_mse", "rounding_mse", "mse_derivative", "positive_cells"]
@@ -233,6 +232,10 @@ def aciq_mse_expr(cls: type[Distribution]) -> tuple[sp.Expr, sp.Symbol, sp.Symbo
     Built from the family's tail moments (``U_2 - 2 a U_1 + a^2 U_0``); returns
     ``(expr, a, M)``.
     """
+    import sympy as sp  # here, not at module level: `import theory` does not import sympy
+
+    from ._symbolic import T
+
     a = sp.Symbol("alpha", positive=True)
     M = sp.Symbol("M", positive=True, integer=True)
     u = [cls.tail_moment_expr(k).subs(T, a) for k in range(3)]

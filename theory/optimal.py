@@ -2,11 +2,14 @@
 
 ``optimal_alpha`` solves ``d MSE / d alpha = 0`` on unit scale and multiplies by the scale, so
 ``alpha*(c X) = c alpha*(X)`` holds by construction. The derivative comes from the same
-expressions as the MSE: for the ``aciq`` grid it is the sympy derivative of the symbolic ACIQ
-MSE (``theory.mse.aciq_mse_expr``), lambdified; for the exact grids it is Leibniz's rule over
-the cells (``theory.mse.mse_derivative``). The root is bracketed by a scan of the MSE on a log
-grid and refined with Brent's method; where the derivative has no sign change in the bracket
-(approximate MSE) a bounded Brent minimisation is used instead.
+partial moments as the MSE: for the ``aciq`` grid it is ``-4 (U_1(a) - a U_0(a)) + 2a / (3 4^M)``,
+the derivative of the symbolic ACIQ MSE (``theory.mse.aciq_mse_expr``; the ``U_k'`` terms cancel,
+and tests/test_theory_distributions.py checks this form against ``sympy.diff`` of it for every
+family); for the exact grids it is Leibniz's rule over the cells (``theory.mse.mse_derivative``).
+The root is bracketed by a scan of the MSE on a log grid and refined with Brent's method
+(:func:`_brentq`, here so that the first call does not import ``scipy.optimize``, 0.3 s); where
+the derivative has no sign change in the bracket (approximate MSE) a bounded Brent minimisation
+(``scipy.optimize.minimize_scalar``) is used instead.
 """
 
 from __future__ import annotations
@@ -15,25 +18,64 @@ import functools
 import math
 
 import numpy as np
-import sympy as sp
-from scipy import optimize
 
 from .distributions import Distribution
 from .grids import Grid, check_bits
-from .mse import _check_pair, aciq_mse_expr, expected_mse, mse_derivative, positive_cells
+from .mse import _check_pair, expected_mse, mse_derivative, positive_cells
 
 __all__ = ["optimal_alpha", "optimal_mse", "octav_alpha", "octav_objective",
            "allocate_bits", "bias_correct"]
 
 
-@functools.cache
-def _aciq_derivative_fn(cls):
-    """Lambdified ``d/dalpha`` of the symbolic ACIQ MSE of family ``cls`` (unit scale)."""
-    from .distributions import _LAMBDIFY_MODULES
+def aciq_mse_derivative(dist: Distribution, t, bits: int):
+    """``d/dalpha`` of the unit-scale ACIQ MSE ``2 (U_2 - 2a U_1 + a^2 U_0) + a^2 / (3 4^M)`` at
+    ``a = t``: ``-4 (U_1(t) - t U_0(t)) + 2 t / (3 4^M)`` (``U_k' = -t^k f`` cancel)."""
+    t = np.asarray(t, dtype=np.float64)
+    return -4.0 * (dist.tail_moment(1, t) - t * dist.tail_moment(0, t)) + 2.0 * t / (3.0 * 4.0**bits)
 
-    expr, a, M = aciq_mse_expr(cls)
-    d = sp.diff(expr, a)
-    return sp.lambdify((a, M, *cls.shape_symbols), d, modules=_LAMBDIFY_MODULES)
+
+def _brentq(f, a: float, b: float, xtol: float, rtol: float, maxiter: int = 200) -> float:
+    """Root of ``f`` in ``[a, b]`` (``f(a) f(b) < 0``) by Brent's method (Brent 1973, ch. 4):
+    inverse quadratic interpolation or secant steps, each accepted only if it stays well inside
+    the bracket and shrinks fast enough, else bisection; stops when the bracket is below
+    ``xtol + rtol |x|``."""
+    fa, fb = f(a), f(b)
+    if fa * fb > 0:
+        raise ValueError(f"f(a) and f(b) must have opposite signs, got {fa} and {fb}")
+    c, fc = a, fa
+    d = e = b - a
+    for _ in range(maxiter):
+        if fb * fc > 0:  # keep the root between b and c
+            c, fc = a, fa
+            d = e = b - a
+        if abs(fc) < abs(fb):  # b is the best estimate
+            a, fa, b, fb, c, fc = b, fb, c, fc, b, fb
+        tol = 0.5 * (xtol + rtol * abs(b))
+        m = 0.5 * (c - b)
+        if abs(m) <= tol or fb == 0:
+            return b
+        if abs(e) >= tol and abs(fa) > abs(fb):
+            s = fb / fa
+            if a == c:  # two points: secant
+                p, q = 2.0 * m * s, 1.0 - s
+            else:  # three points: inverse quadratic interpolation
+                q, r = fa / fc, fb / fc
+                p = s * (2.0 * m * q * (q - r) - (b - a) * (r - 1.0))
+                q = (q - 1.0) * (r - 1.0) * (s - 1.0)
+            if p > 0:
+                q = -q
+            else:
+                p = -p
+            if 2.0 * p < min(3.0 * m * q - abs(tol * q), abs(e * q)):
+                e, d = d, p / q
+            else:
+                d = e = m
+        else:
+            d = e = m
+        a, fa = b, fb
+        b += d if abs(d) > tol else (tol if m > 0 else -tol)
+        fb = f(b)
+    raise RuntimeError(f"Brent's method did not converge in {maxiter} iterations")
 
 
 def _unit(dist: Distribution) -> Distribution:
@@ -55,10 +97,8 @@ def _unit_optimal_alpha(cls, shape: tuple, bits: int, grid: Grid, exact: bool) -
         return np.asarray(expected_mse(d, t, bits, grid, exact=exact), dtype=np.float64)
 
     if grid is Grid.ACIQ:
-        dfn = _aciq_derivative_fn(cls)
-
         def deriv(t):
-            return float(dfn(t, bits, *shape))
+            return float(aciq_mse_derivative(d, t, bits))
     elif exact:
         def deriv(t):
             return float(mse_derivative(d, t, bits, grid))
@@ -82,7 +122,9 @@ def _unit_optimal_alpha(cls, shape: tuple, bits: int, grid: Grid, exact: bool) -
     if deriv is not None:
         da, db = deriv(a), deriv(b)
         if da < 0 < db:
-            return optimize.brentq(deriv, a, b, xtol=1e-15 * b, rtol=4 * np.finfo(float).eps, maxiter=200)
+            return _brentq(deriv, a, b, xtol=1e-15 * b, rtol=4 * np.finfo(float).eps, maxiter=200)
+    from scipy import optimize
+
     res = optimize.minimize_scalar(lambda t: float(mse(t)), bounds=(a, b), method="bounded",
                                    options={"xatol": 1e-12 * b, "maxiter": 500})
     return float(res.x)

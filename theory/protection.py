@@ -31,7 +31,6 @@ import functools
 from dataclasses import dataclass
 
 import numpy as np
-import sympy as sp
 
 __all__ = ["DamageModel", "fit_sensitivities", "rank_layers", "disparity_curve", "critical_fraction",
            "sharpness_derivation", "RANKINGS", "min_linear_fractional", "disparity_bound"]
@@ -219,6 +218,8 @@ def sharpness_derivation() -> dict[str, sp.Basic]:
     compared with the reference damage still unprotected, ``A(p*)``; it is gradual when much
     reference damage remains. Returned keys: ``D``, ``dD``, ``slope_at_crossing``.
     """
+    import sympy as sp  # only here: `import theory` does not import sympy
+
     p, q = sp.symbols("p q", real=True)
     a, b = sp.Function("a"), sp.Function("b")
     A = sp.Integral(a(q), (q, p, 1))

@@ -29,6 +29,13 @@ of their cells, thresholds half-way between levels) with the family's closed-for
 Scale: every distortion here is ``scale^2`` times its unit-scale value, and the symbolic forms
 say so (the symbol ``s``). Rates may be arrays (numpy broadcasting); a negative rate is a
 ValueError.
+
+Numeric and symbolic forms: the bounds are evaluated from the family's numeric hooks (entropy,
+``int f^{1/3}``; ``theory.distributions``), with no sympy; ``shannon_lower_bound_expr`` and
+``panter_dite_expr`` build the same formulas in sympy (for the paper and the tests, which compare
+the two on a grid for every family). sympy, ``scipy.integrate`` and ``scipy.linalg`` are imported
+where they are used, not with ``theory``. ``RATE`` and ``SCALE`` (the symbols ``R`` and ``s``) are
+made on first access.
 """
 
 from __future__ import annotations
@@ -36,14 +43,10 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
-import sympy as sp
-from scipy import integrate as _integrate
-from scipy import linalg as _linalg
 
-from .distributions import _LAMBDIFY_MODULES, Distribution, X
+from .distributions import Distribution
 from .grids import Grid, check_bits, grid_spec
 from .optimal import optimal_alpha, optimal_mse
 
@@ -72,8 +75,20 @@ __all__ = [
 #: lower bound (Gish & Pierce 1968).
 ECSQ_GAP_RATIO = math.pi * math.e / 6.0
 
-RATE = sp.Symbol("R", nonnegative=True)
-SCALE = sp.Symbol("s", positive=True)
+
+
+def _rate_scale_symbols():
+    """The sympy symbols ``R`` (rate in bits) and ``s`` (scale) of the symbolic forms."""
+    import sympy as sp
+
+    return sp.Symbol("R", nonnegative=True), sp.Symbol("s", positive=True)
+
+
+def __getattr__(name: str):
+    # PEP 562: RATE and SCALE are made on first use, so that importing theory does not import sympy
+    if name in ("RATE", "SCALE"):
+        return _rate_scale_symbols()[name == "SCALE"]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -119,20 +134,22 @@ def differential_entropy_bits(dist: Distribution):
 
 
 @functools.cache
-def shannon_lower_bound_expr(cls: type[Distribution]) -> sp.Expr:
+def shannon_lower_bound_expr(cls: type[Distribution]):
     """Symbolic Shannon lower bound of family ``cls`` in ``R`` (bits), scale ``s`` and shapes.
 
     ``D_SLB = s^2 e^{2 h_unit} / (2 pi e) 2^{-2R}`` with ``h_unit`` the unit-scale entropy in nats
     (``2^{2 h_bits} = e^{2 h_nats}``; scaling adds ``ln s`` to ``h``).
     """
+    import sympy as sp
+
+    R, s = _rate_scale_symbols()
     h = cls.entropy_expr()
-    return sp.simplify(SCALE**2 * sp.exp(2 * h) / (2 * sp.pi * sp.E)) * 2 ** (-2 * RATE)
+    return sp.simplify(s**2 * sp.exp(2 * h) / (2 * sp.pi * sp.E)) * 2 ** (-2 * R)
 
 
-@functools.cache
-def _slb_fn(cls) -> Callable:
-    return sp.lambdify((RATE, SCALE, *cls.shape_symbols), shannon_lower_bound_expr(cls),
-                       modules=_LAMBDIFY_MODULES)
+def _slb_unit(dist: Distribution) -> float:
+    """``D_SLB`` at rate 0 on unit scale, ``e^{2 h_unit} / (2 pi e)`` (numeric)."""
+    return math.exp(2.0 * float(type(dist)._entropy(*dist.shape))) / (2.0 * math.pi * math.e)
 
 
 def shannon_lower_bound(dist: Distribution, rate):
@@ -155,9 +172,9 @@ def shannon_lower_bound(dist: Distribution, rate):
     >>> round(shannon_lower_bound(Gaussian(2.0), 1.0), 12)
     1.0
     """
-    cls = type(_check_dist(dist))
+    _check_dist(dist)
     r = _check_rate(rate)
-    return _out(_slb_fn(cls)(r, np.asarray(dist.scale, dtype=np.float64), *dist.shape))
+    return _out(_scale2(dist) * _slb_unit(dist) * 2.0 ** (-2.0 * r))
 
 
 def gaussian_distortion_rate(sigma, rate):
@@ -174,12 +191,16 @@ def gaussian_distortion_rate(sigma, rate):
 # --------------------------------------------------------------------------------------------
 
 @functools.cache
-def pdf_cube_root_integral_expr(cls: type[Distribution]) -> sp.Expr:
+def pdf_cube_root_integral_expr(cls: type[Distribution]):
     """``int f^{1/3}`` over the support of the unit-scale density (sympy).
 
-    Symmetric families integrate the positive half and double it; the lognormal is integrated
-    after ``x = e^u`` (sympy cannot do it in ``x``).
+    Symmetric families integrate the positive half and double it; one-sided families are
+    integrated after ``x = e^u`` (sympy cannot do the lognormal in ``x``).
     """
+    import sympy as sp
+
+    from ._symbolic import X
+
     xp = sp.Symbol("x", positive=True)
     if cls.one_sided:
         u = sp.Symbol("u", real=True)
@@ -196,45 +217,45 @@ def pdf_cube_root_integral_expr(cls: type[Distribution]) -> sp.Expr:
 
 
 @functools.cache
-def panter_dite_expr(cls: type[Distribution]) -> sp.Expr:
+def panter_dite_expr(cls: type[Distribution]):
     """Symbolic Panter-Dite MSE ``s^2 (1/12) (int f^{1/3})^3 2^{-2R}`` of family ``cls``."""
+    import sympy as sp
+
+    R, s = _rate_scale_symbols()
     c = sp.simplify(pdf_cube_root_integral_expr(cls) ** 3 / 12)
-    return SCALE**2 * c * 2 ** (-2 * RATE)
-
-
-@functools.cache
-def _pd_fn(cls) -> Callable:
-    return sp.lambdify((RATE, SCALE, *cls.shape_symbols), panter_dite_expr(cls),
-                       modules=_LAMBDIFY_MODULES)
+    return s**2 * c * 2 ** (-2 * R)
 
 
 def pdf_cube_root_integral(dist: Distribution, method: str = "closed"):
-    """``int f^{1/3} dx`` of ``dist`` (unit scale): ``'closed'`` (sympy) or ``'quad'`` (scipy)."""
+    """``int f^{1/3} dx`` of ``dist`` (unit scale): ``'closed'`` (the family's closed form, the
+    numeric twin of :func:`pdf_cube_root_integral_expr`) or ``'quad'`` (scipy quadrature of the
+    density, independent of it)."""
     dist = _check_dist(dist)
-    cls = type(dist)
     if method == "closed":
-        return float(sp.lambdify(cls.shape_symbols, pdf_cube_root_integral_expr(cls),
-                                 modules=_LAMBDIFY_MODULES)(*dist.shape))
+        return dist.with_scale(1.0).cube_root_integral()
     if method != "quad":
         raise ValueError(f"method must be 'closed' or 'quad', got {method!r}")
+    from scipy import integrate
+
     u = dist.with_scale(1.0).scipy
-    if cls.one_sided:
-        # x = e^u keeps the integrand smooth and bounded on the whole line
-        sig = dist.shape[0]
-        # log-density in u = ln x, evaluated in logs (no overflow): the integrand is Gaussian in u
-        def g(v):
-            return math.exp(-v * v / (6 * sig * sig) + 2 * v / 3) * (sig * math.sqrt(2 * math.pi)) ** (-1 / 3)
-        c = 2 * sig * sig  # the integrand's peak
-        val, _ = _integrate.quad(lambda w: g(w + c), -np.inf, np.inf, limit=400)
+    if dist.one_sided:
+        # x = e^v keeps the integrand smooth and bounded on the whole line; centred at the log of
+        # the compander density's median (its peak region), in logs so nothing overflows
+        g3 = dist.with_scale(1.0).cube_root_density()
+        c = math.log(float(g3.median())) if g3 is not None else 0.0
+
+        def g(w):
+            v = w + c
+            return math.exp(float(u.logpdf(math.exp(v))) / 3 + v) if v < 700 else 0.0
+        val, _ = integrate.quad(g, -np.inf, np.inf, limit=400)
         return float(val)
-    val, _ = _integrate.quad(lambda x: u.pdf(x) ** (1 / 3), 0, np.inf, limit=400)
+    val, _ = integrate.quad(lambda x: u.pdf(x) ** (1 / 3), 0, np.inf, limit=400)
     return float(2 * val)
 
 
 def panter_dite_constant(dist: Distribution) -> float:
     """``(1/12) (int f^{1/3})^3`` on unit scale: ``D_PD = scale^2 * constant * 2^{-2R}``."""
-    cls = type(_check_dist(dist))
-    return float(_pd_fn(cls)(0.0, 1.0, *dist.shape))
+    return _check_dist(dist).with_scale(1.0).cube_root_integral() ** 3 / 12.0
 
 
 def panter_dite(dist: Distribution, rate):
@@ -253,9 +274,9 @@ def panter_dite(dist: Distribution, rate):
     >>> math.isclose(panter_dite(Gaussian(1.0), 0), math.sqrt(3) * math.pi / 2)
     True
     """
-    cls = type(_check_dist(dist))
+    _check_dist(dist)
     r = _check_rate(rate)
-    return _out(_pd_fn(cls)(r, np.asarray(dist.scale, dtype=np.float64), *dist.shape))
+    return _out(_scale2(dist) * panter_dite_constant(dist) * 2.0 ** (-2.0 * r))
 
 
 # --------------------------------------------------------------------------------------------
@@ -425,34 +446,6 @@ class _Cells:
         return tot
 
 
-def _cube_root_density(d: Distribution):
-    """Frozen scipy distribution with density ``f^{1/3} / int f^{1/3}`` (unit-scale ``d``).
-
-    Every family here is closed under ``f -> f^{1/3}``: Gaussian -> sd sqrt(3), Laplace -> 3b,
-    generalized Gaussian -> scale 3^{1/beta}, Student-t(nu) -> t((nu-2)/3) at scale
-    sqrt(3 nu/(nu-2)), lognormal(0, s) -> lognormal(2 s^2, sqrt(3) s). It is the level density
-    of the Panter-Dite compander.
-    """
-    import scipy.stats as st
-
-    name = type(d).name
-    if name == "gaussian":
-        return st.norm(0.0, math.sqrt(3.0))
-    if name == "laplace":
-        return st.laplace(0.0, 3.0)
-    if name == "gennorm":
-        b = d.shape[0]
-        return st.gennorm(b, 0.0, 3.0 ** (1.0 / b))
-    if name == "student_t":
-        nu = d.shape[0]
-        nu3 = (nu - 2.0) / 3.0
-        return st.t(nu3, 0.0, math.sqrt(nu / nu3))
-    if name == "lognormal":
-        s = d.shape[0]
-        return st.lognorm(math.sqrt(3.0) * s, 0.0, math.exp(2 * s * s))
-    raise ValueError(f"no compander density for family {name!r}")
-
-
 @functools.cache
 def _lloyd_max_unit(cls, shape: tuple, bits: int, tol: float, max_iter: int):
     d = cls.__new__(cls)
@@ -475,9 +468,10 @@ def _lloyd_max_unit(cls, shape: tuple, bits: int, tol: float, max_iter: int):
     else:
         lv = lv[lv > 0]
     t_uniform = 0.5 * (lv[1:] + lv[:-1])  # interior thresholds t_1..t_{k-1}
-    g3 = _cube_root_density(d)
+    g3 = d.cube_root_density()  # the family's Panter-Dite compander density, if it has one
     i = np.arange(1, k) / k
-    t_comp = g3.ppf(i) if cls.one_sided else g3.ppf(0.5 + 0.5 * i)
+    t_comp = (np.full(i.shape, np.nan) if g3 is None else
+              g3.ppf(i) if cls.one_sided else g3.ppf(0.5 + 0.5 * i))
     t = t_uniform
     if k > 1 and np.all(np.isfinite(t_comp)) and np.all(np.diff(t_comp) > 0) and t_comp[0] > 0:
         mses = []
@@ -493,6 +487,8 @@ def _lloyd_max_unit(cls, shape: tuple, bits: int, tol: float, max_iter: int):
         e = edges_of(t_)
         p, c = cells.stats(e)
         return t_ - 0.5 * (c[1:] + c[:-1]), e, p, c
+
+    from scipy.linalg import solve_banded
 
     it = 0
     if k == 1:
@@ -519,7 +515,7 @@ def _lloyd_max_unit(cls, shape: tuple, bits: int, tol: float, max_iter: int):
         ab[1] = diag
         ab[2, :-1] = sub
         try:
-            step = _linalg.solve_banded((1, 1), ab, -F)
+            step = solve_banded((1, 1), ab, -F)
             ok = np.all(np.isfinite(step))
         except (np.linalg.LinAlgError, ValueError):
             ok = False
