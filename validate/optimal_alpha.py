@@ -1,10 +1,13 @@
 """Experiment: is the analytic MSE-optimal clipping threshold the measured one?
 
-``python -m validate.optimal_alpha [--quick] [--model none|gemma-3-270m|...] [--out DIR]``
+``python -m validate.optimal_alpha [--quick] [--model none|gemma-3-270m|...] [--bits 2 4 ...]
+[--grids ...] [--families ...] [--samples N] [--real-grid int] [--out DIR]``
+(``--help`` lists every flag with its default)
 
-Part 1, synthetic. For every family x grid x bit width, draw seeded samples of the family and
-compare theory (``theory.optimal_alpha``, ``theory.optimal_mse``, ``theory.expected_mse``) with
-the exact empirical sweep (``empirical.sweep``, ``empirical.optimal``):
+Part 1, synthetic. For every family (the synthetic members of ``validate._synthetic``) x grid x
+bit width, draw seeded samples of the family and compare theory (``theory.optimal_alpha``,
+``theory.optimal_mse``, ``theory.expected_mse``) with the exact empirical sweep
+(``empirical.sweep``, ``empirical.optimal``):
 
 * ``alpha_rel_diff = alpha*_swept / alpha*_theory - 1``
 * ``mse_rel_diff = MSE*_swept / MSE*_theory - 1``
@@ -16,98 +19,148 @@ the exact empirical sweep (``empirical.sweep``, ``empirical.optimal``):
 ``MSE*_swept`` is the minimum of the sample's own curve, so it is biased low (it is fitted to
 the sample); the measured MSE at the theoretical alpha* is the unbiased comparison.
 
-Part 2, real weights. For every quantizable linear layer of a model: maximum-likelihood fits
-(``empirical.fits``, location fixed at 0 because the grids are symmetric about 0), the best
-family by BIC, the alpha* that theory predicts from it, the swept alpha* of the weight itself and
-the MSE penalty ``MSE(alpha_predicted) / MSE(alpha*_swept) - 1`` (per tensor: one alpha per
-weight matrix). The same penalty for absmax clipping (``alpha = max|w|``) and OCTAV (Sakr et al.
-2022) is reported for scale. The distribution of penalties over layers is summarised by its
-quantiles, not only its mean. The embedded ``gemma-3-270m`` ships as a Q4_K_M GGUF, so its
+Part 2, real weights (``--model none`` skips it). For every quantizable linear layer of a model:
+maximum-likelihood fits (``empirical.fits``, location fixed at 0 because the grids are symmetric
+about 0), the best family by BIC, the alpha* that theory predicts from it, the swept alpha* of the
+weight itself and the MSE penalty ``MSE(alpha_predicted) / MSE(alpha*_swept) - 1`` (per tensor:
+one alpha per weight matrix). The same penalty for absmax clipping (``alpha = max|w|``) and OCTAV
+(Sakr et al. 2022) is reported for scale. The distribution of penalties over layers is summarised
+by its quantiles, not only its mean. The embedded ``gemma-3-270m`` ships as a Q4_K_M GGUF, so its
 "full precision" weights are the dequantized GGUF, already quantized to ~4-5 bits; the JSON says
 so.
 
 Outputs under ``--out`` (default ``results/optimal_alpha``): ``optimal_alpha.json`` (provenance +
 all numbers), ``synthetic.csv``, ``synthetic_table.tex``, ``mse_vs_alpha.png``, and with a model
-``real_weights.csv``, ``real_weights_table.tex``, ``real_penalty.png``. Every item is cached in
-``cache/`` under the out folder (keyed by its configuration), so an interrupted run resumes.
+``real_weights.csv``, ``real_weights_table.tex``, ``real_penalty.png``. Every synthetic case
+(family x grid) and every layer is cached under ``<out>/cache``, keyed by what determines it (a
+layer by a checksum of its weights), so a rerun only loads the model again and an interrupted
+run resumes.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
+import hashlib
 import math
-import sys
-import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from validate._common import (
-    ResultCache,
-    config_key,
-    default_out_dir,
-    provenance,
-    save_figure,
-    use_agg,
-    write_csv,
-    write_json,
-    write_latex_table,
-)
+from validate import _protocol as protocol
+from validate._common import ResultCache, save_figure, to_jsonable, use_agg, write_csv, write_json
+from validate._latex import MacroSet, finite, format_number, tex_text, vmax, write_latex_table
+from validate._synthetic import SYNTHETIC_FAMILIES, sample_family, synthetic_distribution, valid_pair
 
 EXPERIMENT = "optimal_alpha"
-DEFAULT_BITS = (2, 3, 4, 5, 6, 7, 8)
-DEFAULT_GRIDS = ("aciq", "midrise", "midtread", "int", "uint")
-DEFAULT_FAMILIES = ("gaussian", "laplace", "gennorm", "student_t", "lognormal")
-DEFAULT_MODEL = "gemma-3-270m"
+GRIDS = ("aciq", "midrise", "midtread", "int", "uint")
+SIGNED_GRIDS = ("int", "midrise", "midtread", "aciq")
 PENALTY_QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
-_CACHE_VERSION = 1
+CURVE_POINTS = 25
+#: Part of every cache key: bump it when an item's stored format changes (2: the protocol's
+#: keys, layers keyed by a checksum of their weights).
+ITEM_VERSION = 2
+_MIN_SAMPLES = 1000
+
+_SYNTHETIC_COLUMNS = [
+    "family", "grid", "bits", "alpha_theory", "alpha_swept", "alpha_rel_diff", "mse_theory",
+    "mse_swept", "mse_rel_diff", "mse_at_theory_alpha", "mse_at_theory_alpha_se", "mse_z",
+    "n_clipped_at_theory_alpha", "penalty_theory_alpha", "samples",
+]
+_REAL_COLUMNS = [
+    "layer", "n_params", "best_family", "used_family", "excess_kurtosis", "bits", "alpha_predicted",
+    "alpha_swept", "alpha_rel_diff", "mse_predicted", "mse_swept", "penalty", "alpha_absmax",
+    "penalty_absmax", "alpha_octav", "penalty_octav",
+]
+
+
+def _parse_grid(flag: str, name: str):
+    from theory.grids import Grid
+
+    try:
+        return Grid.parse(name)
+    except ValueError as exc:
+        raise protocol.ConfigError(f"{flag}: {exc}") from None
+
+
+def _no_duplicates(flag: str, values: Sequence[Any]) -> None:
+    dup = sorted({str(v) for v in values if list(values).count(v) > 1})
+    if dup:
+        raise protocol.ConfigError(f"{flag}: {', '.join(dup)} given twice")
+
+
+@dataclass(frozen=True)
+class Config:
+    samples: int = protocol.param(1_000_000, "seeded synthetic samples per family")
+    bits: tuple[int, ...] = protocol.param((2, 3, 4, 5, 6, 7, 8), "bit widths")
+    grids: tuple[str, ...] = protocol.param(GRIDS, "grids of the synthetic part (the lognormal goes "
+                                                   "with uint only, the others with the signed grids)")
+    families: tuple[str, ...] = protocol.param(SYNTHETIC_FAMILIES, "synthetic families")
+    model: str = protocol.param("gemma-3-270m", "model of the real-weights part (embedded name, tiny-* "
+                                                "test model, local folder or hub id), or none to skip it")
+    real_grid: str = protocol.param("int", "grid of the real-weights part (signed: int, midrise, "
+                                           "midtread, aciq)")
+    real_bits: tuple[int, ...] | None = protocol.param(None, "bit widths of the real-weights part "
+                                                              "(none: the same as --bits)")
+    max_fit_samples: int = protocol.param(200_000, "values per layer used by the maximum-likelihood fits")
+    max_layers: int | None = protocol.param(None, "only the first N quantizable linears (none: all)")
+    seed: int = protocol.param(0, "random seed of the samples and of the fits' subsamples")
+
+    def __post_init__(self):
+        protocol.check_bits_grid(self.bits)
+        if not self.bits:
+            raise protocol.ConfigError("--bits: give at least one bit width")
+        _no_duplicates("--bits", self.bits)
+        for f in self.families:
+            if f not in SYNTHETIC_FAMILIES:
+                raise protocol.ConfigError(f"--families: unknown family {f!r}; known: "
+                                           f"{', '.join(SYNTHETIC_FAMILIES)}")
+        _no_duplicates("--families", self.families)
+        for g in self.grids:
+            protocol.check_bits_grid(self.bits, _parse_grid("--grids", g).value)
+        _no_duplicates("--grids", self.grids)
+        if not any(valid_pair(f, g) for f in self.families for g in self.grids):
+            raise protocol.ConfigError(
+                f"--families {' '.join(self.families)} / --grids {' '.join(self.grids)}: no family "
+                "goes with any of these grids (one-sided families need uint, two-sided ones a signed grid)")
+        protocol.check_positive("samples", self.samples)
+        if self.samples < _MIN_SAMPLES:
+            raise protocol.ConfigError(f"--samples: {self.samples} samples are too few for a swept MSE "
+                                       f"and its standard error (use >= {_MIN_SAMPLES})")
+        if self.model.lower() == "none":
+            protocol.frozen_set(self, model="none")
+        else:
+            protocol.check_model(self.model)
+        g = _parse_grid("--real-grid", self.real_grid)
+        if g.one_sided:
+            raise protocol.ConfigError(f"--real-grid {self.real_grid}: weights are signed; use a signed "
+                                       f"grid ({', '.join(SIGNED_GRIDS)})")
+        protocol.frozen_set(self, real_grid=g.value)
+        if self.real_bits is not None:
+            if not self.real_bits:
+                raise protocol.ConfigError("--real-bits: give at least one bit width")
+            _no_duplicates("--real-bits", self.real_bits)
+        protocol.check_bits_grid(self.real_bits_used, g.value,
+                                 flag="--real-bits" if self.real_bits is not None else "--bits")
+        protocol.check_positive("max_fit_samples", self.max_fit_samples)
+        if self.max_fit_samples < _MIN_SAMPLES:
+            raise protocol.ConfigError(f"--max-fit-samples: {self.max_fit_samples} values are too few "
+                                       f"for a maximum-likelihood fit of the tails (use >= {_MIN_SAMPLES})")
+        protocol.check_positive("max_layers", self.max_layers, optional=True)
+        protocol.check_positive("seed", self.seed, allow_zero=True)
+
+    @property
+    def real_bits_used(self) -> tuple[int, ...]:
+        return tuple(self.real_bits) if self.real_bits is not None else tuple(self.bits)
+
+    @classmethod
+    def quick(cls) -> "Config":
+        return cls(samples=50_000, bits=(2, 4, 8), max_fit_samples=20_000, max_layers=4)
 
 
 # --------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------
-
-def synthetic_distribution(family: str):
-    """The representative member of each family used in the synthetic part (unit-ish scale)."""
-    from theory import Gaussian, GeneralizedGaussian, Laplace, Lognormal, StudentT
-
-    table = {
-        "gaussian": lambda: Gaussian(1.0),
-        "laplace": lambda: Laplace(1.0),
-        "gennorm": lambda: GeneralizedGaussian(0.8, 1.0),  # heavier than Laplace
-        "student_t": lambda: StudentT(6.0, 1.0),  # finite 4th moment: MSE has a standard error
-        "lognormal": lambda: Lognormal(0.0, 0.6),
-    }
-    if family not in table:
-        raise ValueError(f"unknown family {family!r}; known: {', '.join(table)}")
-    return table[family]()
-
-
-def valid_pair(family: str, grid: str) -> bool:
-    """One-sided data goes with the one-sided grid only (docs/design.md)."""
-    return (family == "lognormal") == (grid == "uint")
-
-
-def _key(obj: Mapping[str, Any]) -> str:
-    return config_key(obj, _CACHE_VERSION)
-
-
-def ItemCache(folder: Path | None) -> ResultCache:
-    """This experiment's cache: :class:`validate._common.ResultCache` at its cache version."""
-    return ResultCache(folder, version=_CACHE_VERSION)
-
-
-def _progress(it: Iterable, total: int | None, desc: str, enabled: bool):
-    if not enabled:
-        return it
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover
-        return it
-    return tqdm(it, total=total, desc=desc, file=sys.stderr, leave=False)
-
 
 def _per_value_sq_error(x: np.ndarray, grid: str, alpha: float, bits: int) -> np.ndarray:
     """Per-value squared errors at one alpha (for the standard error of the measured MSE)."""
@@ -118,8 +171,8 @@ def _per_value_sq_error(x: np.ndarray, grid: str, alpha: float, bits: int) -> np
     return (x - quantize(x, grid, alpha, bits)) ** 2
 
 
-def _quantiles(v: Sequence[float]) -> dict[str, float | None]:
-    a = np.asarray([t for t in v if t is not None and math.isfinite(t)], dtype=np.float64)
+def _quantiles(v: Sequence[float | None]) -> dict[str, Any]:
+    a = np.asarray(finite(v), dtype=np.float64)
     if a.size == 0:
         return {"n": 0}
     out: dict[str, Any] = {"n": int(a.size), "mean": float(a.mean()), "max": float(a.max())}
@@ -131,13 +184,21 @@ def _quantiles(v: Sequence[float]) -> dict[str, float | None]:
     return out
 
 
+def weights_digest(w: np.ndarray) -> str:
+    """Checksum of a weight matrix (dtype, shape and every value): the cache key of its layer."""
+    a = np.ascontiguousarray(w)
+    h = hashlib.sha256(f"{a.dtype.str}{a.shape}".encode())
+    h.update(a.view(np.uint8).reshape(-1))
+    return h.hexdigest()[:24]
+
+
 # --------------------------------------------------------------------------------------------
 # part 1: synthetic
 # --------------------------------------------------------------------------------------------
 
 def synthetic_item(family: str, grid: str, bits: Sequence[int], samples: int, seed: int,
-                   x: np.ndarray | None = None, curve_points: int = 25) -> dict[str, Any]:
-    """Theory vs sweep for one family and grid over all ``bits``.
+                   x: np.ndarray | None = None, curve_points: int = CURVE_POINTS) -> dict[str, Any]:
+    """Theory vs sweep for one family and grid over all ``bits`` (JSON-able).
 
     Returns a dict with ``rows`` (one per bit width) and ``curves`` (MSE vs alpha, theory and
     measured, for the figure).
@@ -179,43 +240,27 @@ def synthetic_item(family: str, grid: str, bits: Sequence[int], samples: int, se
             "alpha_theory": a_th, "mse_theory_opt": mse_th,
             "alpha_swept": opt.alpha, "mse_swept": opt.mse,
         })
-    return {"family": family, "grid": grid, "sd": sd, "rows": rows, "curves": curves}
+    return to_jsonable({"family": family, "grid": grid, "sd": sd, "rows": rows, "curves": curves})
 
 
-def sample_family(family: str, samples: int, seed: int) -> np.ndarray:
-    """Seeded float64 samples of the synthetic member of ``family`` (independent per family)."""
-    dist = synthetic_distribution(family)
-    fam_id = sorted(DEFAULT_FAMILIES).index(family) if family in DEFAULT_FAMILIES else 99
-    rng = np.random.default_rng([int(seed), fam_id])
-    return np.asarray(dist.scipy.rvs(size=int(samples), random_state=rng), dtype=np.float64)
-
-
-def run_synthetic(families: Sequence[str], grids: Sequence[str], bits: Sequence[int],
-                  samples: int, seed: int, cache: ItemCache, progress: bool = True
-                  ) -> list[dict[str, Any]]:
+def run_synthetic(config: Config, cache: ResultCache | None = None) -> list[dict[str, Any]]:
+    """Every valid family x grid case of ``config``, one cached item each."""
+    pairs = [(f, g) for f in config.families for g in config.grids if valid_pair(f, g)]
     items = []
-    pairs = [(f, g) for f in families for g in grids if valid_pair(f, g)]
-    samples_cache: dict[str, np.ndarray] = {}
-    for f, g in _progress(pairs, len(pairs), "synthetic", progress):
-        cfg = {"part": "synthetic", "family": f, "grid": g, "bits": list(bits),
-               "samples": int(samples), "seed": int(seed)}
-        res = cache.get(cfg)
-        if res is None:
-            if f not in samples_cache:
-                samples_cache = {f: sample_family(f, samples, seed)}  # one family in memory
-            res = synthetic_item(f, g, bits, samples, seed, x=samples_cache[f])
-            res = json.loads(json.dumps(res, default=_np_default))
-            cache.put(cfg, res)
-        items.append(res)
+    x, x_family = None, None  # one family's samples in memory at a time
+    for f, g in protocol.progress(pairs, total=len(pairs), desc="synthetic", unit="case"):
+        key = {"part": "synthetic", "v": ITEM_VERSION, "family": f,
+               "distribution": repr(synthetic_distribution(f)), "grid": g, "bits": list(config.bits),
+               "samples": config.samples, "seed": config.seed, "curve_points": CURVE_POINTS}
+        item = cache.get(key) if cache is not None else None
+        if item is None:
+            if x_family != f:
+                x, x_family = sample_family(f, config.samples, config.seed), f
+            item = synthetic_item(f, g, config.bits, config.samples, config.seed, x=x)
+            if cache is not None:
+                cache.put(key, item)
+        items.append(item)
     return items
-
-
-def _np_default(o):
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, (np.floating, np.integer)):
-        return o.item()
-    raise TypeError(type(o))
 
 
 def synthetic_summary(items: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -223,12 +268,11 @@ def synthetic_summary(items: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]
     out = []
     for it in items:
         rows = it["rows"]
-        zs = [abs(r["mse_z"]) for r in rows if r["mse_z"] is not None]
         out.append({
             "family": it["family"], "grid": it["grid"],
             "max_abs_alpha_rel_diff": max(abs(r["alpha_rel_diff"]) for r in rows),
             "max_abs_mse_rel_diff": max(abs(r["mse_rel_diff"]) for r in rows),
-            "max_abs_mse_z": max(zs) if zs else None,
+            "max_abs_mse_z": vmax(abs(r["mse_z"]) for r in rows if r["mse_z"] is not None),
             "max_penalty_theory_alpha": max(r["penalty_theory_alpha"] for r in rows),
         })
     return out
@@ -318,13 +362,13 @@ def weight_item(name: str, w: np.ndarray, bits: Sequence[int], grid: str,
         entry.update(alpha_absmax=absmax, penalty_absmax=mse_abs / opt.mse - 1.0,
                      alpha_octav=a_oct, penalty_octav=mse_oct / opt.mse - 1.0)
         rec["per_bits"].append(entry)
-    return rec
+    return to_jsonable(rec)
 
 
 def real_weights_report(named_weights: Mapping[str, np.ndarray], bits=(4,), grid: str = "int",
                         *, max_samples: int = 200_000, seed: int = 0,
-                        families: Sequence[str] | None = None, cache_dir: Path | None = None,
-                        cache_tag: str = "", progress: bool = True) -> dict[str, Any]:
+                        families: Sequence[str] | None = None, cache: ResultCache | None = None,
+                        model: str = "") -> dict[str, Any]:
     """Predicted vs swept clipping for a set of weight matrices (plain arrays; no model needed).
 
     Parameters
@@ -337,8 +381,9 @@ def real_weights_report(named_weights: Mapping[str, np.ndarray], bits=(4,), grid
         Signed grid (weights are signed): ``int`` (deployed), ``midrise``, ``midtread``, ``aciq``.
     max_samples, seed, families
         Passed to :func:`empirical.fits.fit_all`.
-    cache_dir : Path, optional
-        Per-layer JSON cache (resume); ``cache_tag`` identifies the model in the cache key.
+    cache : ResultCache, optional
+        One entry per layer, keyed by ``model``, the layer's name and a checksum of its weights
+        (so an entry is never used for other weights) and the fit and sweep settings.
 
     Returns
     -------
@@ -347,27 +392,30 @@ def real_weights_report(named_weights: Mapping[str, np.ndarray], bits=(4,), grid
         MSE penalty of the predicted alpha, of absmax and of OCTAV, and the count of best-fit
         families.
     """
-    from empirical.sweep import validate_data  # noqa: F401  (fail early on an unusable install)
+    from empirical.sweep import validate_data
     from theory.grids import Grid
 
     g = Grid.parse(grid)
-    if g is Grid.UINT:
+    if g.one_sided:
         raise ValueError("weights are signed; use a signed grid (int, midrise, midtread, aciq)")
     bits = [int(b) for b in np.atleast_1d(bits)]
     if not named_weights:
         raise ValueError("no weights given")
-    cache = ItemCache(cache_dir)
     layers = []
-    for name, w in _progress(named_weights.items(), len(named_weights), "layers", progress):
-        cfg = {"part": "real", "tag": cache_tag, "name": name, "shape": list(np.shape(w)),
-               "bits": bits, "grid": g.value, "max_samples": max_samples, "seed": seed,
+    for name, w in protocol.progress(named_weights.items(), total=len(named_weights), desc="layers",
+                                     unit="layer"):
+        w = validate_data(np.asarray(w), name)
+        if not np.isfinite(w).all():  # refused by name before any fit (and before the cache)
+            raise ValueError(f"{name}: the weights contain NaN or inf")
+        key = {"part": "real", "v": ITEM_VERSION, "model": model, "name": name,
+               "shape": list(w.shape), "weights": weights_digest(w), "bits": bits, "grid": g.value,
+               "max_samples": max_samples, "seed": seed,
                "families": list(families) if families else None}
-        rec = cache.get(cfg) if cache_tag else None  # arrays without a tag are never cached
+        rec = cache.get(key) if cache is not None else None
         if rec is None:
-            rec = weight_item(name, np.asarray(w), bits, g.value, max_samples, seed, families)
-            rec = json.loads(json.dumps(rec, default=_np_default))
-            if cache_tag:
-                cache.put(cfg, rec)
+            rec = weight_item(name, w, bits, g.value, max_samples, seed, families)
+            if cache is not None:
+                cache.put(key, rec)
         layers.append(rec)
     summary = []
     for j, m in enumerate(bits):
@@ -389,39 +437,62 @@ def real_weights_report(named_weights: Mapping[str, np.ndarray], bits=(4,), grid
 
 
 def model_weights(model_name: str, limit: int | None = None) -> tuple[dict[str, np.ndarray], dict]:
-    """Weights of every quantizable linear of ``model_name`` as float32 numpy arrays."""
+    """Weights of every quantizable linear of ``model_name`` as float32 numpy arrays, and the
+    model's metadata (scalars only)."""
     from empirical.models import load_model, quantizable_linears
 
     model, _tok, meta = load_model(model_name, return_metadata=True)
     lins = quantizable_linears(model)
     if limit is not None:
         lins = lins[: int(limit)]
-    out = {}
-    for lin in lins:
-        out[lin.name] = lin.module.weight.detach().float().cpu().numpy()
+    out = {lin.name: lin.module.weight.detach().float().cpu().numpy() for lin in lins}
     return out, {k: v for k, v in meta.items() if isinstance(v, (str, int, float, bool, type(None)))}
 
 
-def plot_real(report: Mapping[str, Any], path: Path, model: str) -> Path:
+def prequantized_note(model: str, meta: Mapping[str, Any]) -> str | None:
+    """What the baseline weights are, when the model was already quantized before this run."""
+    q = meta.get("prequantized")
+    if not q:
+        return None
+    return (f"{model} is a {q} GGUF: its 'full precision' weights are the dequantized GGUF, "
+            "already quantized to about 4-5 bits before this run.")
+
+
+def plot_real(real: Mapping[str, Any], path: Path) -> Path:
+    """Cumulative share of layers against the MSE penalty over the swept optimum. Left: theory's
+    predicted alpha at every bit width; right: predicted, OCTAV and absmax at one bit width (4, or
+    the one nearest to it)."""
     use_agg()
     import matplotlib.pyplot as plt
 
-    bits = report["bits"]
-    fig, ax = plt.subplots(figsize=(5.0, 3.4))
+    bits = list(real["bits"])
+    layers = real["layers"]
+    floor = 1e-7
+
+    def cdf(ax, j, key, **kw):
+        pen = np.sort(finite(lay["per_bits"][j].get(key) for lay in layers))
+        if pen.size:
+            ax.step(np.maximum(pen, floor), np.arange(1, pen.size + 1) / pen.size, where="post", **kw)
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9.0, 3.4), sharey=True)
     cmap = plt.get_cmap("viridis")
     for j, m in enumerate(bits):
-        pen = np.sort([lay["per_bits"][j].get("penalty") for lay in report["layers"]
-                       if lay["per_bits"][j].get("penalty") is not None])
-        if pen.size == 0:
-            continue
-        y = np.arange(1, pen.size + 1) / pen.size
-        ax.step(np.maximum(pen, 1e-7), y, where="post", color=cmap(j / max(1, len(bits) - 1)),
-                label=f"M={m}")
-    ax.set_xscale("log")
-    ax.set_xlabel(r"MSE penalty of predicted $\alpha^*$ vs swept optimum")
-    ax.set_ylabel("fraction of layers")
-    ax.set_title(f"{model}, grid {report['grid']}, per tensor", fontsize=9)
-    ax.legend(fontsize=7)
+        cdf(left, j, "penalty", color=cmap(j / max(1, len(bits) - 1)), lw=1.2, label=f"M={m}")
+    left.set_title(r"predicted $\alpha^*$ (best-fit family)", fontsize=9)
+    j = min(range(len(bits)), key=lambda i: (abs(bits[i] - 4), bits[i]))
+    for key, color, what in (("penalty", "tab:blue", r"predicted $\alpha^*$"),
+                             ("penalty_octav", "tab:orange", "OCTAV"),
+                             ("penalty_absmax", "tab:red", "absmax")):
+        cdf(right, j, key, color=color, lw=1.2, label=what)
+    right.set_title(f"M={bits[j]}: predicted, OCTAV and absmax", fontsize=9)
+    for ax in (left, right):
+        ax.set_xscale("log")
+        ax.set_xlabel(f"MSE penalty over the swept optimum (floored at {floor:g})", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.legend(fontsize=7, loc="upper left")
+    left.set_ylabel("fraction of layers", fontsize=8)
+    fig.suptitle(f"{real['model']}, grid {real['grid']}, one alpha per tensor, {len(layers)} layers",
+                 fontsize=9)
     fig.tight_layout()
     out = save_figure(fig, path)
     plt.close(fig)
@@ -429,144 +500,154 @@ def plot_real(report: Mapping[str, Any], path: Path, model: str) -> Path:
 
 
 # --------------------------------------------------------------------------------------------
-# main
+# protocol
 # --------------------------------------------------------------------------------------------
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m validate.optimal_alpha", description=__doc__.split("\n")[0])
-    p.add_argument("--out", type=Path, default=None, help="output folder (default results/optimal_alpha)")
-    p.add_argument("--samples", type=float, default=1e6, help="synthetic samples per family")
-    p.add_argument("--bits", type=int, nargs="+", default=None, help="bit widths (default 2..8)")
-    p.add_argument("--grids", nargs="+", default=None, help=f"grids (default {' '.join(DEFAULT_GRIDS)})")
-    p.add_argument("--families", nargs="+", default=None,
-                   help=f"synthetic families (default {' '.join(DEFAULT_FAMILIES)})")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="model for the real-weights part, or 'none'")
-    p.add_argument("--real-grid", default="int", help="grid of the real-weights part (default int)")
-    p.add_argument("--real-bits", type=int, nargs="+", default=None,
-                   help="bit widths of the real-weights part (default: --bits)")
-    p.add_argument("--max-fit-samples", type=int, default=200_000,
-                   help="values per layer used by the maximum-likelihood fits")
-    p.add_argument("--max-layers", type=int, default=None, help="only the first N linears")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quick", action="store_true",
-                   help="smoke run: 50k samples, bits 2 4 8, 4 layers, 20k fit samples")
-    p.add_argument("--no-progress", action="store_true")
-    return p.parse_args(argv)
+def run(config: Config, cache: ResultCache | None = None) -> protocol.Result:
+    """Synthetic theory vs sweep, then (unless ``model`` is none) every layer of the model."""
+    items = run_synthetic(config, cache)
+    synthetic = {
+        "distributions": {f: synthetic_distribution(f).params for f in config.families},
+        "rows": [r for it in items for r in it["rows"]],
+        "summary": synthetic_summary(items),
+        "curves": [{"family": it["family"], "grid": it["grid"], "sd": it["sd"], "curves": it["curves"]}
+                   for it in items],
+    }
+    real = None
+    if config.model != "none":
+        weights, meta = model_weights(config.model, config.max_layers)
+        report = real_weights_report(weights, config.real_bits_used, config.real_grid,
+                                     max_samples=config.max_fit_samples, seed=config.seed,
+                                     cache=cache, model=config.model)
+        real = {"model": config.model, "model_metadata": meta,
+                "note": prequantized_note(config.model, meta), **report}
+    return protocol.Result(EXPERIMENT, config, to_jsonable({"synthetic": synthetic, "real_weights": real}))
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    args = parse_args(argv)
-    out = Path(args.out) if args.out is not None else default_out_dir(EXPERIMENT)
-    bits = list(args.bits) if args.bits else ([2, 4, 8] if args.quick else list(DEFAULT_BITS))
-    samples = int(min(args.samples, 50_000) if args.quick else args.samples)
-    grids = list(args.grids or DEFAULT_GRIDS)
-    families = list(args.families or DEFAULT_FAMILIES)
-    real_bits = list(args.real_bits) if args.real_bits else bits
-    max_fit = min(args.max_fit_samples, 20_000) if args.quick else args.max_fit_samples
-    max_layers = args.max_layers if args.max_layers is not None else (4 if args.quick else None)
-    progress = not args.no_progress
-    from theory.grids import Grid, check_bits
-
-    for gname in grids:
-        g = Grid.parse(gname)
-        for m in bits:
-            check_bits(m, g)
-    for f in families:
-        synthetic_distribution(f)
-    cache = ItemCache(out / "cache")
-    t0 = time.perf_counter()
-
-    items = run_synthetic(families, grids, bits, samples, args.seed, cache, progress)
-    rows = [r for it in items for r in it["rows"]]
-    summary = synthetic_summary(items)
-    cols = ["family", "grid", "bits", "alpha_theory", "alpha_swept", "alpha_rel_diff",
-            "mse_theory", "mse_swept", "mse_rel_diff", "mse_at_theory_alpha",
-            "mse_at_theory_alpha_se", "mse_z", "n_clipped_at_theory_alpha", "penalty_theory_alpha",
-            "samples"]
-    files = {"synthetic_csv": write_csv(out / "synthetic.csv", rows, cols)}
-    files["synthetic_table"] = write_latex_table(
+def write(result: protocol.Result, out: Path) -> list[Path]:
+    out = Path(out)
+    syn = result["synthetic"]
+    rows, summary = syn["rows"], syn["summary"]
+    bits = sorted({int(r["bits"]) for r in rows})
+    samples = result.config_dict.get("samples")
+    files = [write_csv(out / "synthetic.csv", rows, _SYNTHETIC_COLUMNS)]
+    files.append(write_latex_table(
         out / "synthetic_table.tex", summary,
         ["family", "grid", "max_abs_alpha_rel_diff", "max_abs_mse_rel_diff", "max_abs_mse_z",
          "max_penalty_theory_alpha"],
-        headers=["family", "grid", r"$\max|\Delta\alpha^*|/\alpha^*$", r"$\max|\Delta\mathrm{MSE}^*|/\mathrm{MSE}^*$",
-                 r"$\max|z|$", "max penalty"],
-        caption=(f"Theory vs exact empirical sweep, {samples:,} seeded samples per family, bits "
-                 f"{min(bits)}--{max(bits)}. $z$: measured minus theoretical MSE at the theoretical "
+        headers=["family", "grid", r"$\max|\Delta\alpha^*|/\alpha^*$",
+                 r"$\max|\Delta\mathrm{MSE}^*|/\mathrm{MSE}^*$", r"$\max|z|$", "max penalty"],
+        caption=(f"Theory vs exact empirical sweep, {format_number(samples)} seeded samples per family, "
+                 f"bits {bits[0]}--{bits[-1]}. $z$: measured minus theoretical MSE at the theoretical "
                  r"$\alpha^*$ in standard errors; penalty: excess measured MSE of the theoretical "
                  r"$\alpha^*$ over the swept optimum."),
-        label="tab:optimal-alpha-synthetic")
-    if items:
-        files["figure"] = plot_synthetic(items, out / "mse_vs_alpha.png")
-
-    real = None
-    model = None if str(args.model).lower() == "none" else args.model
-    if model is not None:
-        weights, meta = model_weights(model, max_layers)
-        tag = _key({"model": model, "meta": meta, "layers": max_layers})
-        report = real_weights_report(weights, real_bits, args.real_grid, max_samples=max_fit,
-                                     seed=args.seed, cache_dir=out / "cache", cache_tag=tag,
-                                     progress=progress)
-        note = None
-        if meta.get("prequantized") or model == DEFAULT_MODEL:
-            note = ("The embedded gemma-3-270m is a Q4_K_M GGUF: its 'full precision' weights are "
-                    "the dequantized GGUF, already quantized to about 4-5 bits before this run.")
-        real = {"model": model, "model_metadata": meta, "note": note, **report}
+        label="tab:optimal-alpha-synthetic"))
+    files.append(plot_synthetic(syn["curves"], out / "mse_vs_alpha.png"))
+    real = result.get("real_weights")
+    if real:
         rrows = [{"layer": lay["name"], "n_params": lay["n_params"], "best_family": lay["best_family"],
                   "used_family": lay["used_family"], "excess_kurtosis": lay["excess_kurtosis"], **pb}
-                 for lay in report["layers"] for pb in lay["per_bits"]]
-        files["real_csv"] = write_csv(out / "real_weights.csv", rrows,
-                                      ["layer", "n_params", "best_family", "used_family",
-                                       "excess_kurtosis", "bits", "alpha_predicted", "alpha_swept",
-                                       "alpha_rel_diff", "mse_predicted", "mse_swept", "penalty",
-                                       "alpha_absmax", "penalty_absmax", "alpha_octav", "penalty_octav"])
+                 for lay in real["layers"] for pb in lay["per_bits"]]
+        files.append(write_csv(out / "real_weights.csv", rrows, _REAL_COLUMNS))
         trows = []
-        for s in report["summary"]:
+        for s in real["summary"]:
             pp, pa, po = s["penalty_predicted"], s["penalty_absmax"], s["penalty_octav"]
             trows.append({"bits": s["bits"], "n": pp.get("n"), "median": pp.get("median"),
                           "q75": pp.get("q75"), "q90": pp.get("q90"), "max": pp.get("max"),
                           "frac1": pp.get("frac_below_1pct"), "octav_median": po.get("median"),
                           "absmax_median": pa.get("median")})
-        files["real_table"] = write_latex_table(
+        prequant = (real.get("model_metadata") or {}).get("prequantized")
+        files.append(write_latex_table(
             out / "real_weights_table.tex", trows,
             ["bits", "n", "median", "q75", "q90", "max", "frac1", "octav_median", "absmax_median"],
-            headers=["$M$", "layers", "median", "$q_{75}$", "$q_{90}$", "max", "share $<1\\%$",
+            headers=["$M$", "layers", "median", "$q_{75}$", "$q_{90}$", "max", r"share $<1\%$",
                      "OCTAV median", "absmax median"],
             caption=(f"MSE penalty of the clipping threshold predicted from each layer's best-fit "
-                     f"distribution over the swept optimum, {model}, grid {args.real_grid}, per tensor."
-                     + (" Weights are the dequantized Q4\\_K\\_M GGUF." if note else "")),
-            label="tab:optimal-alpha-real")
-        files["real_figure"] = plot_real(report, out / "real_penalty.png", model)
+                     f"distribution over the swept optimum, {tex_text(real['model'])}, grid "
+                     f"{tex_text(real['grid'])}, per tensor."
+                     + (f" Weights are the dequantized {tex_text(prequant)} GGUF." if prequant else "")),
+            label="tab:optimal-alpha-real"))
+        files.append(plot_real(real, out / "real_penalty.png"))
+    files.append(write_json(out / f"{EXPERIMENT}.json", result.to_json()))
+    return files
 
-    result = {
-        "experiment": EXPERIMENT,
-        "provenance": provenance(samples=samples, bits=bits, grids=grids, families=families,
-                                 model=model, real_grid=args.real_grid, real_bits=real_bits,
-                                 max_fit_samples=max_fit, max_layers=max_layers, seed=args.seed,
-                                 quick=bool(args.quick)),
-        "synthetic": {
-            "distributions": {f: synthetic_distribution(f).params for f in families},
-            "rows": rows, "summary": summary,
-            "curves": [{"family": it["family"], "grid": it["grid"], "curves": it["curves"]} for it in items],
-        },
-        "real_weights": real,
-        "files": {k: str(v) for k, v in files.items()},
-        "elapsed_s": time.perf_counter() - t0,
-    }
-    files["json"] = write_json(out / f"{EXPERIMENT}.json", result)
-    print(f"optimal_alpha: wrote {out}")
-    for s in summary:
-        z = s["max_abs_mse_z"]
-        print(f"  {s['family']:>9} {s['grid']:>8}: max|dalpha|={s['max_abs_alpha_rel_diff']:.2e} "
-              f"max|dMSE|={s['max_abs_mse_rel_diff']:.2e} max|z|={(z if z is not None else float('nan')):.2f}")
-    if real is not None:
-        for s in real["summary"]:
-            pp = s["penalty_predicted"]
-            print(f"  {model} M={s['bits']}: penalty median={pp.get('median', float('nan')):.3g} "
-                  f"q90={pp.get('q90', float('nan')):.3g} max={pp.get('max', float('nan')):.3g} "
-                  f"(OCTAV median={s['penalty_octav'].get('median', float('nan')):.3g}, "
-                  f"absmax median={s['penalty_absmax'].get('median', float('nan')):.3g})")
-    return result
+
+def summary(result: protocol.Result) -> str:
+    syn = result["synthetic"]
+    s = syn["summary"]
+    text = (f"{len(syn['rows'])} synthetic cases, max |alpha swept/theory - 1| "
+            f"{100 * max(x['max_abs_alpha_rel_diff'] for x in s):.2g}%, max theory-alpha penalty "
+            f"{100 * max(x['max_penalty_theory_alpha'] for x in s):.2g}%")
+    real = result.get("real_weights")
+    if real:
+        at = {x["bits"]: x for x in real["summary"]}
+        b = 4 if 4 in at else real["bits"][0]
+        pp, po, pa = (at[b][k] for k in ("penalty_predicted", "penalty_octav", "penalty_absmax"))
+        if pp.get("n"):
+            text += (f"; {real['model']} ({len(real['layers'])} layers, {real['grid']}, M={b}): median "
+                     f"penalty {100 * pp['median']:.2g}% (OCTAV {100 * po['median']:.2g}%, "
+                     f"absmax {100 * pa['median']:.3g}%)")
+    return text
+
+
+def macros(result: protocol.Result) -> MacroSet:
+    """The numbers section "Optimal clipping" of the paper quotes (``\\OA...``)."""
+    from empirical.fits import FAMILIES_SIGNED
+
+    ms = MacroSet(f"{EXPERIMENT}.json")
+    syn = result.get("synthetic") or {}
+    rows, summ = syn.get("rows", []), syn.get("summary", [])
+    ms.add("OASamples", result.config_dict.get("samples"), "provenance.config.samples")
+    ms.add("OANumComparisons", len(rows), "len(synthetic.rows)")
+    ms.add("OANumFamilies", len({r["family"] for r in rows}), "synthetic families")
+    ms.add("OAElapsedSeconds", result.timing.get("wall_seconds"), "timing.wall_seconds")
+    if summ:
+        for key, name in (("max_abs_alpha_rel_diff", "OAMaxAlphaRelDiff"),
+                          ("max_abs_mse_rel_diff", "OAMaxMseRelDiff"),
+                          ("max_abs_mse_z", "OAMaxAbsZ"),
+                          ("max_penalty_theory_alpha", "OAMaxPenalty")):
+            add = ms.add if key == "max_abs_mse_z" else ms.add_pct  # z is in standard errors
+            add(name, vmax(s.get(key) for s in summ), f"max of synthetic.summary[].{key}")
+            for grid in dict.fromkeys(s["grid"] for s in summ):
+                add([name, grid], vmax(s.get(key) for s in summ if s["grid"] == grid),
+                    f"max of synthetic.summary[grid={grid}].{key}")
+    for r in rows:
+        key = (r["family"], r["grid"], int(r["bits"]))
+        where = f"synthetic.rows[family={key[0]}, grid={key[1]}, bits={key[2]}]"
+        ms.add(["OAAlphaTheory", *key], r.get("alpha_theory"), f"{where}.alpha_theory")
+        ms.add(["OAAlphaSwept", *key], r.get("alpha_swept"), f"{where}.alpha_swept")
+        ms.add_pct(["OAAlphaRelDiff", *key], r.get("alpha_rel_diff"), f"{where}.alpha_rel_diff")
+        ms.add_pct(["OAPenalty", *key], r.get("penalty_theory_alpha"), f"{where}.penalty_theory_alpha")
+    real = result.get("real_weights")
+    if real:
+        ms.add("OARealModel", real.get("model"), "real_weights.model")
+        ms.add("OARealGrid", real.get("grid"), "real_weights.grid")
+        ms.add("OARealLayers", len(real.get("layers", [])), "len(real_weights.layers)")
+        counts = real.get("best_family_counts") or {}
+        # every signed family is named (count 0 when no layer chose it): the paper lists them all
+        for fam in (*FAMILIES_SIGNED, *(f for f in counts if f not in FAMILIES_SIGNED)):
+            ms.add(["OARealBestFit", fam], int(counts.get(fam, 0)), f"real_weights.best_family_counts[{fam}]")
+        kq = real.get("excess_kurtosis") or {}
+        ms.add("OARealKurtosisMedian", kq.get("median"), "real_weights.excess_kurtosis.median")
+        for s in real.get("summary", []):
+            b = int(s["bits"])
+            where = f"real_weights.summary[bits={b}]"
+            pp, po, pa = (s.get(k) or {} for k in ("penalty_predicted", "penalty_octav", "penalty_absmax"))
+            ms.add_pct(["OARealPenaltyMedian", b], pp.get("median"), f"{where}.penalty_predicted.median")
+            ms.add_pct(["OARealPenaltyQNinety", b], pp.get("q90"), f"{where}.penalty_predicted.q90")
+            ms.add_pct(["OARealPenaltyMax", b], pp.get("max"), f"{where}.penalty_predicted.max")
+            ms.add_pct(["OARealShareBelowOnePct", b], pp.get("frac_below_1pct"),
+                       f"{where}.penalty_predicted.frac_below_1pct")
+            ms.add_pct(["OARealOctavMedian", b], po.get("median"), f"{where}.penalty_octav.median")
+            ms.add_pct(["OARealAbsmaxMedian", b], pa.get("median"), f"{where}.penalty_absmax.median")
+            ms.add_pct(["OARealAlphaRelDiffMedian", b], (s.get("alpha_rel_diff") or {}).get("median"),
+                       f"{where}.alpha_rel_diff.median")
+    return ms
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return protocol.main(__name__, argv)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
