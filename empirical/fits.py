@@ -1,6 +1,9 @@
 """Maximum-likelihood fits of the docs/design.md distribution families to weights and activations.
 
-Each fit is a scipy.stats maximum-likelihood estimate on (a seeded subsample of) the data:
+Each fit is a scipy.stats maximum-likelihood estimate on (a seeded subsample of) the data, made
+by the family's class (``theory.FAMILIES``, :meth:`theory.Distribution.fit`), which also maps
+scipy's parameters to theory's and knows whether the family is one-sided; this module loops over
+the families and compares them. Today's families:
 
 ==============  =======================  ======================================================
 family          scipy.stats              theory object (:meth:`FitResult.to_theory`)
@@ -27,15 +30,15 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
-from scipy import stats
+
+from theory.distributions import FAMILIES, Distribution, family as _family
 
 __all__ = ["FitResult", "fit_languages", "theory_distribution", "FAMILIES_SIGNED", "FAMILIES_ONE_SIDED", "fit", "fit_all", "best_fit", "best_theory_fit", "first_theory_fit",
            "subsample", "excess_kurtosis", "robust_excess_kurtosis"]
 
-FAMILIES_SIGNED = ("gaussian", "laplace", "gennorm", "student_t")
-FAMILIES_ONE_SIDED = ("lognormal",)
-_ALIASES = {"normal": "gaussian", "norm": "gaussian", "t": "student_t", "studentt": "student_t",
-            "generalized_gaussian": "gennorm", "lognorm": "lognormal"}
+#: names of the two-sided and one-sided families, in ``theory.FAMILIES`` order
+FAMILIES_SIGNED = tuple(n for n, c in FAMILIES.items() if not c.one_sided)
+FAMILIES_ONE_SIDED = tuple(n for n, c in FAMILIES.items() if c.one_sided)
 MIN_SAMPLES = 20
 
 
@@ -88,32 +91,14 @@ class FitResult:
                 "k": self.k, **self.extra}
 
 
-def theory_distribution(family: str, params: dict):
+def theory_distribution(family: str, params: dict) -> Distribution:
     """The ``theory`` distribution of a fitted ``family`` with ``params`` (as in
     :attr:`FitResult.params`), e.g. from a stored fit."""
-    import theory
-
-    fam, p = _family_name(family), params
-    if fam == "gaussian":
-        return theory.Gaussian(p["sigma"])
-    if fam == "laplace":
-        return theory.Laplace(p["b"])
-    if fam == "gennorm":
-        return theory.GeneralizedGaussian(p["beta"], p["scale"])
-    if fam == "student_t":
-        return theory.StudentT(p["nu"], p["scale"])
-    if fam == "lognormal":
-        return theory.Lognormal(p["mu"], p["sigma"])
-    raise ValueError(f"no theory distribution for family {family!r}")
+    return _family(family).from_params(params)
 
 
 def _family_name(name: str) -> str:
-    key = str(name).strip().lower().replace("-", "_")
-    key = _ALIASES.get(key, key)
-    if key not in FAMILIES_SIGNED + FAMILIES_ONE_SIDED:
-        raise ValueError(f"unknown family {name!r}; known: "
-                         f"{', '.join(FAMILIES_SIGNED + FAMILIES_ONE_SIDED)}")
-    return key
+    return _family(name).name
 
 
 def _as_data(x) -> np.ndarray:
@@ -171,44 +156,6 @@ def excess_kurtosis(x, chunk: int = 1 << 22) -> float:
     return m4 / (m2 * m2) - 3.0
 
 
-def _mle(family: str, y: np.ndarray, fix_loc: bool):
-    """scipy fit -> (frozen distribution, theory params, loc, number of free parameters)."""
-    kw = {"floc": 0.0} if fix_loc else {}
-    if family == "gaussian":
-        if fix_loc:
-            # Closed form; scipy's optimiser would only reproduce it.
-            loc, scale = 0.0, float(np.sqrt(np.mean(y * y)))
-        else:
-            loc, scale = stats.norm.fit(y)
-        return stats.norm(loc, scale), {"sigma": float(scale)}, float(loc), 1 + (not fix_loc)
-    if family == "laplace":
-        if fix_loc:
-            loc, scale = 0.0, float(np.mean(np.abs(y)))
-        else:
-            loc, scale = stats.laplace.fit(y)
-        return stats.laplace(loc, scale), {"b": float(scale)}, float(loc), 1 + (not fix_loc)
-    if family == "gennorm":
-        beta, loc, scale = stats.gennorm.fit(y, **kw)
-        return (stats.gennorm(beta, loc, scale), {"beta": float(beta), "scale": float(scale)},
-                float(loc), 2 + (not fix_loc))
-    if family == "student_t":
-        # Start Nelder-Mead at the moment match (excess kurtosis 6 / (nu - 4)): same optimum,
-        # about half the likelihood evaluations.
-        k = float(stats.kurtosis(y))
-        nu0 = 4.0 + 6.0 / k if k > 0.06 else 100.0
-        s0 = float(np.std(y)) * math.sqrt((nu0 - 2.0) / nu0)
-        nu, loc, scale = stats.t.fit(y, nu0, scale=s0, **({} if fix_loc else {"loc": float(np.median(y))}), **kw)
-        return (stats.t(nu, loc, scale), {"nu": float(nu), "scale": float(scale)}, float(loc),
-                2 + (not fix_loc))
-    if family == "lognormal":
-        if np.any(y <= 0):
-            raise ValueError("lognormal needs strictly positive data")
-        ly = np.log(y)
-        mu, sigma = float(ly.mean()), float(ly.std())  # the MLE with loc = 0, in closed form
-        return (stats.lognorm(sigma, 0.0, math.exp(mu)), {"mu": mu, "sigma": sigma}, 0.0, 2)
-    raise ValueError(f"unknown family {family!r}")
-
-
 def robust_excess_kurtosis(y: np.ndarray) -> dict[str, float]:
     """Quantile-based kurtosis measures of ``y`` (statsmodels ``robust_kurtosis``), excess over
     the normal: Moors' octile measure and Crow-Siddiqui's. Unlike the moment estimate they do
@@ -221,25 +168,20 @@ def robust_excess_kurtosis(y: np.ndarray) -> dict[str, float]:
 
 def _fit_sample(family: str, y: np.ndarray, fix_loc: bool, kurt: float, n_total: int,
                 robust: dict[str, float] | None = None) -> FitResult:
+    from scipy import stats
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        frozen, params, loc, k = _mle(family, y, fix_loc)
+        mle = _family(family).fit(y, fix_loc)
+        frozen = mle.scipy()
         loglik = float(np.sum(frozen.logpdf(y)))
         # only the statistic is used: skip the exact p-value's cost
         ks = float(stats.kstest(y, frozen.cdf, method="asymp").statistic)
-    n = y.size
-    return FitResult(family=family, params=params, loc=loc, loglik=loglik,
+    n, k = y.size, mle.k
+    return FitResult(family=mle.family, params=mle.params, loc=mle.loc, loglik=loglik,
                      aic=2 * k - 2 * loglik, bic=k * math.log(n) - 2 * loglik, ks=ks,
                      excess_kurtosis=kurt, n=n, n_total=n_total, k=k,
                      extra={"robust_excess_kurtosis": robust} if robust else {})
-
-
-def _check_one_sided(y: np.ndarray, family: str) -> None:
-    if np.any(y < 0):
-        raise ValueError(f"{family} is one-sided but the data has negative values; "
-                         "fit magnitudes (np.abs(x)) or use a signed family")
-    if np.any(y == 0):
-        raise ValueError(f"{family} needs strictly positive data; the data has exact zeros")
 
 
 def fit(x, family: str, fix_loc: bool = False, max_samples: int | None = 200_000,
@@ -260,13 +202,12 @@ def fit(x, family: str, fix_loc: bool = False, max_samples: int | None = 200_000
     seed : int
         Seed of the subsample.
     """
-    fam = _family_name(family)
+    cls = _family(family)
     arr = _as_data(x)
     y = subsample(arr, max_samples, seed)
-    if fam in FAMILIES_ONE_SIDED:
-        # All values, not only the subsample: one negative weight means the wrong model.
-        _check_one_sided(arr, fam)
-    return _fit_sample(fam, y, fix_loc, excess_kurtosis(arr), arr.size, robust_excess_kurtosis(y))
+    # All values, not only the subsample: one negative weight means the wrong model.
+    cls.check_support(arr)
+    return _fit_sample(cls.name, y, fix_loc, excess_kurtosis(arr), arr.size, robust_excess_kurtosis(y))
 
 
 def fit_all(x, families=None, one_sided: bool = False, max_samples: int | None = 200_000,
@@ -291,8 +232,8 @@ def fit_all(x, families=None, one_sided: bool = False, max_samples: int | None =
     if not fams:
         raise ValueError("no families to fit")
     y = subsample(arr, max_samples, seed)
-    if one_sided or any(f in FAMILIES_ONE_SIDED for f in fams):
-        _check_one_sided(arr, "one-sided fit")
+    for f in fams:
+        _family(f).check_support(arr)
     kurt = excess_kurtosis(arr)
     robust = robust_excess_kurtosis(y)
     results = [_fit_sample(f, y, fix_loc, kurt, arr.size, robust) for f in fams]

@@ -8,7 +8,17 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from empirical.fits import FitResult, best_fit, excess_kurtosis, fit, fit_all, subsample
+import theory
+from empirical.fits import (
+    FAMILIES_ONE_SIDED,
+    FAMILIES_SIGNED,
+    best_fit,
+    excess_kurtosis,
+    fit,
+    fit_all,
+    subsample,
+    theory_distribution,
+)
 
 N = 20_000
 
@@ -62,21 +72,34 @@ def test_lognormal_one_sided():
 
 
 def test_to_theory_round_trip():
-    theory = pytest.importorskip("theory")
     x = _rvs(stats.laplace(0, 0.25))
-    for r in fit_all(x, fix_loc=True, families=["gaussian", "laplace", "gennorm"]):
+    # Independent of the family classes: scipy's own frozen distribution of each fit.
+    by_hand = {"gaussian": lambda p: stats.norm(0, p["sigma"]),
+               "laplace": lambda p: stats.laplace(0, p["b"]),
+               "gennorm": lambda p: stats.gennorm(p["beta"], 0, p["scale"]),
+               "student_t": lambda p: stats.t(p["nu"], 0, p["scale"])}
+    res = fit_all(x, fix_loc=True)
+    assert {r.family for r in res} == set(by_hand)
+    for r in res:
         d = r.to_theory()
         assert isinstance(d, theory.Distribution)
         assert d.name == r.family
         # The theory object's CDF is the fitted one (location dropped).
-        assert d.scipy.cdf(0.3) == pytest.approx(_frozen(r).cdf(0.3), rel=1e-9)
+        assert d.scipy.cdf(0.3) == pytest.approx(by_hand[r.family](r.params).cdf(0.3), rel=1e-9)
+        assert theory_distribution(r.family, r.to_dict()["params"]) == d
 
 
-def _frozen(r: FitResult):
-    p = r.params
-    return {"gaussian": lambda: stats.norm(0, p.get("sigma")),
-            "laplace": lambda: stats.laplace(0, p.get("b")),
-            "gennorm": lambda: stats.gennorm(p.get("beta"), 0, p.get("scale"))}[r.family]()
+def test_families_come_from_theory():
+    """fits loops over theory.FAMILIES: every family is fitted, split by one-sidedness."""
+    assert set(FAMILIES_SIGNED) | set(FAMILIES_ONE_SIDED) == set(theory.FAMILIES)
+    assert all(theory.family(f).one_sided for f in FAMILIES_ONE_SIDED)
+    assert not any(theory.family(f).one_sided for f in FAMILIES_SIGNED)
+    x = _rvs(stats.norm(0, 1), n=2000)
+    assert {r.family for r in fit_all(x)} == set(FAMILIES_SIGNED)
+    assert {r.family for r in fit_all(np.abs(x), one_sided=True)} == set(FAMILIES_ONE_SIDED)
+    assert fit(x, "Normal").family == "gaussian"  # aliases as theory.family knows them
+    with pytest.raises(ValueError, match="takes parameters"):
+        theory_distribution("laplace", {"sigma": 1.0})
 
 
 def test_excess_kurtosis_reported():
