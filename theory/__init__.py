@@ -6,13 +6,20 @@ The way in is flat::
     optimal_alpha(Laplace(b=0.02), bits=4, grid="aciq")   # = 0.02 * W(3 * 4^4)
 
 Definitions (grids, distributions) follow docs/design.md. This package imports numpy, scipy and
-sympy only, never torch.
+sympy only, never torch or numba, and ``import theory`` itself imports only numpy: the numeric
+path (``optimal_alpha``, ``expected_mse``, the bounds) runs on hand-written closed forms of each
+family (``theory.distributions``), and sympy is imported when a derivation, its LaTeX or an
+``*_expr`` is asked for. scipy submodules are imported where first used (``scipy.special`` by
+families whose closed forms need it; ``scipy.stats`` by fits and scipy views, ``scipy.optimize``
+by the few solvers that use it). ``python benchmarks/bench_import.py`` measures what this saves;
+tests/test_theory_import.py checks which modules an import and a first call bring in.
 """
 
 from .derivations import Derivation, all_derivations, gaussian_aciq, laplace_aciq, to_latex
 from .distributions import (
     FAMILIES,
     Distribution,
+    FamilyFit,
     Gaussian,
     GeneralizedGaussian,
     Laplace,
@@ -70,7 +77,7 @@ __all__ = [
     "minimax_alpha", "mixture_alpha", "mixture_mse", "weighted_alpha",
     # distributions
     "Distribution", "Gaussian", "Laplace", "Lognormal", "GeneralizedGaussian", "StudentT",
-    "FAMILIES", "family",
+    "FAMILIES", "family", "FamilyFit",
     # grids
     "Grid", "GridSpec", "grid_spec", "levels", "quantize", "check_bits", "MIN_BITS", "MAX_BITS",
     # MSE
