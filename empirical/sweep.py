@@ -16,12 +16,13 @@ i.e. the measured clipping error plus the model's uniform rounding noise, the sa
 
 Algorithm
 ---------
-Every grid except ``uint`` is symmetric about zero and the tie rule only matters at exact
-midpoints, where both neighbours give the same squared error, so the error of ``x`` depends on
-``|x|`` alone (``uint`` requires ``x >= 0``). The magnitudes are sorted once per row
-(tensor / channel / group) and cut into blocks of ``B`` consecutive values. For each block we
-store its anchor ``c`` (smallest value), ``S1 = sum (x - c)`` and ``S2 = sum (x - c)^2``. A block
-whose first and last value round to the same level ``q`` contributes
+Every grid except ``midtread`` and ``uint`` is symmetric about zero and the tie rule only
+matters at exact midpoints, where both neighbours give the same squared error, so the error of
+``x`` depends on ``|x|`` alone (``uint`` requires ``x >= 0``). The values of each row
+(tensor / channel / group) are sorted once, folded into ascending magnitudes by one merge of the
+negative and the non-negative run, and cut into blocks of ``B`` consecutive values. For each
+block we store its anchor ``c`` (smallest value), ``S1 = sum (x - c)`` and ``S2 = sum (x - c)^2``.
+A block whose first and last value round to the same level ``q`` contributes
 
     sum (x - q)^2 = S2 + 2 (c - q) S1 + n (c - q)^2
 
@@ -31,6 +32,13 @@ threshold are summed element by element with the reference rounding rule. One sw
 costs ``O(N/B + L*B)`` for ``L`` levels instead of ``O(N)``; with ``B ~ sqrt(N/64)`` a sweep of
 1e7 values x 128 alphas x 7 bit widths is dominated by the single sort. All sums are float64;
 the input (float32 or float64) is copied exactly once (its sorted magnitudes).
+
+``midtread`` (levels ``-alpha .. alpha - step``) is not symmetric: magnitudes above
+``alpha - step/2`` round to ``alpha - step`` when the value is positive and to ``alpha`` when it
+is negative. For data with negative values the fold therefore also records each magnitude's sign
+(one byte per value) and each block's count, ``S1`` and ``S2`` over its positive values; a block
+then rounds its positive and its negative values each to one level in O(1), and a straddling
+block reads the signs.
 """
 
 from __future__ import annotations
@@ -51,12 +59,53 @@ __all__ = ["mse_sweep", "SortedMagnitudes", "prepare", "validate_data"]
 # --------------------------------------------------------------------------------------------
 
 @nb.njit(parallel=True, cache=True)
-def _block_stats(s, block):  # pragma: no cover - compiled
+def _fold_signs(v, positive):  # pragma: no cover - compiled
+    """In place: each ascending row of signed values becomes its ascending magnitudes, and
+    ``positive[r, i]`` records whether magnitude ``i`` came from a value ``>= 0``.
+
+    The negative run (a prefix, descending in magnitude) is copied out reversed and merged with
+    the non-negative run from the front; the write position never passes the read position."""
+    rows, n = v.shape
+    for r in nb.prange(rows):
+        p = np.searchsorted(v[r], 0.0)  # values < 0; -0.0 counts as non-negative
+        neg = np.empty(p, dtype=v.dtype)
+        for i in range(p):
+            neg[i] = -v[r, p - 1 - i]
+        i = 0
+        j = p
+        w = 0
+        while i < p and j < n:
+            # Branch-free: the signs of random data would mispredict half of all branches.
+            a = neg[i]
+            b = v[r, j]
+            take = a <= b
+            v[r, w] = a if take else b
+            positive[r, w] = not take
+            i += np.int64(take)
+            j += 1 - np.int64(take)
+            w += 1
+        while i < p:
+            v[r, w] = neg[i]
+            positive[r, w] = False
+            i += 1
+            w += 1
+        while j < n:  # here w == j: the rest is already in place
+            positive[r, j] = True
+            j += 1
+
+
+@nb.njit(parallel=True, cache=True)
+def _block_stats(s, block, positive, signed):  # pragma: no cover - compiled
+    """Per block: anchor, S1, S2 over all values and, when ``signed``, count, S1, S2 over the
+    values whose sign is positive (``positive`` is not read otherwise)."""
     rows, n = s.shape
     nblk = (n + block - 1) // block
     anchor = np.empty((rows, nblk), dtype=np.float64)
     s1 = np.empty((rows, nblk), dtype=np.float64)
     s2 = np.empty((rows, nblk), dtype=np.float64)
+    pn = np.zeros((rows, nblk if signed else 0), dtype=np.int64)
+    p1 = np.zeros((rows, nblk if signed else 0), dtype=np.float64)
+    p2 = np.zeros((rows, nblk if signed else 0), dtype=np.float64)
     for t in nb.prange(rows * nblk):
         r = t // nblk
         b = t - r * nblk
@@ -65,19 +114,36 @@ def _block_stats(s, block):  # pragma: no cover - compiled
         c = np.float64(s[r, lo])
         a1 = 0.0
         a2 = 0.0
+        c1 = 0.0
+        c2 = 0.0
+        cn = 0
         for i in range(lo, hi):
             y = np.float64(s[r, i]) - c
             a1 += y
             a2 += y * y
+            if signed and positive[r, i]:
+                cn += 1
+                c1 += y
+                c2 += y * y
         anchor[r, b] = c
         s1[r, b] = a1
         s2[r, b] = a2
-    return anchor, s1, s2
+        if signed:
+            pn[r, b] = cn
+            p1[r, b] = c1
+            p2[r, b] = c2
+    return anchor, s1, s2, pn, p1, p2
 
 
 @nb.njit(parallel=True, cache=True)
-def _sweep_sorted(s, block, anchor, s1, s2, steps, kmax, offset, clip_only, alphas, out):  # pragma: no cover
-    """out[j, k, r] = sum_i err(s[r, i]) for bit index j and alpha index k (sums, not means)."""
+def _sweep_sorted(s, block, anchor, s1, s2, steps, kmax, offset, kmax_neg, offset_neg, signed,
+                  positive, pn, p1, p2, clip_only, alphas, out):  # pragma: no cover
+    """out[j, k, r] = sum_i err(s[r, i]) for bit index j and alpha index k (sums, not means).
+
+    Magnitudes of positive values round onto levels ``(k + offset) * step``, ``k <= kmax[j]``;
+    with ``signed``, those of negative values onto ``(k + offset_neg) * step``,
+    ``k <= kmax_neg[j]`` (the mirror image of the grid's negative half).
+    """
     rows, n = s.shape
     nbits, nalpha = steps.shape
     nblk = anchor.shape[1]
@@ -88,6 +154,7 @@ def _sweep_sorted(s, block, anchor, s1, s2, steps, kmax, offset, clip_only, alph
         r = rem - k * rows
         step = steps[j, k]
         km = np.float64(kmax[j])
+        kn = np.float64(kmax_neg[j])
         a = alphas[k]
         total = 0.0
         for b in range(nblk):
@@ -111,15 +178,34 @@ def _sweep_sorted(s, block, anchor, s1, s2, steps, kmax, offset, clip_only, alph
             # Same rounding rule as theory.grids.quantize: floor(x/step - offset + 1/2), clipped.
             ka = min(np.floor(xa / step - offset + 0.5), km)
             kb = min(np.floor(xb / step - offset + 0.5), km)
-            if ka == kb:
-                d = anchor[r, b] - (ka + offset) * step
-                total += s2[r, b] + 2.0 * d * s1[r, b] + (hi - lo) * d * d
+            if not signed:
+                if ka == kb:
+                    d = anchor[r, b] - (ka + offset) * step
+                    total += s2[r, b] + 2.0 * d * s1[r, b] + (hi - lo) * d * d
+                else:
+                    # Per-value rounding; a plain division loop vectorises better than walking
+                    # the sorted thresholds (measured), and it is the reference rule verbatim.
+                    for i in range(lo, hi):
+                        x = np.float64(s[r, i])
+                        q = (min(np.floor(x / step - offset + 0.5), km) + offset) * step
+                        total += (x - q) * (x - q)
+                continue
+            na = min(np.floor(xa / step - offset_neg + 0.5), kn)
+            nb_ = min(np.floor(xb / step - offset_neg + 0.5), kn)
+            if ka == kb and na == nb_:
+                # positive values all go to one level, negative values all to another
+                cnt = pn[r, b]
+                dp = anchor[r, b] - (ka + offset) * step
+                dn = anchor[r, b] - (na + offset_neg) * step
+                total += p2[r, b] + 2.0 * dp * p1[r, b] + cnt * dp * dp
+                total += (s2[r, b] - p2[r, b]) + 2.0 * dn * (s1[r, b] - p1[r, b]) + (hi - lo - cnt) * dn * dn
             else:
-                # Per-value rounding; a plain division loop vectorises better than walking the
-                # sorted thresholds (measured), and it is the reference rule verbatim.
                 for i in range(lo, hi):
                     x = np.float64(s[r, i])
-                    q = (min(np.floor(x / step - offset + 0.5), km) + offset) * step
+                    # selects, not branches: the signs are random
+                    ps = positive[r, i]
+                    o = offset if ps else offset_neg
+                    q = (min(np.floor(x / step - o + 0.5), km if ps else kn) + o) * step
                     total += (x - q) * (x - q)
         out[j, k, r] = total
 
@@ -163,6 +249,13 @@ class SortedMagnitudes:
     s2: np.ndarray
     nonnegative: bool
     row_shape: tuple  # shape of the row axis in the result (() per tensor)
+    # Only when some value is negative (None otherwise): the sign of each sorted magnitude and,
+    # per block, the count, S1 and S2 of its positive values; grids that are not symmetric
+    # about zero (midtread) read them.
+    positive: np.ndarray | None = None
+    pos_count: np.ndarray | None = None
+    pos_s1: np.ndarray | None = None
+    pos_s2: np.ndarray | None = None
 
     @property
     def n(self) -> int:
@@ -191,14 +284,26 @@ class SortedMagnitudes:
         nbits = len(bits_list)
         steps = np.empty((nbits, a.size), dtype=np.float64)
         kmax = np.empty(nbits, dtype=np.int64)
+        kmax_neg = np.empty(nbits, dtype=np.int64)
         offset = 0.0
+        symmetric = True
         for j, m in enumerate(bits_list):
-            f, _kmin, km, offset = step_factor(g, m)
+            f, kmin, km, offset = step_factor(g, m)
             steps[j] = f * a  # the same product grid_spec forms, so levels match bit for bit
             kmax[j] = km
+            # The negative half's levels, mirrored: magnitudes (k - offset) step, k <= -kmin.
+            kmax_neg[j] = -kmin
+            symmetric = symmetric and kmin + km + 2 * offset == 0
+        # Magnitudes alone decide the error on a symmetric grid, and on any grid for data
+        # without negative values.
+        signed = not symmetric and self.positive is not None
+        if signed:
+            extra = (-float(offset), True, self.positive, self.pos_count, self.pos_s1, self.pos_s2)
+        else:
+            extra = (float(offset), False, *_NO_SIGNS)
         out = np.empty((nbits, a.size, self.sorted_abs.shape[0]), dtype=np.float64)
         _sweep_sorted(self.sorted_abs, self.block, self.anchor, self.s1, self.s2, steps, kmax,
-                      float(offset), g is Grid.ACIQ, a, out)
+                      float(offset), kmax_neg if signed else kmax, *extra, g is Grid.ACIQ, a, out)
         out /= self.n
         if g is Grid.ACIQ:
             noise = np.array([1.0 / (3.0 * 4.0**m) for m in bits_list])
@@ -211,16 +316,22 @@ class SortedMagnitudes:
         return out
 
 
-def _abs_c_order(arr: np.ndarray) -> np.ndarray:
-    # np.abs keeps a non-contiguous input's layout, and reshape would then copy a second time.
+# Typed placeholders for the sign arrays when the kernel does not read them.
+_NO_SIGNS = (np.zeros((0, 0), dtype=np.bool_), np.zeros((0, 0), dtype=np.int64),
+             np.zeros((0, 0), dtype=np.float64), np.zeros((0, 0), dtype=np.float64))
+
+
+def _copy_c_order(arr: np.ndarray) -> np.ndarray:
+    # np.copy keeps a non-contiguous input's layout, and reshape would then copy a second time.
     out = np.empty(arr.shape, dtype=arr.dtype)
-    np.abs(arr, out=out)
+    np.copyto(out, arr)
     return out
 
 
 def prepare(x, axis: int | None = None, group_size: int | None = None,
             block: int | None = None) -> SortedMagnitudes:
-    """Sort ``|x|`` per tensor, per channel (``axis``) or per group and form the block sums.
+    """Sort ``|x|`` per tensor, per channel (``axis``) or per group and form the block sums
+    (with each magnitude's sign when ``x`` has negative values; see the module docstring).
 
     Parameters
     ----------
@@ -244,9 +355,7 @@ def prepare(x, axis: int | None = None, group_size: int | None = None,
             raise ValueError(f"axis {axis} out of range for an array with {arr.ndim} dimensions")
         moved = np.moveaxis(arr, ax, 0)
         row_shape = (moved.shape[0],)
-        buf = np.empty(moved.shape, dtype=arr.dtype)
-        np.abs(moved, out=buf)  # the one copy: abs written straight into channel-major order
-        mags = buf.reshape(moved.shape[0], -1)
+        vals = _copy_c_order(moved).reshape(moved.shape[0], -1)  # the one copy, channel-major
     elif group_size is not None:
         gs = int(group_size)
         if gs < 1:
@@ -254,23 +363,31 @@ def prepare(x, axis: int | None = None, group_size: int | None = None,
         if arr.ndim == 0 or arr.shape[-1] % gs:
             raise ValueError(f"group_size {gs} does not divide the last axis "
                              f"(shape {arr.shape})")
-        mags = _abs_c_order(arr).reshape(-1, gs)
-        row_shape = (mags.shape[0],)
+        vals = _copy_c_order(arr).reshape(-1, gs)
+        row_shape = (vals.shape[0],)
     else:
-        mags = _abs_c_order(arr).reshape(1, -1)
+        vals = _copy_c_order(arr).reshape(1, -1)
         row_shape = ()
-    if mags.shape[1] == 0:
+    if vals.shape[1] == 0:
         raise ValueError("x has no values per channel/group")
-    mags.sort(axis=1)
-    # NaN sorts last and inf is the largest magnitude: checking the last column is enough.
-    if not np.all(np.isfinite(mags[:, -1])):
+    vals.sort(axis=1)
+    # NaN sorts last and -inf/inf first/last: checking the outer columns is enough.
+    if not (np.all(np.isfinite(vals[:, 0])) and np.all(np.isfinite(vals[:, -1]))):
         raise ValueError("x contains NaN or infinite values")
-    nonneg = bool(arr.dtype.kind == "u" or not np.any(arr < 0)) if arr.size else True
-    blk = _default_block(mags.shape[1]) if block is None else int(block)
+    nonneg = not bool(np.any(vals[:, 0] < 0))
+    blk = _default_block(vals.shape[1]) if block is None else int(block)
     if blk < 1:
         raise ValueError("block must be positive")
-    anchor, s1, s2 = _block_stats(mags, blk)
-    return SortedMagnitudes(mags, blk, anchor, s1, s2, nonneg, row_shape)
+    if nonneg:
+        mags, positive = vals, None  # already the sorted magnitudes
+        anchor, s1, s2, *_ = _block_stats(mags, blk, _NO_SIGNS[0], False)
+        pos = (None, None, None)
+    else:
+        positive = np.empty(vals.shape, dtype=np.bool_)
+        _fold_signs(vals, positive)
+        mags = vals
+        anchor, s1, s2, *pos = _block_stats(mags, blk, positive, True)
+    return SortedMagnitudes(mags, blk, anchor, s1, s2, nonneg, row_shape, positive, *pos)
 
 
 def mse_sweep(x, alphas, bits, grid: Grid | str = "int", axis: int | None = None,

@@ -13,10 +13,18 @@ aciq       ACIQ model: clip at alpha + uniform     2 alpha / 2^M            1/2
            noise alpha^2/(3*4^M); realised on the
            midrise levels when data is quantized
 midrise    2^M levels, k = -2^(M-1) .. 2^(M-1)-1   2 alpha / 2^M            1/2
-midtread   2^M+1 levels, |k| <= 2^(M-1)            2 alpha / 2^M            0
-int        |k| <= 2^(M-1) - 1  (int8: [-127,127])  alpha / (2^(M-1) - 1)    0
-uint       k = 0 .. 2^M - 1 (non-negative data)    alpha / (2^M - 1)        0
+midtread   2^M levels, k = -2^(M-1) .. 2^(M-1)-1   2 alpha / 2^M            0
+           (zero is a level; int4's [-8, 7])
+int        2^M - 1 levels, |k| <= 2^(M-1) - 1      alpha / (2^(M-1) - 1)    0
+           (int8: [-127, 127], absmax-style)
+uint       2^M levels, k = 0 .. 2^M - 1            alpha / (2^M - 1)        0
+           (non-negative data)
 =========  ======================================  =======================  ======
+
+Every two-sided grid but ``midtread`` is symmetric about zero. ``midtread`` is not: its levels
+run from ``-alpha`` to ``alpha - step``, so values above ``alpha - step/2`` go to ``alpha - step``
+while values below ``-alpha`` go to ``-alpha``. Code that folds the line onto ``|x|`` must treat
+its two halves separately (:attr:`GridSpec.symmetric`).
 """
 
 from __future__ import annotations
@@ -98,6 +106,11 @@ class GridSpec:
     def n_levels(self) -> int:
         return self.kmax - self.kmin + 1
 
+    @property
+    def symmetric(self) -> bool:
+        """True when the levels mirror about zero (every two-sided grid but ``midtread``)."""
+        return self.kmin + self.kmax + 2 * self.offset == 0
+
     def levels(self) -> np.ndarray:
         k = np.arange(self.kmin, self.kmax + 1, dtype=np.float64)
         return (k + self.offset) * self.step
@@ -116,8 +129,9 @@ def step_factor(grid: "Grid | str", bits: int) -> tuple[float, int, int, float]:
         n = 2 ** (m - 1)
         return 2.0 / 2**m, -n, n - 1, 0.5
     if g is Grid.MIDTREAD:
+        # 2^M levels, the full signed M-bit range: one more on the negative side than the positive.
         n = 2 ** (m - 1)
-        return 2.0 / 2**m, -n, n, 0.0
+        return 2.0 / 2**m, -n, n - 1, 0.0
     if g is Grid.INT:
         n = 2 ** (m - 1) - 1
         return 1.0 / n, -n, n, 0.0

@@ -16,8 +16,10 @@ replaces rounding by the high-resolution term ``step^2/12 * P(|X| <= alpha)``. T
 the ACIQ model itself (Banner et al., NeurIPS 2019, eq. 5): clipping at alpha plus
 ``alpha^2 / (3 * 4^M)``, so for it exact and approximate coincide.
 
-Symmetric families are evaluated on the positive half and doubled. Everything is computed on
-unit scale, ``MSE(alpha; s) = s^2 * MSE(alpha/s; 1)``, so the formulas hold from 1e-6 to 1e6.
+Symmetric families are evaluated on the positive half and doubled, except on ``midtread``, whose
+levels (``-alpha .. alpha - step``) do not mirror about 0: its two halves are evaluated apart.
+Everything is computed on unit scale, ``MSE(alpha; s) = s^2 * MSE(alpha/s; 1)``, so the formulas
+hold from 1e-6 to 1e6.
 
 With more than ``_QUADRATURE_LEVELS`` positive levels the closed-form cell differences lose
 precision (each cell's error is ~step^3 while its partial moments are ~step), so rounding error
@@ -54,21 +56,45 @@ def _check_pair(dist: Distribution, grid) -> Grid:
     return g
 
 
+def _folded_cells(q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Levels ``q >= 0`` (ascending) and their decision edges on ``[0, inf)``, read-only."""
+    q = np.sort(q[q >= 0])
+    edges = np.concatenate([[0.0], 0.5 * (q[1:] + q[:-1]), [np.inf]])
+    q.setflags(write=False)
+    edges.setflags(write=False)
+    return q, edges
+
+
 @functools.cache
 def positive_cells(grid: Grid | str, bits: int) -> tuple[np.ndarray, np.ndarray]:
     """Levels ``q_j >= 0`` and decision edges of the positive half, in units of alpha.
 
     Returns ``(levels, edges)`` with ``len(edges) == len(levels) + 1``, ``edges[0] = 0`` and
-    ``edges[-1] = inf``. For symmetric grids the negative half mirrors this one.
+    ``edges[-1] = inf``. For symmetric grids the negative half mirrors this one; for ``midtread``
+    it does not (see :func:`_halves`).
     """
     f, kmin, kmax, off = step_factor(grid, bits)
-    k = np.arange(max(kmin, 0), kmax + 1, dtype=np.float64)
-    q = (k + off) * f
-    q = q[q >= 0]
-    edges = np.concatenate([[0.0], 0.5 * (q[1:] + q[:-1]), [np.inf]])
-    q.setflags(write=False)
-    edges.setflags(write=False)
-    return q, edges
+    return _folded_cells((np.arange(max(kmin, 0), kmax + 1, dtype=np.float64) + off) * f)
+
+
+@functools.cache
+def _halves(grid: Grid, bits: int) -> tuple[tuple[np.ndarray, np.ndarray, float], ...]:
+    """``(levels, edges, weight)`` of each half of the line folded onto ``|x|``, units of alpha.
+
+    The two-sided families are symmetric about 0, so a grid whose levels mirror about 0 is one
+    half counted twice and ``uint`` is its positive half once. ``midtread`` (levels ``-alpha ..
+    alpha - step``) has a positive half topped by ``alpha - step`` and a negative half topped by
+    ``alpha``, each counted once.
+    """
+    g = Grid.parse(grid)
+    pos = positive_cells(g, bits)
+    if g.one_sided:
+        return ((*pos, 1.0),)
+    f, kmin, kmax, off = step_factor(g, bits)
+    if kmin + kmax + 2 * off == 0:
+        return ((*pos, 2.0),)
+    neg = _folded_cells(-(np.arange(kmin, kmax + 1, dtype=np.float64) + off) * f)
+    return ((*pos, 1.0), (*neg, 1.0))
 
 
 def _alpha_units(dist: Distribution, alpha) -> tuple[np.ndarray, np.ndarray]:
@@ -122,27 +148,27 @@ def _unit_parts(dist: Distribution, t: np.ndarray, bits: int, g: Grid, exact: bo
         # ACIQ eq. 5: 2 int_alpha^inf (x - alpha)^2 f + alpha^2 / (3 4^M)
         clip = _cell_terms(dist, t[:, None], np.ones(1), np.ones(1), np.array([np.inf]), "sq")[:, 0]
         return 2 * clip, t**2 / (3.0 * 4.0**bits)
-    q, edges = positive_cells(g, bits)
-    sym = 1.0 if g.one_sided else 2.0
-    qo = q[-1:]
-    clip = _cell_terms(dist, t[:, None], qo, np.ones(1), np.array([np.inf]), "sq")[:, 0]
-    if not exact:
-        step = step_factor(g, bits)[0] * t
-        p_in = dist.tail_moment(0, np.zeros(1)) - dist.tail_moment(0, t)
-        return sym * clip, sym * step**2 / 12.0 * p_in
-    lo, hi = edges[:-1].copy(), edges[1:].copy()
-    hi[-1] = 1.0  # rounding covers up to alpha; beyond it is clipping
-    out = np.empty_like(t)
-    n_cells = q.size
-    rows = max(1, _CHUNK // (n_cells * (16 if n_cells > _QUADRATURE_LEVELS else 3)))
-    for s in range(0, t.size, rows):
-        tt = t[s:s + rows, None]
-        if n_cells > _QUADRATURE_LEVELS:
-            cells = _cell_sq_quadrature(dist, tt, q, lo, hi)
-        else:
-            cells = _cell_terms(dist, tt, q, lo, hi, "sq")
-        out[s:s + rows] = cells.sum(axis=1)
-    return sym * clip, sym * out
+    clip = np.zeros_like(t)
+    rnd = np.zeros_like(t)
+    for q, edges, w in _halves(g, bits):
+        clip += w * _cell_terms(dist, t[:, None], q[-1:], np.ones(1), np.array([np.inf]), "sq")[:, 0]
+        if not exact:
+            step = step_factor(g, bits)[0] * t
+            p_in = dist.tail_moment(0, np.zeros(1)) - dist.tail_moment(0, t)
+            rnd += w * step**2 / 12.0 * p_in
+            continue
+        lo, hi = edges[:-1].copy(), edges[1:].copy()
+        hi[-1] = 1.0  # rounding covers up to alpha; beyond it is clipping
+        n_cells = q.size
+        rows = max(1, _CHUNK // (n_cells * (16 if n_cells > _QUADRATURE_LEVELS else 3)))
+        for s in range(0, t.size, rows):
+            tt = t[s:s + rows, None]
+            if n_cells > _QUADRATURE_LEVELS:
+                cells = _cell_sq_quadrature(dist, tt, q, lo, hi)
+            else:
+                cells = _cell_terms(dist, tt, q, lo, hi, "sq")
+            rnd[s:s + rows] += w * cells.sum(axis=1)
+    return clip, rnd
 
 
 def _parts(dist, alpha, bits, grid, exact):
@@ -159,7 +185,8 @@ def _out(x):
 
 
 def clipping_mse(dist: Distribution, alpha, bits: int, grid: Grid | str = "int") -> np.ndarray | float:
-    """Clipping error: ``int_{|x|>alpha} (x - q_outer)^2 f(x) dx`` (both tails for two-sided).
+    """Clipping error: ``int_{|x|>alpha} (x - q_outer)^2 f(x) dx`` (both tails for two-sided,
+    each with its own outermost level: ``-alpha`` and ``alpha - step`` on ``midtread``).
 
     For ``aciq`` the outer level is alpha itself (ACIQ eq. 5, first term). Closed form through
     the family's tail partial moments. Vectorised over ``alpha`` and ``dist.scale``.
@@ -216,13 +243,12 @@ def mse_derivative(dist: Distribution, alpha, bits: int, grid: Grid | str = "int
         lin = _cell_terms(dist, tf, np.ones(1), np.ones(1), np.array([np.inf]), "lin")[:, 0]
         d = -4.0 * lin + 2.0 * tf[:, 0] / (3.0 * 4.0**m)
     else:
-        q, edges = positive_cells(g, m)
-        sym = 1.0 if g.one_sided else 2.0
-        d = np.empty(tf.shape[0])
-        rows = max(1, _CHUNK // (3 * q.size))
-        for s in range(0, tf.shape[0], rows):
-            lin = _cell_terms(dist, tf[s:s + rows], q, edges[:-1], edges[1:], "lin")
-            d[s:s + rows] = -2.0 * sym * (lin * q).sum(axis=1)
+        d = np.zeros(tf.shape[0])
+        for q, edges, w in _halves(g, m):
+            rows = max(1, _CHUNK // (3 * q.size))
+            for s in range(0, tf.shape[0], rows):
+                lin = _cell_terms(dist, tf[s:s + rows], q, edges[:-1], edges[1:], "lin")
+                d[s:s + rows] -= 2.0 * w * (lin * q).sum(axis=1)
     return _out(d.reshape(t.shape) * scale)
 
 
