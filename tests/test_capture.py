@@ -209,6 +209,115 @@ def test_numba_power_sums_match_torch_and_float64_reference(dtype):
     want = (ref.size, mu, (d ** 2).sum(), (d ** 3).sum(), (d ** 4).sum(), ref.min(), ref.max())
     fast = StreamingStats.batch_moments(t)
     slow = StreamingStats.batch_moments_torch(t)
-    for got, rtol in ((fast, 1e-9), (slow, 1e-3 if dtype == torch.float32 else 1e-9)):
+    f32 = dtype == torch.float32
+    for got, rtol, rtol_sq in ((fast, 1e-9, 1e-12), (slow, 1e-3 if f32 else 1e-9, 1e-7 if f32 else 1e-12)):
         assert got[0] == want[0]
-        np.testing.assert_allclose(got[1:], want[1:], rtol=rtol)
+        np.testing.assert_allclose(got[1:7], want[1:], rtol=rtol)
+        # a 1-D tensor is one channel: its sum of squares and absmax are the whole tensor's
+        # (the torch path squares float32 values in float32 before its float64 sum)
+        np.testing.assert_allclose(got[7], [(ref ** 2).sum()], rtol=rtol_sq)
+        np.testing.assert_allclose(got[8], [np.abs(ref).max()], rtol=1e-12)
+
+
+def _planted(shape, outlier, seed=0):
+    """Laplace noise whose channel ``outlier`` (last axis) carries an offset and 20x the scale."""
+    rng = np.random.default_rng(seed)
+    x = rng.laplace(0.0, 1.0, size=shape)
+    x[..., outlier] = 20.0 * x[..., outlier] + 15.0
+    return x
+
+
+def _energy_reference(x2):
+    """Per-channel sum of squares, absmax, top channel, its share and the channels holding half
+    of the energy, in plain numpy."""
+    sq = (x2.astype(np.float64) ** 2).sum(axis=0)
+    shares = np.sort(sq)[::-1] / sq.sum()
+    half = next(k + 1 for k in range(sq.size) if shares[: k + 1].sum() >= 0.5)
+    return sq, np.abs(x2).max(axis=0), int(np.argmax(sq)), float(sq.max() / sq.sum()), half
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_channel_sums_with_planted_outlier(dtype):
+    """Per-channel sum of squares and absmax from the numba pass, the torch path and streaming
+    merges equal a plain numpy computation; the planted channel is found."""
+    x = _planted((3, 2000, 96), outlier=41)  # (batch, tokens, channels): 41 channels' chunks split rows
+    t = torch.tensor(x, dtype=dtype)
+    ref = t.double().numpy().reshape(-1, 96)
+    sq, am, top, share, half = _energy_reference(ref)
+    assert top == 41 and share > 0.5 and half == 1
+    for got in (StreamingStats.batch_moments(t), StreamingStats.batch_moments_torch(t)):
+        np.testing.assert_allclose(got[7], sq, rtol=1e-6 if dtype == torch.float32 else 1e-12)
+        np.testing.assert_allclose(got[8], am, rtol=1e-7)
+    # streamed in uneven (tokens x channels) pieces: the merged sums are the whole tensor's
+    st = StreamingStats(bins=64, reservoir_size=16)
+    for piece in np.array_split(ref, [1, 700, 5999]):
+        st.update(torch.tensor(piece, dtype=dtype))
+    np.testing.assert_allclose(st.channel_sumsq, sq, rtol=1e-6 if dtype == torch.float32 else 1e-12)
+    np.testing.assert_array_equal(st.channel_absmax, am)
+    e = st.channel_energy()
+    assert (e["channels"], e["top_channel"], e["channels_for_half"]) == (96, 41, 1)
+    assert e["top_share"] == pytest.approx(share, rel=1e-6)
+    assert e["top_absmax"] == am[41]
+    # without the outlier the energy is spread: about half of the channels hold half of it
+    flat = _energy_reference(np.random.default_rng(1).laplace(size=(5000, 96)))
+    st2 = StreamingStats(bins=64, reservoir_size=16)
+    st2.update(torch.tensor(np.random.default_rng(1).laplace(size=(5000, 96))))
+    e2 = st2.channel_energy()
+    assert (e2["top_channel"], e2["channels_for_half"]) == (flat[2], flat[4]) and 40 <= flat[4] <= 50
+    with pytest.raises(ValueError, match="channel"):
+        st.update(torch.zeros(4, 95))
+
+
+@pytest.mark.parametrize("include_bos", [False, True])
+def test_channel_energy_leaves_the_bos_position_out(tiny_llama, include_bos):
+    """A massive activation planted at the BOS position (channel 7) and a moderate outlier
+    channel everywhere (channel 2): with BOS left out the per-channel sums are those of the
+    non-BOS positions (channel 2 on top); with BOS in, channel 7 dominates."""
+    model, tok = tiny_llama
+    texts = {"eng": ["hello there", "a longer second segment", "x"]}
+    c = Corpus("t", texts, {"eng": LanguageInfo("eng", "eng")})
+    view = model_view(model)
+    block = view.blocks[1]
+
+    def plant(_m, _i, out):
+        h = (out[0] if isinstance(out, tuple) else out).clone()
+        h[..., 2] += 3.0
+        h[:, 0, 7] += 1e3  # every segment starts with BOS at position 0
+        return (h, *out[1:]) if isinstance(out, tuple) else h
+
+    kept = []
+    handles = [block.register_forward_hook(plant),
+               block.register_forward_hook(lambda _m, _i, o: kept.append(o[0] if isinstance(o, tuple) else o))]
+    try:
+        with capture_activations(model, view, residual=True, linear_inputs=False, linear_outputs=False) as cap:
+            capture_corpus(cap, tok, c, batch_size=1, include_bos=include_bos)
+    finally:
+        for h in handles:
+            h.remove()
+    ref = torch.cat([k[0, (0 if include_bos else 1):] for k in kept]).double().numpy()
+    sq, am, top, share, half = _energy_reference(ref)
+    st = cap.get(f"{view.block_names[1]}:residual", "eng")
+    np.testing.assert_allclose(st.channel_sumsq, sq, rtol=1e-6)
+    np.testing.assert_allclose(st.channel_absmax, am, rtol=1e-6)
+    e = st.channel_energy()
+    assert e["top_channel"] == top == (7 if include_bos else 2)
+    assert e["top_share"] == pytest.approx(share, rel=1e-6) and e["channels_for_half"] == half
+    assert (am[7] > 900) == include_bos
+
+
+def test_language_sample_independent_of_the_other_languages(tiny_llama):
+    """Each (site, language) has its own seed stream: capturing a language alone or beside
+    others gives the same reservoir sample (the sample is far smaller than the stream)."""
+    model, tok = tiny_llama
+    c = Corpus("t", dict(TEXTS), {k: LanguageInfo(k, k) for k in TEXTS})
+    key = f"{model_view(model).block_names[0]}:residual"
+
+    def sample(langs):
+        with capture_activations(model, residual=True, linear_inputs=False, linear_outputs=False,
+                                 reservoir_size=8, seed=5) as cap:
+            capture_corpus(cap, tok, c, languages=langs)
+        return {l: cap.get(key, l).sample() for l in langs}
+
+    both, alone = sample(["eng", "heb"]), sample(["heb"])
+    np.testing.assert_array_equal(both["heb"], alone["heb"])
+    assert len(both["eng"]) == len(both["heb"]) == 8
