@@ -11,6 +11,7 @@ import pytest
 from empirical.fits import fit_languages
 from empirical.optimal import empirical_mixture_alpha, measured_penalties
 from theory import Laplace, StudentT, language_alphas
+from validate._common import ResultCache
 
 
 def test_measured_penalties_agree_with_theory_on_large_samples():
@@ -40,23 +41,27 @@ def test_helpers_name_the_language_with_too_few_samples():
         empirical_mixture_alpha({}, 4, "int")
 
 
+ARGV = ["--model", "tiny-llama", "--languages", "en", "he", "ja", "--segments", "3", "--reservoir", "1024",
+        "--fit-samples", "1024", "--min-samples", "200"]
+
+
 def test_quick_run_on_tiny_model_and_cached_rerun(tmp_path, monkeypatch):
+    from validate import _protocol as protocol
     from validate import language_alpha as exp
 
     out = tmp_path / "la"
-    argv = ["--model", "tiny-llama", "--languages", "en", "he", "ja", "--segments", "3", "--reservoir", "1024",
-            "--fit-samples", "1024", "--min-samples", "200", "--out", str(out)]
-    res = exp.main(argv)
-    doc = json.loads((out / "language_alpha.json").read_text())
-    assert doc["experiment"] == "language_alpha"
-    assert doc["provenance"]["config"]["languages"] == res["languages"]
+    assert exp.main([*ARGV, "--out", str(out)]) == 0
+    res = json.loads((out / "language_alpha.json").read_text())
+    assert res["experiment"] == "language_alpha"
+    assert res["provenance"]["config"]["languages"] == res["languages"] == ["eng_Latn", "heb_Hebr", "jpn_Jpan"]
     for f in ("language_alpha.csv", "language_alpha_table.tex", "language_alpha.png"):
         assert (out / f).stat().st_size > 0
     langs = set(res["languages"])
-    assert len(langs) == 3
     # q/k/v (and gate/up) read the same tensor and are analysed once
     shared = [s for s in res["sites"] if s["shares_input_with"]]
     assert shared and all(s["site"].endswith(("q_proj", "gate_proj")) for s in shared)
+    assert all(len(s["shares_input_with"]) == (2 if s["site"].endswith("q_proj") else 1) for s in shared)
+    assert len(res["sites"]) == 2 * 4  # tiny-llama: 2 blocks x (q/k/v, o, gate/up, down)
     for r in res["rows"]:
         assert r["language"] in langs
         for c in ("mix", "minimax", "weighted"):
@@ -66,12 +71,68 @@ def test_quick_run_on_tiny_model_and_cached_rerun(tmp_path, monkeypatch):
         # minimax is the best worst case under theory
         worst_theory_mix = max(r["penalty_mix"] for r in res["rows"] if r["site"] == s["site"])
         assert s["worst_penalty_minimax"] <= worst_theory_mix + 1e-9
-    # a rerun reads the cached capture and per-layer results: no model forward at all
+    # the macros: equal on the fresh result and the JSON read back; values from the result
+    cfg = {k: v for k, v in res["provenance"]["config"].items() if k != "quick"}
+    fresh = exp.run(exp.Config(**{**cfg, "languages": tuple(cfg["languages"])}),
+                    cache=ResultCache(out / "cache"))
+    assert fresh.timing["languages_captured_now"] == 0
+    a = exp.macros(fresh)
+    b = exp.macros(protocol.Result.load(out / "language_alpha.json"))
+    assert {m.name: m.tex() for m in a} == {m.name: m.tex() for m in b}
+    top = max(res["per_language"], key=lambda p: p["median_penalty_mix_measured"])
+    assert a["LAMostPenalised"].value == top["language"]
+    assert a["LASpearman"].value == res["agreement"]["spearman_penalty_mix"]
+    assert a["LANumSites"].value == 8 and a["LANumLanguages"].value == 3
+    from validate._latex import macro_name
+
+    assert a["LAWorstLayersHebHebr"].value == next(p["worst_in_layers_mix"] for p in res["per_language"]
+                                                   if p["language"] == "heb_Hebr")
+    assert sum(a[macro_name("LAWorstLayers", l)].value for l in langs) == 8
+    # a rerun reads the cached captures and per-layer results: no model forward at all
     import empirical.capture as capture
 
     monkeypatch.setattr(capture, "capture_corpus", lambda *a, **k: pytest.fail("capture ran again"))
-    again = exp.main(argv)
-    assert again["agreement"] == res["agreement"]
+    assert exp.main([*ARGV, "--out", str(out)]) == 0
+    again = json.loads((out / "language_alpha.json").read_text())
+    assert again["agreement"] == res["agreement"] and again["rows"] == res["rows"]
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["--bits", "0"], "--bits"), (["--bits", "17"], "--bits"), (["--grid", "foo"], "--grid"),
+    (["--grid", "uint"], "--grid"), (["--corpus", "/nonexistent/corpus"], "--corpus"),
+    (["--languages", "en", "zz"], "--languages"), (["--languages", "en"], "--languages"),
+    (["--model", "/nonexistent/model"], "--model"), (["--reservoir", "100"], "--reservoir"),
+    (["--fit-samples", "0"], "--fit-samples"), (["--segments", "-1"], "--segments"),
+])
+def test_bad_flags_refused_before_any_work(tmp_path, capsys, argv, flag):
+    from validate import language_alpha as exp
+
+    out = tmp_path / "out"
+    assert exp.main(["--out", str(out), *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and flag in err[0] and "Traceback" not in err[0], err
+    assert not out.exists()
+
+
+def test_cuda_refused_without_a_device(tmp_path, capsys):
+    import torch
+
+    from validate import language_alpha as exp
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    assert exp.main(["--out", str(tmp_path / "out"), "--device", "cuda"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--device cuda" in err[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_sites_grouped_only_when_every_language_agrees():
+    from validate.language_alpha import group_sites
+
+    caps = {"eng_Latn": {"sites": dict.fromkeys("qkvo"), "same_as": {"q": "q", "k": "q", "v": "q", "o": "o"}},
+            "heb_Hebr": {"sites": dict.fromkeys("qkvo"), "same_as": {"q": "q", "k": "q", "v": "v", "o": "o"}}}
+    assert group_sites(caps) == {"q": ["k"], "v": [], "o": []}
 
 
 @pytest.mark.slow

@@ -1,6 +1,7 @@
 """Language-aware clipping (LA-ACIQ): what one calibration-mix alpha costs each language.
 
 ``python -m validate.language_alpha [--quick] [--model ...] [--languages ...] [--bits 4] [--out DIR]``
+(``--help`` lists every flag with its default)
 
 For every quantizable Linear's input of a real model (inputs shared by several Linears, such as
 q/k/v, are analysed once):
@@ -18,8 +19,10 @@ q/k/v, are analysed once):
 
 Writes ``language_alpha.json`` (rows per layer x language, per-language summary, agreement of
 theory with measurement, provenance), ``language_alpha.csv``, ``language_alpha_table.tex`` and
-``language_alpha.png`` (penalty heatmap; theory vs measured penalty). Captured samples are cached
-under ``<out>/cache`` (atomic), so a rerun skips the model.
+``language_alpha.png`` (penalty heatmap; theory vs measured penalty). Languages are FLORES-200
+codes (docs/design.md, "Language codes"). Each language's capture (its samples, stored as
+``.npz`` beside the cache entry) and each layer's analysis are cached items under
+``<out>/cache``, so a rerun loads no model and an interrupted run resumes.
 
 With the embedded ``gemma-3-270m`` the "full precision" model is the dequantized Q4_K_M GGUF
 (weights already about 4-5 bits); activations are what that model computes. Every output says so.
@@ -27,112 +30,145 @@ With the embedded ``gemma-3-270m`` the "full precision" model is the dequantized
 
 from __future__ import annotations
 
-import argparse
-import hashlib
 import io
-import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
-from validate._common import (
-    ResultCache, atomic_write_bytes, default_out_dir, provenance, save_figure, use_agg, write_csv, write_json,
-    write_latex_table,
-)
+from validate import _protocol as protocol
+from validate._common import ResultCache, atomic_write_bytes, save_figure, to_jsonable, use_agg, write_csv, write_json
+from validate._latex import MacroSet, tex_text, write_latex_table
 
 EXPERIMENT = "language_alpha"
-DEFAULT_LANGUAGES = ("en", "he", "ar", "ja", "hi", "ru", "zh", "fr")
-QUICK_LANGUAGES = ("en", "he", "ja")
+DEFAULT_LANGUAGES = ("eng_Latn", "heb_Hebr", "arb_Arab", "jpn_Jpan", "hin_Deva", "rus_Cyrl", "zho_Hans",
+                     "fra_Latn")
+QUICK_LANGUAGES = ("eng_Latn", "heb_Hebr", "jpn_Jpan")
 PREQUANTIZED_NOTE = ("baseline is the dequantized Q4_K_M GGUF (weights already quantized to about "
                      "4-5 bits before this experiment)")
 CHOICES = ("mix", "minimax", "weighted")
+#: Part of every cache key: bump it when an item's stored format changes.
+ITEM_VERSION = 1
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m validate.language_alpha", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="gemma-3-270m", help="embedded name, tiny-* test model, local dir or hub id")
-    p.add_argument("--corpus", default="udhr", help="'udhr' (embedded) or a one-file-per-language directory")
-    p.add_argument("--languages", nargs="+", default=None,
-                   help=f"language codes (default {' '.join(DEFAULT_LANGUAGES)})")
-    p.add_argument("--bits", type=int, default=4, help="activation bit width (default 4)")
-    p.add_argument("--grid", default="int", help="aciq, midrise, midtread or int (default int)")
-    p.add_argument("--segments", type=int, default=None, help="segments per language (default: all)")
-    p.add_argument("--reservoir", type=int, default=8192, help="reservoir sample per layer x language")
-    p.add_argument("--fit-samples", type=int, default=4000, help="values per fit (subsample of the reservoir)")
-    p.add_argument("--min-samples", type=int, default=500, help="fewer captured values for a language is an error")
-    p.add_argument("--include-bos", action="store_true",
-                   help="also record the BOS position (default: left out; it is the same token for every language)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help=f"output folder (default results/{EXPERIMENT})")
-    p.add_argument("--quick", action="store_true",
-                   help="small run: English, Hebrew, Japanese, 4 segments, 2048-value reservoirs")
-    a = p.parse_args(argv)
-    if a.languages is None:
-        a.languages = list(QUICK_LANGUAGES if a.quick else DEFAULT_LANGUAGES)
-    if a.quick:
-        a.segments = a.segments or 4
-        a.reservoir = min(a.reservoir, 2048)
-        a.fit_samples = min(a.fit_samples, 2048)
-        a.min_samples = min(a.min_samples, 200)
-    return a
+@dataclass(frozen=True)
+class Config:
+    model: str = protocol.param("gemma-3-270m", "embedded name, tiny-* test model, local folder or hub id")
+    corpus: str = protocol.param("udhr", "'udhr' (embedded) or a one-file-per-language folder")
+    languages: tuple[str, ...] = protocol.param(DEFAULT_LANGUAGES,
+                                                "languages (FLORES-200, ISO 639-3 or 639-1 codes)")
+    bits: int = protocol.param(4, "activation bit width")
+    grid: str = protocol.param("int", "quantizer grid (aciq, midrise, midtread, int)")
+    segments: int | None = protocol.param(None, "segments per language (none: all)")
+    reservoir: int = protocol.param(8192, "reservoir sample per layer x language")
+    fit_samples: int = protocol.param(4000, "values per fit (a subsample of the reservoir)")
+    min_samples: int = protocol.param(500, "fewer captured values for a language is an error")
+    include_bos: bool = protocol.param(False, "also record the BOS position (it is the same token for "
+                                              "every language)")
+    device: str = protocol.param("cpu", "cpu, cuda or cuda:N")
+    seed: int = protocol.param(0, "seed of the reservoir samples, subsamples and fits")
+
+    def __post_init__(self):
+        from theory.grids import Grid
+
+        protocol.check_model(self.model)
+        protocol.check_corpus(self.corpus)
+        langs = protocol.check_languages(self.languages)
+        if len(langs) < 2:
+            raise protocol.ConfigError("--languages: give at least two languages (the experiment "
+                                       "compares them)")
+        protocol.check_bits_grid(self.bits, self.grid)
+        if Grid.parse(self.grid).one_sided:
+            raise protocol.ConfigError(f"--grid {self.grid}: activations are signed; use a signed grid "
+                                       "(aciq, midrise, midtread, int)")
+        protocol.check_positive("segments", self.segments, optional=True)
+        for name in ("reservoir", "fit_samples", "min_samples"):
+            protocol.check_positive(name, getattr(self, name))
+        if self.reservoir < self.min_samples:
+            raise protocol.ConfigError(f"--reservoir: {self.reservoir} values per language are fewer than "
+                                       f"--min-samples {self.min_samples}")
+        if self.fit_samples < self.min_samples:
+            raise protocol.ConfigError(f"--fit-samples: {self.fit_samples} values per fit are fewer than "
+                                       f"--min-samples {self.min_samples}")
+        protocol.check_positive("seed", self.seed, allow_zero=True)
+        protocol.check_device(self.device)
+        protocol.frozen_set(self, languages=langs, grid=Grid.parse(self.grid).value)
+
+    @classmethod
+    def quick(cls) -> "Config":
+        return cls(languages=QUICK_LANGUAGES, segments=4, reservoir=2048, fit_samples=2048, min_samples=200)
 
 
-# ---- capture (cached) ------------------------------------------------------------------------
+# ---- capture: one cached item per language ----------------------------------------------------
 
-def capture_inputs(args, model, tok, view, corpus, cache_dir: Path) -> tuple[dict, dict, dict]:
-    """Per site (distinct Linear input) and language: reservoir sample and value count.
-
-    Returns ``(samples, counts, shared)`` with ``samples[site][lang]`` arrays, ``counts[site][lang]``
-    and ``shared[site]`` the other Linears reading the very same input.
-    """
+def capture_language(config: Config, loaded, corpus, lang: str) -> tuple[dict, dict[str, np.ndarray]]:
+    """Capture the Linear inputs of ``lang`` alone: ``(meta, samples)`` with per site its block,
+    value count, mean and variance in ``meta["sites"]`` and, for one site of each group reading the
+    very same tensor (same count, mean and variance: q/k/v, gate/up), the reservoir sample;
+    ``meta["same_as"]`` maps every site to that site."""
     from empirical.capture import capture_activations, capture_corpus
 
-    key = hashlib.sha256(json.dumps({
-        "model": args.model, "corpus_digest": _digest(corpus), "languages": corpus.languages,
-        "reservoir": args.reservoir, "seed": args.seed, "segments": args.segments,
-        "include_bos": args.include_bos,
-    }, sort_keys=True).encode()).hexdigest()[:20]
-    path = cache_dir / f"capture-{key}.npz"
-    meta_cache = ResultCache(cache_dir)
-    meta = meta_cache.get({"capture": key})
-    if meta is not None and path.exists():
-        data = np.load(path)
-        samples = {s: {l: data[f"{s}|{l}"] for l in corpus.languages} for s in meta["sites"]}
-        return samples, meta["counts"], meta["shared"]
-
-    with capture_activations(model, view, corpus.languages, reservoir_size=args.reservoir, seed=args.seed,
+    model, tok, view = loaded
+    t0 = time.perf_counter()
+    with capture_activations(model, view, [lang], reservoir_size=config.reservoir, seed=config.seed,
                              linear_inputs=True, linear_outputs=False, residual=False) as cap:
-        capture_corpus(cap, tok, corpus, device=args.device, include_bos=args.include_bos)
-    # Linears reading the same tensor (q/k/v, gate/up) have identical statistics: keep the first.
-    groups: dict[tuple, list[str]] = {}
+        capture_corpus(cap, tok, corpus, languages=[lang], device=config.device,
+                       include_bos=config.include_bos)
+    sites, same_as, samples, first = {}, {}, {}, {}
     for site in cap.sites:
-        sig = (site.block,) + tuple((cap.get(site, l).n, round(cap.get(site, l).mean, 12),
-                                     round(cap.get(site, l).variance, 12)) for l in corpus.languages)
-        groups.setdefault(sig, []).append(site)
-    samples, counts, shared = {}, {}, {}
-    for sites in groups.values():
-        s = sites[0]
-        samples[s.name] = {l: cap.get(s, l).sample() for l in corpus.languages}
-        counts[s.name] = {l: int(cap.get(s, l).n) for l in corpus.languages}
-        shared[s.name] = [t.name for t in sites[1:]]
+        st = cap.get(site, lang)
+        sites[site.name] = {"block": site.block, "count": int(st.n), "mean": st.mean, "variance": st.variance}
+        sig = (site.block, int(st.n), round(st.mean, 12), round(st.variance, 12))
+        rep = first.setdefault(sig, site.name)
+        same_as[site.name] = rep
+        if rep == site.name:
+            samples[site.name] = st.sample()
+    return to_jsonable({"sites": sites, "same_as": same_as,
+                        "capture_seconds": time.perf_counter() - t0}), samples
+
+
+def _capture_key(config: Config, corpus, lang: str) -> dict[str, Any]:
+    return {"v": ITEM_VERSION, "experiment": EXPERIMENT, "item": "capture", "model": config.model,
+            "language": lang, "corpus_digest": protocol.corpus_digest(corpus.select([lang])),
+            "reservoir": config.reservoir, "include_bos": config.include_bos, "seed": config.seed,
+            "device": config.device}
+
+
+def _cached_capture(cache: ResultCache | None, key: dict) -> tuple[dict, dict] | None:
+    meta = cache.get(key) if cache is not None else None
+    npz = cache.path(key).with_suffix(".npz") if meta is not None else None
+    if meta is None or not npz.exists():
+        return None
+    try:
+        with np.load(npz) as data:
+            return meta, {s: data[s] for s in set(meta["same_as"].values())}
+    except (OSError, ValueError, KeyError):
+        return None  # unreadable: captured again
+
+
+def _store_capture(cache: ResultCache | None, key: dict, meta: dict, samples: dict) -> None:
+    if cache is None or cache.folder is None:
+        return
     buf = io.BytesIO()
-    np.savez(buf, **{f"{s}|{l}": v for s, d in samples.items() for l, v in d.items()})
-    atomic_write_bytes(path, buf.getvalue())
-    meta_cache.put({"capture": key}, {"sites": list(samples), "counts": counts, "shared": shared})
-    return samples, counts, shared
+    np.savez(buf, **samples)
+    atomic_write_bytes(cache.path(key).with_suffix(".npz"), buf.getvalue())
+    cache.put(key, meta)  # written last: the entry exists only when its samples do
 
 
-def _digest(corpus) -> str:
-    return hashlib.sha256(json.dumps(corpus.texts, sort_keys=True).encode()).hexdigest()[:16]
+def group_sites(captures: dict[str, dict]) -> dict[str, list[str]]:
+    """Sites that read the same tensor in every language, as ``{representative: [others]}``."""
+    langs = list(captures)
+    groups: dict[tuple, list[str]] = {}
+    for site in captures[langs[0]]["sites"]:
+        groups.setdefault(tuple(captures[l]["same_as"][site] for l in langs), []).append(site)
+    return {g[0]: g[1:] for g in groups.values()}
 
 
 # ---- per-site analysis ------------------------------------------------------------------------
 
-def analyse_site(samples: dict, counts: dict, args) -> dict:
+def analyse_site(samples: dict, counts: dict, config: Config) -> dict:
     """Theory and measurement for one site; returns ``{"rows": [...], "summary": {...}}``.
 
     Three views of every penalty: theory's (fitted families), the measured one (exact sweeps of
@@ -143,19 +179,19 @@ def analyse_site(samples: dict, counts: dict, args) -> dict:
     from empirical.optimal import empirical_language_alphas, measured_penalties
     from theory import language_alphas
 
+    bits, grid, min_n = config.bits, config.grid, config.min_samples
     langs = list(samples)
     weights = [counts[l] for l in langs]
-    fits = fit_languages(samples, min_samples=args.min_samples, max_samples=args.fit_samples,
-                         seed=args.seed, fix_loc=True)
-    la = language_alphas({l: fits[l][1] for l in langs}, args.bits, args.grid, mix_weights=weights)
-    em = empirical_language_alphas(samples, args.bits, args.grid, mix_weights=weights,
-                                   min_samples=args.min_samples)
-    priced = measured_penalties(samples, la.alpha, args.bits, args.grid, min_samples=args.min_samples)
+    fits = fit_languages(samples, min_samples=min_n, max_samples=config.fit_samples, seed=config.seed,
+                         fix_loc=True)
+    la = language_alphas({l: fits[l][1] for l in langs}, bits, grid, mix_weights=weights)
+    em = empirical_language_alphas(samples, bits, grid, mix_weights=weights, min_samples=min_n)
+    priced = measured_penalties(samples, la.alpha, bits, grid, min_samples=min_n)
     rows = []
     for j, l in enumerate(langs):
         f = fits[l][0]
-        own = measured_penalties({l: samples[l]}, {"own": float(la.alpha_star[j])}, args.bits, args.grid,
-                                 min_samples=args.min_samples)[l]["own"]
+        own = measured_penalties({l: samples[l]}, {"own": float(la.alpha_star[j])}, bits, grid,
+                                 min_samples=min_n)[l]["own"]
         rows.append({"language": l, "count": counts[l], "family": f.family,
                      "excess_kurtosis": f.excess_kurtosis,
                      "alpha_star": float(la.alpha_star[j]), "alpha_star_measured": float(em.alpha_star[j]),
@@ -165,7 +201,7 @@ def analyse_site(samples: dict, counts: dict, args) -> dict:
                      **{f"penalty_{c}": float(la.penalty[c][j]) for c in CHOICES},
                      **{f"penalty_{c}_measured": float(em.penalty[c][j]) for c in CHOICES},
                      **{f"penalty_{c}_at_theory_alpha": priced[l][c] for c in CHOICES}})
-    return {"rows": rows, "summary": {
+    return to_jsonable({"rows": rows, "summary": {
         **{f"alpha_{c}": la.alpha[c] for c in CHOICES},
         **{f"alpha_{c}_measured": em.alpha[c] for c in CHOICES},
         "worst_language_mix": la.worst("mix")[0], "worst_penalty_mix": la.worst("mix")[1],
@@ -174,7 +210,7 @@ def analyse_site(samples: dict, counts: dict, args) -> dict:
         "worst_penalty_minimax_measured": em.worst("minimax")[1],
         "worst_penalty_mix_at_theory_alpha": max(r["penalty_mix_at_theory_alpha"] for r in rows),
         "worst_penalty_minimax_at_theory_alpha": max(r["penalty_minimax_at_theory_alpha"] for r in rows),
-    }}
+    }})
 
 
 def _spearman(a, b) -> float:
@@ -187,41 +223,56 @@ def _spearman(a, b) -> float:
     return float(spearmanr(a[ok], b[ok]).statistic)
 
 
-def run(args: argparse.Namespace) -> dict:
-    import torch
-    from tqdm.auto import tqdm
+def _model_meta(meta: dict) -> dict[str, Any]:
+    return {k: v for k, v in meta.items() if isinstance(v, (str, int, float, bool, type(None)))}
 
-    from empirical.corpora import load_parallel_dir, load_udhr
-    from empirical.models import load_model, model_view
 
-    t0 = time.perf_counter()
-    out = Path(args.out) if args.out else default_out_dir(EXPERIMENT)
-    torch.manual_seed(args.seed)
-    model, tok, meta = load_model(args.model, device=args.device, seed=args.seed, return_metadata=True)
-    corpus = load_udhr(args.languages) if args.corpus == "udhr" else load_parallel_dir(args.corpus, args.languages)
-    if args.segments:
-        corpus = corpus.head(args.segments)
-    view = model_view(model)
-    samples, counts, shared = capture_inputs(args, model, tok, view, corpus, out / "cache")
-    t_capture = time.perf_counter() - t0
-
-    cache = ResultCache(out / "cache")
-    base = {"model": args.model, "corpus_digest": _digest(corpus), "languages": corpus.languages,
-            "bits": args.bits, "grid": args.grid, "reservoir": args.reservoir, "fit_samples": args.fit_samples,
-            "seed": args.seed, "segments": args.segments}
-    block_of = {q.name: q.block for q in view.linears}
-    rows, sites = [], []
-    for site in tqdm(list(samples), desc="layers", unit="layer"):
-        cfg = {**base, "site": site}
-        res = cache.get(cfg)
-        if res is None:
-            res = analyse_site(samples[site], counts[site], args)
-            cache.put(cfg, res)
-        sites.append({"site": site, "block": block_of.get(site), "shares_input_with": shared[site],
-                      **res["summary"]})
-        rows += [{"site": site, "block": block_of.get(site), **r} for r in res["rows"]]
-
+def run(config: Config, cache: ResultCache | None = None) -> protocol.Result:
+    """Capture every language (one cached item each), then analyse every distinct Linear input
+    (one cached item each) and summarise per language and over layers."""
+    corpus = protocol.load_corpus(config.corpus, config.languages, config.segments)
     langs = corpus.languages
+    captures, samples_by_lang = {}, {}
+    loaded, captured = None, 0
+    for lang in protocol.progress(langs, desc="capture", unit="language"):
+        key = _capture_key(config, corpus, lang)
+        hit = _cached_capture(cache, key)
+        if hit is None:
+            if loaded is None:  # a rerun from the cache loads no model
+                from empirical.models import load_model, model_view
+
+                model, tok, meta = load_model(config.model, device=config.device, seed=config.seed,
+                                              return_metadata=True)
+                loaded = (model, tok, model_view(model))
+            cap_meta, samples = capture_language(config, loaded, corpus, lang)
+            hit = ({**cap_meta, "model": _model_meta(meta)}, samples)
+            _store_capture(cache, key, *hit)
+            captured += 1
+        captures[lang], samples_by_lang[lang] = hit
+    groups = group_sites(captures)
+    model_meta = captures[langs[0]]["model"]
+
+    base = {"v": ITEM_VERSION, "experiment": EXPERIMENT, "item": "site", "model": config.model,
+            "corpus_digest": protocol.corpus_digest(corpus), "languages": langs, "bits": config.bits,
+            "grid": config.grid, "reservoir": config.reservoir, "fit_samples": config.fit_samples,
+            "min_samples": config.min_samples, "seed": config.seed, "include_bos": config.include_bos,
+            "device": config.device}
+    rows, sites = [], []
+    t0 = time.perf_counter()
+    for site in protocol.progress(list(groups), desc="layers", unit="layer"):
+        key = {**base, "site": site}
+        res = cache.get(key) if cache is not None else None
+        if res is None:
+            samples = {l: samples_by_lang[l][captures[l]["same_as"][site]] for l in langs}
+            counts = {l: captures[l]["sites"][site]["count"] for l in langs}
+            res = analyse_site(samples, counts, config)
+            if cache is not None:
+                cache.put(key, res)
+        block = captures[langs[0]]["sites"][site]["block"]
+        sites.append({"site": site, "block": block, "shares_input_with": groups[site], **res["summary"]})
+        rows += [{"site": site, "block": block, **r} for r in res["rows"]]
+    analysis_s = time.perf_counter() - t0
+
     per_language = []
     for l in langs:
         rl = [r for r in rows if r["language"] == l]
@@ -254,65 +305,44 @@ def run(args: argparse.Namespace) -> dict:
         "median_worst_penalty_minimax_measured": float(np.median([s["worst_penalty_minimax_measured"]
                                                                   for s in sites])),
     }
-    result = {
-        "experiment": EXPERIMENT,
-        "provenance": provenance(model=args.model, corpus=args.corpus, languages=langs, bits=args.bits,
-                                 grid=args.grid, segments=args.segments, reservoir=args.reservoir,
-                                 fit_samples=args.fit_samples, seed=args.seed, device=args.device,
-                                 quick=args.quick, include_bos=args.include_bos),
-        "model_metadata": {k: v for k, v in meta.items() if isinstance(v, (str, int, float, bool, type(None)))},
-        "baseline_note": PREQUANTIZED_NOTE if meta.get("prequantized") else "baseline is the model's own weights",
-        "languages": langs, "bits": args.bits, "grid": args.grid,
+    data = {
+        "model_metadata": model_meta,
+        "baseline_note": PREQUANTIZED_NOTE if model_meta.get("prequantized") else "baseline is the model's own weights",
+        "languages": langs, "bits": config.bits, "grid": config.grid,
         "agreement": agreement, "per_language": per_language, "sites": sites, "rows": rows,
-        "timing": {"capture_seconds": t_capture, "wall_seconds": time.perf_counter() - t0},
     }
-    write_outputs(out, result)
-    return result
+    # capture time as measured when each language was captured (also when read from the cache)
+    timing = {"capture_seconds": sum(captures[l]["capture_seconds"] for l in langs),
+              "languages_captured_now": captured, "analysis_seconds": analysis_s}
+    return protocol.Result(EXPERIMENT, config, to_jsonable(data), timing=timing)
 
 
-def write_outputs(out: Path, res: dict) -> None:
+def _short_site(s: str) -> str:
+    return s.split(".")[-3] + "." + s.split(".")[-1] if s.count(".") >= 2 else s
+
+
+def plot(result: protocol.Result, path: Path) -> Path:
+    """Left: measured penalty of the mix alpha, layer x language; right: theory's penalty against
+    the measured one."""
     use_agg()
     import matplotlib.pyplot as plt
 
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / f"{EXPERIMENT}.json", res)
-    cols = ["site", "block", "language", "count", "family", "excess_kurtosis", "alpha_star", "alpha_star_measured",
-            "penalty_own_at_theory_alpha", *[f"alpha_{c}" for c in CHOICES], *[f"alpha_{c}_measured" for c in CHOICES],
-            *[f"penalty_{c}" for c in CHOICES], *[f"penalty_{c}_measured" for c in CHOICES],
-            *[f"penalty_{c}_at_theory_alpha" for c in CHOICES]]
-    write_csv(out / f"{EXPERIMENT}.csv", res["rows"], cols)
-    trows = [{"language": p["language"], "mix_theory": p["median_penalty_mix"],
-              "mix_measured": p["median_penalty_mix_measured"],
-              "minimax_measured": p["median_penalty_minimax_measured"],
-              "weighted_measured": p["median_penalty_weighted_measured"],
-              "worst_layers": p["worst_in_layers_mix"]} for p in res["per_language"]]
-    write_latex_table(out / f"{EXPERIMENT}_table.tex", trows,
-                      ["language", "mix_theory", "mix_measured", "minimax_measured", "weighted_measured",
-                       "worst_layers"],
-                      ["Language", "Mix (theory)", "Mix (measured)", "Minimax (measured)",
-                       "Weighted (measured)", "Worst in layers"],
-                      caption=(f"Median over layers of each language's MSE penalty "
-                               f"$\\mathrm{{MSE}}_l(\\alpha)/\\mathrm{{MSE}}_l(\\alpha^*_l)-1$ of "
-                               f"{res['bits']}-bit {res['grid']} activation clipping at the calibration-mix, "
-                               "minimax and equally weighted alphas, and the number of layers in which "
-                               "the language pays most under the mix."),
-                      label="tab:language-alpha")
-    langs, sites = res["languages"], [s["site"] for s in res["sites"]]
+    langs, sites, rows = result["languages"], [s["site"] for s in result["sites"]], result["rows"]
     P = np.full((len(sites), len(langs)), np.nan)
-    for r in res["rows"]:
+    for r in rows:
         P[sites.index(r["site"]), langs.index(r["language"])] = r["penalty_mix_measured"]
     fig, ax = plt.subplots(1, 2, figsize=(12, max(4, 0.12 * len(sites) + 2)),
                            gridspec_kw={"width_ratios": [1, 1.2]})
     im = ax[0].imshow(100 * P, aspect="auto", cmap="magma_r")
     ax[0].set_xticks(range(len(langs)), langs, rotation=45, ha="right")
-    ax[0].set_yticks(range(len(sites)), [s.split(".")[-3] + "." + s.split(".")[-1] if s.count(".") >= 2 else s
-                                         for s in sites], fontsize=5)
+    ax[0].set_yticks(range(len(sites)), [_short_site(s) for s in sites], fontsize=5)
     fig.colorbar(im, ax=ax[0]).set_label("measured penalty of the mix alpha (%)")
     ax[0].set_title("penalty of the calibration-mix alpha", fontsize=9)
-    t = np.array([r["penalty_mix"] for r in res["rows"]])
-    m = np.array([r["penalty_mix_measured"] for r in res["rows"]])
+    t = np.array([np.nan if r["penalty_mix"] is None else r["penalty_mix"] for r in rows], dtype=float)
+    m = np.array([np.nan if r["penalty_mix_measured"] is None else r["penalty_mix_measured"] for r in rows],
+                 dtype=float)
     for l in langs:
-        sel = np.array([r["language"] == l for r in res["rows"]])
+        sel = np.array([r["language"] == l for r in rows])
         ax[1].scatter(np.clip(t[sel], 1e-5, None), np.clip(m[sel], 1e-5, None), s=8, label=l, alpha=0.7)
     lim = [1e-5, max(1e-4, float(np.nanmax(np.r_[t, m])) * 2)]
     ax[1].plot(lim, lim, "k--", lw=0.8)
@@ -320,30 +350,89 @@ def write_outputs(out: Path, res: dict) -> None:
     ax[1].set_yscale("log")
     ax[1].set_xlabel("theory penalty (fitted families)")
     ax[1].set_ylabel("measured penalty (exact sweep on samples)")
-    ax[1].set_title(f"Spearman {res['agreement']['spearman_penalty_mix']:.2f}", fontsize=9)
+    rho = result["agreement"].get("spearman_penalty_mix")
+    ax[1].set_title(f"Spearman {rho:.2f}" if rho is not None else "Spearman n/a", fontsize=9)
     ax[1].legend(fontsize=7, ncol=2)
-    fig.suptitle(f"{res['provenance']['config']['model']}, {res['bits']}-bit {res['grid']} activations: "
-                 f"{res['baseline_note']}", fontsize=8)
-    save_figure(fig, out / f"{EXPERIMENT}.png")
+    fig.suptitle(f"{result.config_dict.get('model')}, {result['bits']}-bit {result['grid']} activations: "
+                 f"{result['baseline_note']}", fontsize=8)
+    out = save_figure(fig, path)
     plt.close(fig)
+    return out
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
-    args = parse_args(argv)
-    res = run(args)
-    a = res["agreement"]
-    print(f"{len(res['sites'])} layer inputs x {len(res['languages'])} languages; theory vs measured penalty of "
-          f"the mix alpha: Spearman {a['spearman_penalty_mix']:.2f}, median |error| "
-          f"{a['median_abs_error_penalty_mix']:.3g}; worst language agrees in "
-          f"{100 * a['worst_language_agreement']:.0f}% of layers; theory's own alpha*_l costs a median "
-          f"{100 * a['median_penalty_own_at_theory_alpha']:.1f}% (fit error), alpha* within "
-          f"{100 * a['median_rel_error_alpha_star']:.1f}% (median)")
-    for p in res["per_language"]:
-        print(f"  {p['language']}: median penalty mix {100 * p['median_penalty_mix_measured']:.2f}% "
-              f"(theory {100 * p['median_penalty_mix']:.2f}%), minimax "
-              f"{100 * p['median_penalty_minimax_measured']:.2f}%, worst in {p['worst_in_layers_mix']} layers")
-    return res
+def write(result: protocol.Result, out: Path) -> list[Path]:
+    out = Path(out)
+    cols = ["site", "block", "language", "count", "family", "excess_kurtosis", "alpha_star", "alpha_star_measured",
+            "penalty_own_at_theory_alpha", *[f"alpha_{c}" for c in CHOICES], *[f"alpha_{c}_measured" for c in CHOICES],
+            *[f"penalty_{c}" for c in CHOICES], *[f"penalty_{c}_measured" for c in CHOICES],
+            *[f"penalty_{c}_at_theory_alpha" for c in CHOICES]]
+    files = [write_csv(out / f"{EXPERIMENT}.csv", result["rows"], cols)]
+    trows = [{"language": p["language"], "mix_theory": p["median_penalty_mix"],
+              "mix_measured": p["median_penalty_mix_measured"],
+              "minimax_measured": p["median_penalty_minimax_measured"],
+              "weighted_measured": p["median_penalty_weighted_measured"],
+              "worst_layers": p["worst_in_layers_mix"]} for p in result["per_language"]]
+    files.append(write_latex_table(
+        out / f"{EXPERIMENT}_table.tex", trows,
+        ["language", "mix_theory", "mix_measured", "minimax_measured", "weighted_measured", "worst_layers"],
+        ["Language", "Mix (theory)", "Mix (measured)", "Minimax (measured)", "Weighted (measured)",
+         "Worst in layers"],
+        caption=(f"Median over layers of each language's MSE penalty "
+                 f"$\\mathrm{{MSE}}_l(\\alpha)/\\mathrm{{MSE}}_l(\\alpha^*_l)-1$ of "
+                 f"{result['bits']}-bit {tex_text(result['grid'])} activation clipping at the calibration-mix, "
+                 "minimax and equally weighted alphas, and the number of layers in which "
+                 "the language pays most under the mix."),
+        label="tab:language-alpha"))
+    files.append(plot(result, out / f"{EXPERIMENT}.png"))
+    files.append(write_json(out / f"{EXPERIMENT}.json", result.to_json()))
+    return files
+
+
+def summary(result: protocol.Result) -> str:
+    a = result["agreement"]
+    worst = max(result["per_language"], key=lambda p: p["median_penalty_mix_measured"])
+    return (f"{len(result['sites'])} layer inputs x {len(result['languages'])} languages; theory vs measured "
+            f"penalty of the mix alpha: Spearman {a['spearman_penalty_mix']:.2f}; worst language agrees in "
+            f"{100 * a['worst_language_agreement']:.0f}% of layers; most penalised {worst['language']} "
+            f"(median {100 * worst['median_penalty_mix_measured']:.2f}% under the mix)")
+
+
+def macros(result: protocol.Result) -> MacroSet:
+    """The numbers section "Language-aware clipping" of the paper quotes (``\\LA...``)."""
+    ms = MacroSet(f"{EXPERIMENT}.json")
+    ag = result.get("agreement") or {}
+    ms.add("LAModel", result.config_dict.get("model"), "provenance.config.model")
+    ms.add("LABits", result.get("bits"), "bits")
+    ms.add("LAGrid", result.get("grid"), "grid")
+    ms.add("LANumSites", len(result.get("sites", [])), "len(sites)")
+    ms.add("LANumLanguages", len(result.get("languages", [])), "len(languages)")
+    ms.add("LASpearman", ag.get("spearman_penalty_mix"), "agreement.spearman_penalty_mix")
+    for name, key in (("LAWorstAgreement", "worst_language_agreement"),
+                      ("LAAlphaStarRelError", "median_rel_error_alpha_star"),
+                      ("LAOwnPenalty", "median_penalty_own_at_theory_alpha"),
+                      ("LAWorstMixMeasured", "median_worst_penalty_mix_measured"),
+                      ("LAWorstMinimaxMeasured", "median_worst_penalty_minimax_measured"),
+                      ("LAWorstMixTheory", "median_worst_penalty_mix")):
+        ms.add_pct(name, ag.get(key), f"agreement.{key}")
+    per = result.get("per_language", [])
+    for p in per:
+        l = p["language"]
+        ms.add_pct(["LAPenaltyMix", l], p.get("median_penalty_mix_measured"),
+                   f"per_language[{l}].median_penalty_mix_measured")
+        ms.add_pct(["LAPenaltyMinimax", l], p.get("median_penalty_minimax_measured"),
+                   f"per_language[{l}].median_penalty_minimax_measured")
+        ms.add(["LAWorstLayers", l], p.get("worst_in_layers_mix"), f"per_language[{l}].worst_in_layers_mix")
+    if per:
+        top = max(per, key=lambda p: p.get("median_penalty_mix_measured") or -1.0)
+        ms.add("LAMostPenalised", top["language"], "argmax per_language[].median_penalty_mix_measured")
+        ms.add_pct("LAMostPenalisedMix", top.get("median_penalty_mix_measured"),
+                   "max per_language[].median_penalty_mix_measured")
+    return ms
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return protocol.main(__name__, argv)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
