@@ -110,7 +110,7 @@ def octav_alpha(x, bits: int, grid: Grid | str = "aciq", iters: int = 50, tol: f
 
         alpha_{n+1} = E[|X| 1{|X| > alpha_n}] / (c P(|X| <= alpha_n) + P(|X| > alpha_n)),
 
-    where ``c alpha^2 = step^2 / 12`` is the uniform rounding noise. For the symmetric grids with
+    where ``c alpha^2 = step^2 / 12`` is the uniform rounding noise. For the grids with
     step ``2 alpha / 2^M`` (``aciq``, ``midrise``, ``midtread``) ``c = 4^-M / 3``, the paper's
     constant; for ``int`` and ``uint`` ``c`` follows their step (docs/design.md), e.g.
     ``1 / (12 (2^(M-1) - 1)^2)`` for ``int``. Expectations are sample means over ``|x|``.

@@ -122,7 +122,7 @@ def synthetic_results() -> dict[str, dict]:
                                         "penalty_octav": {"median": 5e-5},
                                         "penalty_absmax": {"median": 5.33},
                                         "alpha_rel_diff": {"median": 0.03}} for b in (2, 4, 8)]},
-          "elapsed_s": 8.3}
+          "timing": {"wall_seconds": 8.3}}
     langs = ["eng_Latn", "heb_Hebr", "zho_Hans"]
     dist_rows = [{"site": f"model.layers.{i}", "kind": "residual", "layer": i, "language": l,
                   "excess_kurtosis": 100.0 * (i + 1), "best_family": "student_t" if i else "gennorm",
@@ -311,7 +311,7 @@ def test_derivations_are_latex_of_the_theory(standin_run):
     assert r"\begin{align*}" in text and r"\end{align*}" in text
     assert "W" in text  # alpha* = b W(3 4^M)
     stems = {p.stem for p in (root / "derivations").glob("*.tex")}
-    assert {"gaussian_aciq", "aciq_mse_student_t", "rate_distortion_gaussian"} <= stems
+    assert {"gaussian_aciq", "student_t_aciq_mse", "rate_distortion_gaussian", "protection_sharpness"} <= stems
     assert _balanced((root / "derivations.tex").read_text())
 
 
@@ -418,3 +418,8 @@ def test_quick_run_produces_every_file_and_macro_the_paper_uses(quick_results):
     for name, value in macros.items():
         x = tex_number(value)
         assert x is None or math.isfinite(x), (name, value)
+    if man["pdf"] is not None:  # LaTeX installed (always under CI): the PDF built, with no
+        assert man["pdf"]["status"] == "ok", man["pdf"]  # undefined reference or citation
+        assert (root / "paper" / "main.pdf").read_bytes()[:5] == b"%PDF-"
+        log = (root / "paper" / "main.log").read_text(errors="replace")
+        assert not re.search(r"(Reference|Citation) `[^']*' .*undefined", log), "undefined references in the PDF"

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from .distributions import FAMILIES, family
 from .mse import aciq_mse_expr
 
-__all__ = ["Derivation", "laplace_aciq", "gaussian_aciq", "aciq_clipping", "to_latex", "all_derivations"]
+__all__ = ["Derivation", "laplace_aciq", "gaussian_aciq", "aciq_clipping", "rate_distortion_derivation",
+           "protection_derivation", "to_latex", "all_derivations"]
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,7 @@ class Derivation:
 
     name: str
     steps: dict[str, sp.Basic] = field(default_factory=dict)
+    title: str = ""  # how the paper heads it
 
     def __getitem__(self, key: str) -> sp.Basic:
         return self.steps[key]
@@ -56,7 +58,7 @@ def laplace_aciq() -> Derivation:
     w = sp.LambertW(z)
     mse_star = sp.factor(sp.simplify(mse.subs(a, alpha_star).replace(
         lambda e: e == sp.exp(-w), lambda e: w / z)))
-    return Derivation("laplace_aciq", {
+    return Derivation("laplace_aciq", title="ACIQ for a Laplace density", steps={
         "clipping": sp.Eq(sp.Symbol("E_clip"), clip),
         "mse": sp.Eq(sp.Symbol("MSE"), mse),
         "alpha_star": sp.Eq(sp.Symbol("alpha^*"), alpha_star),
@@ -79,7 +81,7 @@ def gaussian_aciq() -> Derivation:
     clip = sp.simplify((2 * sp.integrate((x - a) ** 2 * pdf, (x, a, sp.oo))).rewrite(sp.erfc))
     mse = clip + a**2 / (3 * 4**M)
     stationarity = sp.Eq(sp.simplify(sp.diff(mse, a)), 0)
-    return Derivation("gaussian_aciq", {
+    return Derivation("gaussian_aciq", title="ACIQ for a Gaussian density", steps={
         "clipping": sp.Eq(sp.Symbol("E_clip"), clip),
         "mse": sp.Eq(sp.Symbol("MSE"), mse),
         "stationarity": stationarity,
@@ -95,7 +97,7 @@ def aciq_clipping(name: str) -> Derivation:
 
     cls = family(name)
     expr, a, M = aciq_mse_expr(cls)
-    return Derivation(f"{cls.name}_aciq_mse", {
+    return Derivation(f"{cls.name}_aciq_mse", title=f"Unit-scale ACIQ MSE, {cls.label}", steps={
         "pdf": sp.Eq(sp.Function("f")(X), cls.pdf_expr()),
         "mse": sp.Eq(sp.Symbol("MSE"), expr),
         "dmse": sp.Eq(sp.Symbol("dMSE/dalpha"), sp.diff(expr, a)),
@@ -116,5 +118,30 @@ def to_latex(d: Derivation) -> str:
     return "\n".join(lines) + "\n"
 
 
+def rate_distortion_derivation(name: str) -> Derivation:
+    """The Shannon lower bound and the Panter-Dite value of family ``name`` (theory.rate_distortion)."""
+    import sympy as sp
+
+    from .rate_distortion import panter_dite_expr, shannon_lower_bound_expr
+
+    cls = family(name)
+    return Derivation(f"rate_distortion_{cls.name}", title=f"Rate-distortion reference points, {cls.label}",
+                      steps={"Shannon lower bound": sp.Eq(sp.Symbol("D_SLB"), shannon_lower_bound_expr(cls)),
+                             "Panter-Dite": sp.Eq(sp.Symbol("D_PD"), panter_dite_expr(cls))})
+
+
+def protection_derivation() -> Derivation:
+    """The slope of the disparity curve at the crossing (theory.protection)."""
+    from .protection import sharpness_derivation
+
+    return Derivation("protection_sharpness", sharpness_derivation(),
+                      title="Slope of the disparity curve at the crossing")
+
+
 def all_derivations() -> list[Derivation]:
-    return [laplace_aciq(), gaussian_aciq(), *(aciq_clipping(n) for n in FAMILIES if not FAMILIES[n].one_sided)]
+    """Every derivation the paper prints, in its order (``validate.all`` writes each as
+    ``derivations/<name>.tex``)."""
+    return [laplace_aciq(), gaussian_aciq(),
+            *(aciq_clipping(n) for n in FAMILIES if not FAMILIES[n].one_sided),
+            rate_distortion_derivation("gaussian"), rate_distortion_derivation("laplace"),
+            protection_derivation()]

@@ -17,7 +17,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 __all__ = [
-    "tex_text", "format_number", "write_latex_table", "Macro", "MacroSet", "macro_name",
+    "Tex", "tex_text", "format_number", "write_latex_table", "Macro", "MacroSet", "macro_name",
     "number_word", "render_macros", "NA", "finite", "median", "vmax", "vmin", "find_pdf_tool",
     "build_pdf", "PDF_HELP",
 ]
@@ -33,6 +33,10 @@ def tex_text(s: Any) -> str:
     """Escape text for LaTeX (every special character, backslash included); non-ASCII
     characters become ``?`` so that any engine compiles it."""
     return "".join(_TEX_SPECIAL.get(c, c) if c.isascii() else "?" for c in str(s))
+
+
+class Tex(str):
+    """Text that is LaTeX already (``Tex(r"$R^2$")``): tables and macros print it unescaped."""
 
 
 def format_number(x: float, sig: int = 3) -> str:
@@ -60,6 +64,8 @@ def format_number(x: float, sig: int = 3) -> str:
 
 
 def _cell(v: Any, digits: int) -> str:
+    if isinstance(v, Tex):
+        return str(v)
     if v is None:
         return "--"
     if isinstance(v, bool):
@@ -82,8 +88,8 @@ def write_latex_table(path, rows: Sequence[Mapping[str, Any]], columns: Sequence
                       label: str | None = None, digits: int = 4):
     """Atomically write a booktabs ``tabular`` (in a ``table`` float when ``caption`` is given).
 
-    ``headers`` are LaTeX already; cells are escaped and numbers formatted by
-    :func:`format_number`.
+    ``headers`` are LaTeX already; cells are escaped (unless :class:`Tex`) and numbers formatted
+    by :func:`format_number`.
     """
     from validate._common import atomic_write_text
 

@@ -10,10 +10,6 @@ __all__ = ["SYNTHETIC_FAMILIES", "synthetic_distribution", "sample_family", "val
 #: family name -> the representative member (unit-ish scale) used by the synthetic experiments
 SYNTHETIC_FAMILIES = ("gaussian", "laplace", "gennorm", "student_t", "lognormal")
 
-_LABEL = {"gaussian": "Gaussian", "laplace": "Laplace", "gennorm": "generalized Gaussian",
-          "student_t": "Student-t", "lognormal": "lognormal"}
-
-
 def synthetic_distribution(family: str):
     """The member of ``family`` used in the synthetic experiments."""
     from theory import Gaussian, GeneralizedGaussian, Laplace, Lognormal, StudentT
@@ -46,5 +42,7 @@ def sample_family(family: str, samples: int, seed: int) -> np.ndarray:
 
 
 def family_label(family: str) -> str:
-    """How the paper names a family."""
-    return _LABEL.get(family, family)
+    """How the paper names a family (the family class's ``label``)."""
+    from theory import FAMILIES
+
+    return FAMILIES[family].label if family in FAMILIES else family

@@ -14,7 +14,9 @@ root:
 * ``manifest.json``: run id, times, quick flag, git commit, what each experiment did, and every
   file this run wrote (path relative to the root, sha256, size, writer);
 * with ``--pdf``: ``paper/main.pdf``, built with latexmk or tectonic from a copy of ``paper/``
-  that reads the root.
+  that reads the root;
+* with ``--update-docs``: the README's snapshot ``docs/phase_transition.png``, copied from this
+  run's headline figure (its sha256 in the manifest).
 
 A failing experiment is reported by name; the others still run, and the command exits non-zero.
 Each experiment caches its items under ``<root>/<name>/cache``, so a rerun is fast and an
@@ -37,8 +39,11 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from validate import _protocol as protocol
-from validate._common import ROOT, atomic_write_text, default_out_dir, git_commit, package_versions, write_json
+from validate._common import ROOT, atomic_write_bytes, atomic_write_text, default_out_dir, git_commit, package_versions, write_json
 from validate._latex import MacroSet, build_pdf, find_pdf_tool, PDF_HELP, render_macros, tex_text
+
+#: The README's snapshot of the headline figure, written by ``--update-docs``.
+DOCS_FIGURE = ROOT / "docs" / "phase_transition.png"
 
 
 @dataclass
@@ -89,7 +94,7 @@ def write_derivations(root: Path) -> list[Path]:
     for d in all_derivations():
         tex = to_latex(d)
         written.append(atomic_write_text(root / "derivations" / f"{d.name}.tex", tex))
-        parts.append(rf"\paragraph{{{tex_text(getattr(d, 'title', '') or d.name)}}}" + "\n" + tex)
+        parts.append(rf"\paragraph{{{tex_text(d.title or d.name)}}}" + "\n" + tex)
     written.append(atomic_write_text(root / "derivations.tex", "\n".join(parts)))
     return written
 
@@ -143,7 +148,13 @@ def parse_args(argv: Sequence[str] | None, names: Sequence[str]) -> argparse.Nam
                    help=f"run only these ({', '.join(names)}); macros still read every result present")
     p.add_argument("--fail-fast", action="store_true", help="stop at the first failing experiment")
     p.add_argument("--pdf", action="store_true", help="then build <root>/paper/main.pdf with latexmk or tectonic")
-    return p.parse_args(argv)
+    p.add_argument("--update-docs", action="store_true",
+                   help=f"then copy the headline figure to {DOCS_FIGURE.relative_to(ROOT)} (the README's snapshot; "
+                        "refused with --quick)")
+    args = p.parse_args(argv)
+    if args.update_docs and args.quick:
+        p.error("--update-docs takes the paper's numbers: run without --quick")
+    return args
 
 
 def run_all(argv: Sequence[str] | None = None, experiments: Mapping[str, str] | None = None) -> int:
@@ -205,6 +216,15 @@ def run_all(argv: Sequence[str] | None = None, experiments: Mapping[str, str] | 
                 say(f"PDF FAILED: {exc}", True)
             own += _written(before, _snapshot(root / "paper"))
 
+    docs = None
+    headline = root / "phase_transition" / "phase_transition.png"
+    if args.update_docs and any(o.name == "phase_transition" and o.status == "ok" for o in outcomes):
+        atomic_write_bytes(DOCS_FIGURE, headline.read_bytes())
+        docs = {"path": str(DOCS_FIGURE.relative_to(ROOT)), "sha256": sha256_file(DOCS_FIGURE)}
+        say(f"README snapshot: {DOCS_FIGURE}")
+    elif args.update_docs:
+        say("--update-docs: not updated (phase_transition did not run successfully now)", True)
+
     files = [{"path": p, "writer": o.name} for o in outcomes for p in o.files]
     files += [{"path": _rel(p, root), "writer": "validate.all"} for p in own]
     for f in files:
@@ -219,12 +239,13 @@ def run_all(argv: Sequence[str] | None = None, experiments: Mapping[str, str] | 
         "macros": {"file": "macros.tex", "count": len(ms), "unavailable": [m.name for m in ms if not m.available],
                    "error": macro_error, "sources": sources,
                    "values": {m.name: {"value": m.value, "tex": m.tex(), "source": m.source} for m in ms}},
-        "pdf": pdf_info, "files": sorted(files, key=lambda f: f["path"]),
+        "pdf": pdf_info, "docs_snapshot": docs, "files": sorted(files, key=lambda f: f["path"]),
     })
     say(f"manifest.json: {len(files)} files written by this run; total {time.perf_counter() - t_start:.1f} s")
     problems = [f"experiment {o.name} failed ({o.reason})" for o in failed]
     problems += [f"macros.tex failed ({macro_error})"] if macro_error else []
     problems += [f"PDF build failed ({pdf_info['reason']})"] if pdf_info and pdf_info["status"] == "failed" else []
+    problems += ["--update-docs: the headline figure was not produced now"] if args.update_docs and docs is None else []
     if problems:
         say("FAILED: " + "; ".join(problems), True)
         return 1

@@ -42,7 +42,7 @@ import numpy as np
 from empirical.disparity import bootstrap_disparity, degradation, disparity, r_squared
 from validate import _protocol as protocol
 from validate._common import ResultCache, save_figure, use_agg, write_csv, write_json
-from validate._latex import MacroSet, finite, tex_text, write_latex_table
+from validate._latex import MacroSet, Tex, finite, tex_text, write_latex_table
 
 EXPERIMENT = "phase_transition"
 PREQUANTIZED_NOTE = ("baseline is the dequantized Q4_K_M GGUF (weights already quantized to about "
@@ -166,7 +166,7 @@ FIT_SAMPLES = 8000
 def weight_fits(linears, seed: int, cache: ResultCache | None = None) -> dict[str, dict]:
     """Best-fit family (BIC) of every Linear's weights, as theory distributions' parameters.
 
-    Fitted with the location fixed at 0, since the quantizer grid is symmetric about 0, on a
+    Fitted with the location fixed at 0, since the quantizer is centred at 0, on a
     seeded subsample of ``FIT_SAMPLES`` weights. Cached by the Linears' names and a float64
     checksum of their weights, so every run on the same model (quick or full, any corpus) fits
     once.
@@ -391,14 +391,14 @@ def write(result: protocol.Result, out: Path) -> list[Path]:
                         "predicted_calibrated", "bound_at_rate", "bound_any_quantizer", "protected_unit",
                         *[f"d_{l}" for l in langs]])]
     bound = res["disparity_bound"]
-    rows = [("p* measured", res["pstar_measured"]),
-            ("p* predicted", res["pstar_predicted"]),
-            ("R^2 predicted vs measured D(p)", res["r2_curve"]),
-            ("p* predicted, calibrated (one factor per language)", res["pstar_predicted_calibrated"]),
-            ("R^2 calibrated prediction (k >= 1)", res["r2_curve_calibrated"]),
+    rows = [(Tex(r"$p^\ast$ measured"), res["pstar_measured"]),
+            (Tex(r"$p^\ast$ predicted"), res["pstar_predicted"]),
+            (Tex(r"$R^2$ of the predicted against the measured $D(p)$"), res["r2_curve"]),
+            (Tex(r"$p^\ast$ predicted, calibrated (one factor per language)"), res["pstar_predicted_calibrated"]),
+            (Tex(r"$R^2$ of the calibrated prediction ($k \ge 1$)"), res["r2_curve_calibrated"]),
             ("disparity, nothing protected", res["curve"][0]["disparity"]),
-            ("95% CI low", res["curve"][0]["ci_low"]),
-            ("95% CI high", res["curve"][0]["ci_high"]),
+            ("its 95% confidence interval, low end", res["curve"][0]["ci_low"]),
+            ("its 95% confidence interval, high end", res["curve"][0]["ci_high"]),
             ("lowest reachable disparity at this rate, nothing protected", res["curve"][0]["bound_at_rate"]),
             ("share of measured points above that bound",
              bound["measured_above_bound_at_rate"] / max(bound["points"], 1))]
