@@ -332,7 +332,7 @@ def plot(result: protocol.Result, path: Path) -> Path:
     for r in rows:
         P[sites.index(r["site"]), langs.index(r["language"])] = r["penalty_mix_measured"]
     fig, ax = plt.subplots(1, 2, figsize=(12, max(4, 0.12 * len(sites) + 2)),
-                           gridspec_kw={"width_ratios": [1, 1.2]})
+                           gridspec_kw={"width_ratios": [1, 1.2]}, layout="constrained")
     im = ax[0].imshow(100 * P, aspect="auto", cmap="magma_r")
     ax[0].set_xticks(range(len(langs)), langs, rotation=45, ha="right")
     ax[0].set_yticks(range(len(sites)), [_short_site(s) for s in sites], fontsize=5)
