@@ -120,6 +120,11 @@ class Gemma3(Rotary):
 
     model_types = ("gemma3_text",)
 
+    def unsupported(self):
+        if getattr(self.config, "use_bidirectional_attention", False):
+            return "bidirectional attention (replay builds causal masks)"
+        return super().unsupported()
+
     def for_batch(self, h, batch):
         per_type = {}
         for kind in set(self.config.layer_types):

@@ -220,7 +220,6 @@ class BpbEngine:
 
         layout = packed_layout(self._windows, self._pad, pack_length, *self._batching, self.device) if pack else None
         self._layout: Layout = layout or padded_layout(self._windows, self._pad, *self._batching, self.device)
-        self._owner = self._layout.owner
         self._head = ChunkedHead(model, head_chunk, head_rows)
         self._replay = ResidualReplay(model)
         self.blocks = self._replay.blocks
@@ -307,7 +306,6 @@ class BpbEngine:
                               "restarted position ids; scoring uses padded batches instead", RuntimeWarning,
                               stacklevel=4)
                 self._layout = padded_layout(self._windows, self._pad, *self._batching, self.device)
-                self._owner = self._layout.owner
         if self._head_exact is None:
             b = self.batches[-1]  # the longest rows
             mini = b.take(0, min(2, b.ids.shape[0]))
@@ -323,7 +321,7 @@ class BpbEngine:
     def _collect(self, nll: torch.Tensor) -> dict[str, np.ndarray]:
         """Per-token NLL in batch order -> per-segment NLL per key."""
         seg = np.zeros(self.n_segments, dtype=np.float64)
-        np.add.at(seg, self._owner, nll.double().cpu().numpy())
+        np.add.at(seg, self._layout.owner, nll.double().cpu().numpy())
         return {k: seg[self._slices[k]].copy() for k in self.keys}
 
     def _targets(self) -> torch.Tensor:
@@ -339,10 +337,10 @@ class BpbEngine:
         :meth:`nll`.
         """
         self._check_first_use()
-        need = self._replay.record_bytes(self.batches)
         reason = self._replay.unsupported
         if reason is None and not self._head_exact:
             reason = "the output layer is scored from the model's own logits, not from hidden states"
+        need = self._replay.record_bytes(self.batches)
         if reason is None and need > self.max_record_bytes:
             reason = f"recording would take {need / 2**20:.0f} MiB (> max_record_bytes)"
         if reason is None:
@@ -352,14 +350,14 @@ class BpbEngine:
             reason = self._replay.verify(b.take(b.ids.shape[0] - 1, b.ids.shape[0]))  # the longest row
             if reason is not None:
                 self._replay.forget()
-            else:
-                self._replay_unavailable = None
-                return self._collect(self._head.nll(torch.cat(finals), self._targets()))
-        if reason != self._replay_unavailable:  # once per reason, however often record() is retried
+            nll = self._collect(self._head.nll(torch.cat(finals), self._targets()))
+        else:
+            nll = self.nll()
+        if reason is not None and reason != self._replay_unavailable:  # once, however often retried
             warnings.warn(f"{type(self.model).__name__}: no residual stream kept for replay ({reason}); "
                           "every pass will run all blocks", RuntimeWarning, stacklevel=3)
         self._replay_unavailable = reason
-        return self.nll()
+        return nll
 
     @torch.no_grad()
     def nll(self, start_block: int = 0) -> dict[str, np.ndarray]:
@@ -399,7 +397,8 @@ class BpbEngine:
         seg = np.asarray(nll[key], dtype=np.float64)
         nb = self.n_bytes[key]
         sl = self._slices[key]
-        n_tok = int(((self._owner >= sl.start) & (self._owner < sl.stop)).sum())
+        owner = self._layout.owner
+        n_tok = int(((owner >= sl.start) & (owner < sl.stop)).sum())
         total = float(seg.sum())
         return BpbResult(total / (math.log(2) * int(nb.sum())), total, int(nb.sum()), n_tok, seg, nb)
 
