@@ -43,7 +43,7 @@ def test_bad_flags_are_refused_before_the_model_loads(tmp_path, capsys):
                          (["--bits", "0"], "--bits"), (["--bits", "17"], "--bits"), (["--grid", "foo"], "--grid"),
                          (["--grid", "uint"], "--grid"), (["--model", "/nonexistent"], "no such folder"),
                          (["--corpus", "/nonexistent"], "--corpus"), (["--languages", "en", "xx-nope"], "--languages"),
-                         (["--reference", "fr"], "--reference")):
+                         (["--reference", "sw"], "--reference")):
         assert pt.main([*argv, "--out", str(out)]) == 2, argv
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and needle in err[0], (argv, err)

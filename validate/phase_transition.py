@@ -307,9 +307,10 @@ def run(config: Config, cache: ResultCache | None = None) -> protocol.Result:
         "pstar_predicted_calibrated": critical_fraction(p_pred, d_cal),
         "disparity_bound": bound_check(curve, shrink),
         "fits": fit_rows,
-        # forward passes this result consists of: the baseline, one per unit, and one per curve
-        # point with anything quantized (the k = n point is the baseline)
-        "passes_in_result": 1 + n + sum(1 for m in curve if m["k"] < n),
+        # distinct forward passes this result consists of: the baseline, one per unit, and one per
+        # curve point with two or more units quantized (k = n - 1 is a single-unit pass, k = n the
+        # baseline)
+        "passes_in_result": 1 + n + sum(1 for m in curve if m["k"] < n - 1),
         "scored_tokens_per_pass": engine.n_tokens,
         "padding_fraction": engine.padding_fraction,
     }
