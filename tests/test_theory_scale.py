@@ -31,7 +31,10 @@ def quad_mse_int_grid(pdf, alpha: float, bits: int, scale: float) -> float:
     # the top level alpha takes everything above (n - 1/2) step, clipped values included
     lo = (n - 0.5) * step
     total += integrate.quad(lambda x: (x - alpha) ** 2 * pdf(x), lo, alpha, epsabs=0, epsrel=1e-12)[0]
-    total += integrate.quad(lambda x: (x - alpha) ** 2 * pdf(x), alpha, math.inf, epsabs=0, epsrel=1e-12)[0]
+    # the tail, up to 60 scales beyond alpha (the rest is below 1e-24 of it): a finite interval,
+    # since quad's map of [alpha, inf) loses accuracy at large scales
+    total += integrate.quad(lambda x: (x - alpha) ** 2 * pdf(x), alpha, alpha + 60 * scale,
+                            epsabs=0, epsrel=1e-12, limit=200)[0]
     return 2.0 * total
 
 
