@@ -136,6 +136,9 @@ def synthetic_results() -> dict[str, dict]:
                               "theory_ratio": 2.0, "min_language": "eng_Latn", "max_language": "heb_Hebr"},
                              {"site": "model.layers.1", "kind": "residual", "layer": 1, "ratio": 1.2,
                               "theory_ratio": 3.0, "min_language": "zho_Hans", "max_language": "eng_Latn"}],
+            "channel_energy": [{"site": f"model.layers.{i}", "layer": i, "language": "all", "channels": 640,
+                                "top_channel": 163, "top_share": 0.5 + 0.1 * i, "channels_for_half": 3 - i}
+                               for i in range(3)],
             "provenance": _prov(model="gemma-3-270m")}
     rd_items = []
     for k, fam in enumerate(fams):
@@ -264,6 +267,8 @@ def test_all_writes_well_formed_macros_from_results(standin_run):
     assert numbers["DistSpreadMaxRatio"] == pytest.approx(5.42)
     assert numbers["DistSpreadMedianRatio"] == pytest.approx((5.42 + 1.2) / 2, rel=1e-2)
     assert macros["DistSpreadMaxHighLanguage"] == r"heb\_Hebr"
+    assert macros["DistTopChannelShareMedian"] == r"60\%" and macros["DistTopChannelShareMax"] == r"70\%"
+    assert numbers["DistTopChannelShareMaxLayer"] == 2 and numbers["DistChannelsForHalfMedian"] == 2
     assert numbers["RDECSQGapBits"] == pytest.approx(0.255)
     assert numbers["RDLloydMaxMseGaussianOne"] == pytest.approx(0.363)
     assert numbers["RDGapUniformMaxFour"] == pytest.approx(1.2 + 0.4)
