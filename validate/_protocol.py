@@ -12,9 +12,9 @@ docs/design.md, "Experiment protocol". A module ``validate.<name>`` defines
   runs without caching);
 * ``write(result, out) -> list[Path]``: figure, table and ``<name>.json`` (with provenance);
 * ``macros(result) -> MacroSet``: the numbers the paper quotes;
-* ``main(argv=None) -> int``: ``return protocol.main(__name__, argv)``.
+* ``main = protocol.entry_point(__name__)``, so ``main(argv=None) -> int``.
 
-:func:`main` turns ``Config`` into a command line (one flag per field, its default shown in
+:func:`main_of` turns ``Config`` into a command line (one flag per field, its default shown in
 ``--help``; ``--quick`` starts from ``Config.quick()`` and explicit flags override), refuses bad
 flags with one line and exit status 2, runs, stamps provenance and wall time on the result,
 writes and prints the module's one-line summary. ``validate.all`` reads a written result back
@@ -38,8 +38,8 @@ from typing import Any, Iterable, Sequence
 from validate._common import ResultCache, default_out_dir, provenance, read_json, to_jsonable
 
 __all__ = [
-    "EXPERIMENTS", "Result", "param", "main", "build_parser", "parse_config", "load_result",
-    "check_model", "check_corpus", "check_languages", "check_device", "check_bits_grid",
+    "EXPERIMENTS", "Result", "param", "main_of", "entry_point", "build_parser", "parse_config", "load_result",
+    "check_model", "check_corpus", "check_languages", "check_sources", "check_device", "check_bits_grid",
     "check_positive", "load_corpus", "corpus_digest", "frozen_set", "experiment_module", "progress",
     "ConfigError",
 ]
@@ -194,8 +194,8 @@ def experiment_module(name: str):
 
 # ---- the runner ---------------------------------------------------------------------------------
 
-def main(module_name: str, argv: Sequence[str] | None = None) -> int:
-    """Parse, validate, run, write, summarise: the ``main`` of every experiment module."""
+def main_of(module_name: str, argv: Sequence[str] | None = None) -> int:
+    """Parse, validate, run, write, summarise: what every experiment module's ``main`` does."""
     module = sys.modules[module_name] if module_name in sys.modules else experiment_module(module_name)
     prog = f"python -m validate.{module.EXPERIMENT}"
     try:
@@ -216,6 +216,15 @@ def main(module_name: str, argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def entry_point(module_name: str):
+    """The module's ``main(argv=None) -> int``: ``main = protocol.entry_point(__name__)``."""
+
+    def main(argv: Sequence[str] | None = None) -> int:
+        return main_of(module_name, argv)
+
+    return main
+
+
 def progress(iterable: Iterable | None = None, total: int | None = None, desc: str = "", unit: str = "it"):
     """A tqdm progress bar on stderr (``LANGQUANT_PROGRESS=0`` turns it off)."""
     from tqdm.auto import tqdm
@@ -234,8 +243,10 @@ def check_positive(name: str, value: Any, *, allow_zero: bool = False, optional:
         raise ConfigError(f"{_flag(name)} must be {'>= 0' if allow_zero else 'positive'}, got {value!r}")
 
 
-def check_bits_grid(bits: int | Sequence[int], grid: str | None = None, *, flag: str = "--bits") -> None:
-    """Bits in 1..16 (2..16 for ``int``) and a known grid, named by flag."""
+def check_bits_grid(bits: int | Sequence[int], grid: str | None = None, *, flag: str = "--bits",
+                    grid_flag: str = "--grid", signed: str | None = None) -> str | None:
+    """Bits in 1..16 (2..16 for ``int``) and a known grid, named by flag; with ``signed`` (what is
+    quantized, e.g. "weights") a one-sided grid is refused. Returns the grid's canonical name."""
     from theory.grids import Grid, check_bits
 
     g = None
@@ -243,12 +254,16 @@ def check_bits_grid(bits: int | Sequence[int], grid: str | None = None, *, flag:
         try:
             g = Grid.parse(grid)
         except ValueError as exc:
-            raise ConfigError(f"--grid: {exc}") from None
+            raise ConfigError(f"{grid_flag}: {exc}") from None
+        if signed and g.one_sided:
+            raise ConfigError(f"{grid_flag} {grid}: {signed} are signed; use a signed grid "
+                              f"({', '.join(x.value for x in Grid if not x.one_sided)})")
     for b in (bits if isinstance(bits, (tuple, list)) else [bits]):
         try:
             check_bits(b, g)
         except ValueError as exc:
             raise ConfigError(f"{flag}: {exc}") from None
+    return g.value if g is not None else None
 
 
 def check_model(name: str) -> None:
@@ -298,6 +313,13 @@ def check_languages(codes: Sequence[str], *, flag: str = "--languages") -> tuple
     if not out:
         raise ConfigError(f"{flag}: give at least one language")
     return tuple(out)
+
+
+def check_sources(model: str, corpus: str, languages: Sequence[str]) -> tuple[str, ...]:
+    """The model, the corpus and its languages (normalised, returned) of a per-language experiment."""
+    check_model(model)
+    check_corpus(corpus)
+    return check_languages(languages)
 
 
 def check_device(device: str) -> None:

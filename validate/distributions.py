@@ -97,15 +97,8 @@ class Config:
     top: int = protocol.param(5, "layers listed in the alpha* spread table")
 
     def __post_init__(self):
-        from theory.grids import Grid
-
-        protocol.check_model(self.model)
-        protocol.check_corpus(self.corpus)
-        langs = protocol.check_languages(self.languages)
-        protocol.check_bits_grid(self.bits, self.grid)
-        if Grid.parse(self.grid).one_sided:
-            raise protocol.ConfigError(f"--grid {self.grid}: activations are signed; use a signed grid "
-                                       "(aciq, midrise, midtread, int)")
+        langs = protocol.check_sources(self.model, self.corpus, self.languages)
+        grid = protocol.check_bits_grid(self.bits, self.grid, signed="activations")
         if self.sites not in SITES:
             raise protocol.ConfigError(f"--sites {self.sites}: expected one of {', '.join(SITES)}")
         protocol.check_positive("max_segments", self.max_segments, optional=True)
@@ -116,7 +109,7 @@ class Config:
         protocol.check_positive("seed", self.seed, allow_zero=True)
         protocol.check_positive("top", self.top)
         protocol.check_device(self.device)
-        protocol.frozen_set(self, languages=langs, grid=Grid.parse(self.grid).value)
+        protocol.frozen_set(self, languages=langs, grid=grid)
 
     @classmethod
     def quick(cls) -> "Config":
@@ -530,8 +523,7 @@ def macros(result: protocol.Result) -> MacroSet:
     return ms
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    return protocol.main(__name__, argv)
+main = protocol.entry_point(__name__)
 
 
 if __name__ == "__main__":

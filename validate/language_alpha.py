@@ -71,18 +71,11 @@ class Config:
     seed: int = protocol.param(0, "seed of the reservoir samples, subsamples and fits")
 
     def __post_init__(self):
-        from theory.grids import Grid
-
-        protocol.check_model(self.model)
-        protocol.check_corpus(self.corpus)
-        langs = protocol.check_languages(self.languages)
+        langs = protocol.check_sources(self.model, self.corpus, self.languages)
         if len(langs) < 2:
             raise protocol.ConfigError("--languages: give at least two languages (the experiment "
                                        "compares them)")
-        protocol.check_bits_grid(self.bits, self.grid)
-        if Grid.parse(self.grid).one_sided:
-            raise protocol.ConfigError(f"--grid {self.grid}: activations are signed; use a signed grid "
-                                       "(aciq, midrise, midtread, int)")
+        grid = protocol.check_bits_grid(self.bits, self.grid, signed="activations")
         protocol.check_positive("segments", self.segments, optional=True)
         for name in ("reservoir", "fit_samples", "min_samples"):
             protocol.check_positive(name, getattr(self, name))
@@ -94,7 +87,7 @@ class Config:
                                        f"--min-samples {self.min_samples}")
         protocol.check_positive("seed", self.seed, allow_zero=True)
         protocol.check_device(self.device)
-        protocol.frozen_set(self, languages=langs, grid=Grid.parse(self.grid).value)
+        protocol.frozen_set(self, languages=langs, grid=grid)
 
     @classmethod
     def quick(cls) -> "Config":
@@ -430,8 +423,7 @@ def macros(result: protocol.Result) -> MacroSet:
     return ms
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    return protocol.main(__name__, argv)
+main = protocol.entry_point(__name__)
 
 
 if __name__ == "__main__":

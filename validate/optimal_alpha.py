@@ -74,15 +74,6 @@ _REAL_COLUMNS = [
 ]
 
 
-def _parse_grid(flag: str, name: str):
-    from theory.grids import Grid
-
-    try:
-        return Grid.parse(name)
-    except ValueError as exc:
-        raise protocol.ConfigError(f"{flag}: {exc}") from None
-
-
 def _no_duplicates(flag: str, values: Sequence[Any]) -> None:
     dup = sorted({str(v) for v in values if list(values).count(v) > 1})
     if dup:
@@ -117,7 +108,7 @@ class Config:
                                            f"{', '.join(SYNTHETIC_FAMILIES)}")
         _no_duplicates("--families", self.families)
         for g in self.grids:
-            protocol.check_bits_grid(self.bits, _parse_grid("--grids", g).value)
+            protocol.check_bits_grid(self.bits, g, grid_flag="--grids")
         _no_duplicates("--grids", self.grids)
         if not any(valid_pair(f, g) for f in self.families for g in self.grids):
             raise protocol.ConfigError(
@@ -131,16 +122,13 @@ class Config:
             protocol.frozen_set(self, model="none")
         else:
             protocol.check_model(self.model)
-        g = _parse_grid("--real-grid", self.real_grid)
-        if g.one_sided:
-            raise protocol.ConfigError(f"--real-grid {self.real_grid}: weights are signed; use a signed "
-                                       f"grid ({', '.join(SIGNED_GRIDS)})")
-        protocol.frozen_set(self, real_grid=g.value)
+        real_grid = protocol.check_bits_grid((), self.real_grid, grid_flag="--real-grid", signed="weights")
+        protocol.frozen_set(self, real_grid=real_grid)
         if self.real_bits is not None:
             if not self.real_bits:
                 raise protocol.ConfigError("--real-bits: give at least one bit width")
             _no_duplicates("--real-bits", self.real_bits)
-        protocol.check_bits_grid(self.real_bits_used, g.value,
+        protocol.check_bits_grid(self.real_bits_used, real_grid,
                                  flag="--real-bits" if self.real_bits is not None else "--bits")
         protocol.check_positive("max_fit_samples", self.max_fit_samples)
         if self.max_fit_samples < _MIN_SAMPLES:
@@ -645,8 +633,7 @@ def macros(result: protocol.Result) -> MacroSet:
     return ms
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    return protocol.main(__name__, argv)
+main = protocol.entry_point(__name__)
 
 
 if __name__ == "__main__":

@@ -78,25 +78,21 @@ class Config:
     seed: int = protocol.param(0, "random seed")
 
     def __post_init__(self):
-        protocol.check_model(self.model)
-        protocol.check_corpus(self.corpus)
-        langs = protocol.check_languages(self.languages)
+        langs = protocol.check_sources(self.model, self.corpus, self.languages)
         ref = protocol.check_languages(self.reference or langs[:1], flag="--reference")
         if missing := [r for r in ref if r not in langs]:
             raise protocol.ConfigError(f"--reference: {', '.join(missing)} not among --languages")
         if len(ref) == len(langs):
             raise protocol.ConfigError("--languages: every language is in the reference group; give at "
                                        "least one non-reference language")
-        protocol.check_bits_grid(self.bits, self.grid)
-        if self.grid == "uint":
-            raise protocol.ConfigError("--grid uint: weights are signed; use aciq, midrise, midtread or int")
+        grid = protocol.check_bits_grid(self.bits, self.grid, signed="weights")
         protocol.check_positive("segments", self.segments, optional=True)
         protocol.check_positive("max_length", self.max_length)
         protocol.check_positive("bootstrap", self.bootstrap)
         if self.granularity == "group" and self.group_size < 2:
             raise protocol.ConfigError(f"--group-size must be >= 2, got {self.group_size}")
         protocol.check_device(self.device)
-        protocol.frozen_set(self, languages=langs, reference=ref)
+        protocol.frozen_set(self, languages=langs, reference=ref, grid=grid)
 
     @classmethod
     def quick(cls) -> "Config":
@@ -507,8 +503,7 @@ def macros(result: protocol.Result) -> MacroSet:
     return ms
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    return protocol.main(__name__, argv)
+main = protocol.entry_point(__name__)
 
 
 if __name__ == "__main__":

@@ -281,8 +281,7 @@ def macros(result: protocol.Result) -> MacroSet:
     return ms
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    return protocol.main(__name__, argv)
+main = protocol.entry_point(__name__)
 
 
 if __name__ == "__main__":
