@@ -21,10 +21,10 @@ the positions and windows of the batch (:class:`empirical._packing.Batch`):
   and global layers having different bases).
 
 One subclass of :class:`BlockInputs` per family of architecture owns these details
-(:data:`FAMILIES`). Exactness is checked, not assumed: :meth:`ResidualReplay.verify` runs one row
-through every block by (1) and compares the final hidden states with the model's own pass.
-Where a family is unknown or the check fails, replay is refused with the reason and every pass
-runs in full.
+(:data:`FAMILIES`). Exactness is checked, not assumed: :meth:`ResidualReplay.verify` replays one
+recorded row from block 1 (through every block a replay can call) by (1) and compares the final
+hidden states with the model's own pass. Where a family is unknown or the check fails, replay is
+refused with the reason and every pass runs in full.
 """
 
 from __future__ import annotations
@@ -218,13 +218,17 @@ class ResidualReplay:
         self._fingerprints = [self._fingerprint(i) for i in range(len(self.blocks))]
         return finals
 
-    def verify(self, batch: Batch) -> str | None:
-        """Run ``batch`` through every block by (1) and compare with the model's own pass at the
-        scored positions; the reason replay cannot be trusted, or None."""
-        final, entering = self.model_pass(batch, keep_states=True)
-        ref = final[batch.rows, batch.cols]
+    def verify(self, bi: int, batch: Batch, final: torch.Tensor) -> str | None:
+        """Replay the longest row of recorded batch number ``bi`` from block 1 by (1) and compare
+        with ``final``, the model's own final hidden states at the batch's scored positions (as
+        :meth:`record` returned them). Returns the reason replay cannot be trusted, or None."""
+        if len(self.blocks) < 2:
+            return None  # nothing is ever replayed
+        r = batch.ids.shape[0] - 1  # rows are sorted by length
+        mini = batch.take(r, r + 1)
+        ref = final[batch.rows == r]
         try:
-            ours = self.run(entering[0], batch, 0)[batch.rows, batch.cols]
+            ours = self.run(self._states[0][bi][r: r + 1], mini, 1)[mini.rows, mini.cols]
         except (TypeError, ValueError, RuntimeError) as exc:  # a block that wants other inputs
             return f"calling the blocks directly failed ({type(exc).__name__}: {exc})"
         if ours.shape != ref.shape:

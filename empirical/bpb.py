@@ -346,8 +346,8 @@ class BpbEngine:
         if reason is None:
             finals = self._replay.record(self.batches)
             self.blocks_run += len(self.blocks) * len(self.batches)
-            b = self.batches[-1]
-            reason = self._replay.verify(b.take(b.ids.shape[0] - 1, b.ids.shape[0]))  # the longest row
+            last = len(self.batches) - 1
+            reason = self._replay.verify(last, self.batches[last], finals[last])
             if reason is not None:
                 self._replay.forget()
             nll = self._collect(self._head.nll(torch.cat(finals), self._targets()))
