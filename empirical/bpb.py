@@ -135,7 +135,7 @@ def bits_per_byte(model, tokenizer, texts: Sequence[str], *, max_length: int = 1
 def corpus_bits_per_byte(model, tokenizer, corpus, languages: Sequence[str] | None = None,
                          **kwargs) -> dict[str, BpbResult]:
     """:func:`bits_per_byte` for each language of an :class:`empirical.corpora.Corpus`."""
-    langs = languages if languages is not None else corpus.languages
+    langs = [corpus.key(l) for l in languages] if languages is not None else corpus.languages
     return {l: bits_per_byte(model, tokenizer, corpus[l], **kwargs) for l in langs}
 
 

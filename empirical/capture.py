@@ -638,6 +638,7 @@ def capture_corpus(cap: ActivationCapture, tokenizer, corpus, languages: Sequenc
     pad = getattr(tokenizer, "pad_token_id", None)
     pad = (bos if bos is not None else 0) if pad is None else pad
     for lang in (languages if languages is not None else corpus.languages):
+        lang = corpus.key(lang)  # recorded under the corpus's code (eng_Latn), whatever form was given
         segs = list(corpus[lang])[:max_segments]
         enc = tokenizer(segs, add_special_tokens=False)["input_ids"]
         enc = [(([bos] if bos is not None else []) + list(e))[:max_length] for e in enc]

@@ -45,6 +45,9 @@ def test_capture_on_cuda_matches_cpu(tiny_model):
                                    rtol=1e-3, atol=1e-5, err_msg=f"{name} {site.key}")
         np.testing.assert_allclose(b.excess_kurtosis, a.excess_kurtosis, rtol=1e-2, atol=1e-3,
                                    err_msg=f"{name} {site.key}")
+        # per-channel energy and absmax (the torch path against the CPU numba kernel)
+        np.testing.assert_allclose(b.channel_sumsq, a.channel_sumsq, rtol=1e-4, err_msg=f"{name} {site.key}")
+        np.testing.assert_allclose(b.channel_absmax, a.channel_absmax, rtol=1e-4, err_msg=f"{name} {site.key}")
 
 
 def test_capture_on_cuda_in_bfloat16(tiny_model):

@@ -144,7 +144,7 @@ class Passes:
     def _forward(self, qset: set[int]) -> dict[str, np.ndarray]:
         import torch
 
-        if not self.engine.recorded:
+        if not self.engine.recorded and not self.engine.replay_unavailable:
             reference = self.engine.record()  # also on a resumed run: later passes replay it
             if not qset:
                 return reference
