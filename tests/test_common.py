@@ -29,10 +29,58 @@ def test_write_json_turns_non_finite_into_null(tmp_path):
 
 
 def test_latex_numbers_have_no_e_notation():
-    from validate._common import _fmt_tex
+    from validate._latex import _cell
 
-    assert _fmt_tex(15660.19, 4) == "15660"
-    assert _fmt_tex(0.0893, 4) == "0.0893"
-    assert _fmt_tex(1.2e-5, 4) == r"$1.2\times 10^{-5}$"
-    assert _fmt_tex(3e12, 3) == r"$3\times 10^{12}$"
-    assert _fmt_tex(float("nan"), 3) == "--"
+    assert _cell(15660.19, 4) == "15660"
+    assert _cell(0.0893, 4) == "0.0893"
+    assert _cell(1.2e-5, 4) == r"\ensuremath{1.2\times 10^{-5}}"
+    assert _cell(3e12, 3) == r"\ensuremath{3\times 10^{12}}"
+    assert _cell(float("nan"), 3) == "--" and _cell(None, 3) == "--"
+    assert _cell(-3, 3) == r"\ensuremath{-3}"
+
+
+def _entry(c, cfg):
+    return json.loads(c.path(cfg).read_text())
+
+
+def test_result_cache_refuses_altered_or_foreign_entries_with_a_warning_naming_the_file(tmp_path):
+    import pytest
+
+    c = ResultCache(tmp_path)
+    cfg = {"model": "m", "quantized": ["block0"]}
+    good = {"eng": [1.0, 2.0, 3.0, 4.0], "heb": [2.0, 3.0, 4.0, 5.0]}
+    c.put(cfg, good)
+    assert c.get(cfg) == good
+
+    def plant(result=None, raw=None):
+        doc = _entry(c, cfg)
+        if result is not None:
+            doc["result"] = result
+        c.path(cfg).write_text(raw if raw is not None else json.dumps(doc))
+
+    cases = [
+        (lambda: plant({k: [10 * x for x in v] for k, v in good.items()}), "checksum"),  # NLL x10
+        (lambda: plant({**good, "heb": good["heb"][:2]}), "checksum"),                    # a list cut
+        (lambda: plant(raw="null"), "not a cache entry"),
+        (lambda: plant(raw="[1, 2]"), "not a cache entry"),
+        (lambda: plant(raw='{"config": {"model": "m", "quantized": ["block0"]}, "result": {"eng": [NaN]}}'),
+         "checksum"),
+        (lambda: plant(raw="{not json"), "unreadable"),
+    ]
+    for make, why in cases:
+        c.put(cfg, good)
+        make()
+        with pytest.warns(UserWarning, match=why) as rec:
+            assert c.get(cfg) is None
+        assert str(c.path(cfg)) in str(rec[0].message)
+    # a payload that matches its checksum but not the caller's shape is refused too
+    c.put(cfg, {**good, "heb": good["heb"][:2]})
+
+    def four_each(r):
+        if any(len(v) != 4 for v in r.values()):
+            raise ValueError("expected 4 sentence NLLs per language")
+
+    with pytest.warns(UserWarning, match="expected 4 sentence NLLs"):
+        assert c.get(cfg, check=four_each) is None
+    c.put(cfg, good)
+    assert c.get(cfg, check=four_each) == good

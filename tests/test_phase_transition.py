@@ -33,6 +33,18 @@ def test_quick_run_on_tiny_model_writes_everything_and_reruns_from_cache(tmp_pat
     res2 = read_json(out / "phase_transition.json")
     assert res2["timing"]["forward_passes_run"] == 0
     assert res2["curve"] == res["curve"] and res2["passes_in_result"] == res["passes_in_result"]
+    # an altered cache entry (values x10, checksum kept) is recomputed with a warning naming it,
+    # and the rerun gives the same result
+    import json as _json
+
+    entry = sorted((out / "cache").glob("*.json"))[0]
+    doc = _json.loads(entry.read_text())
+    doc["result"] = {k: [10 * x for x in v] for k, v in doc["result"].items()}
+    entry.write_text(_json.dumps(doc))
+    with pytest.warns(UserWarning, match=entry.name):
+        assert pt.main(["--model", "tiny-gpt2", "--out", str(out), *ARGS]) == 0
+    res3 = read_json(out / "phase_transition.json")
+    assert res3["timing"]["forward_passes_run"] == 1 and res3["curve"] == res["curve"]
     # the macros quote the passes the result consists of, also when every pass came from the cache
     assert pt.macros(pt.protocol.Result.from_json(res2))["PTPassesCurve"].value == res["passes_in_result"]
 

@@ -18,9 +18,10 @@ import platform
 import subprocess
 import sys
 import tempfile
+import warnings
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -181,8 +182,12 @@ def config_key(config: Mapping[str, Any], version: int = 1) -> str:
 class ResultCache:
     """One atomically written JSON file per finished item, keyed by its configuration.
 
-    A rerun finds every finished item and an interrupted run resumes where it stopped; an
-    unreadable file, or one whose stored configuration differs, is recomputed. ``folder=None``
+    A rerun finds every finished item and an interrupted run resumes where it stopped. What it
+    returns is what was written: each entry stores the sha256 of its payload, and an entry that is
+    unreadable, not a cache document, without a checksum or whose payload no longer matches it
+    (altered or cut by hand, a disk fault) is recomputed with a warning that names the file; so is
+    one that fails the caller's ``check`` (e.g. the number of sentences per language). An entry
+    whose stored configuration differs (a key collision) is recomputed silently. ``folder=None``
     disables caching.
     """
 
@@ -193,20 +198,45 @@ class ResultCache:
     def path(self, config: Mapping[str, Any]) -> Path | None:
         return None if self.folder is None else self.folder / f"{config_key(config, self.version)}.json"
 
-    def get(self, config: Mapping[str, Any]) -> Any | None:
+    @staticmethod
+    def checksum(result: Any) -> str:
+        blob = json.dumps(to_jsonable(result), sort_keys=True, allow_nan=False)
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    def get(self, config: Mapping[str, Any], check: Callable[[Any], None] | None = None) -> Any | None:
+        """The cached result of ``config``, or None (compute it). ``check(result)`` raises
+        ValueError, naming the problem, when a payload that matches its checksum is still not
+        what the caller needs."""
         p = self.path(config)
         if p is None or not p.exists():
             return None
         try:
             doc = read_json(p)
-        except (OSError, ValueError):
+        except (OSError, ValueError) as exc:
+            return self._reject(p, f"unreadable ({type(exc).__name__})")
+        if not isinstance(doc, dict) or "result" not in doc or "config" not in doc:
+            return self._reject(p, "not a cache entry (a JSON object with config, result and sha256)")
+        if doc["config"] != to_jsonable(config):
             return None
-        return doc.get("result") if doc.get("config") == to_jsonable(config) else None
+        if doc.get("sha256") != self.checksum(doc["result"]):
+            return self._reject(p, "its payload does not match its checksum (altered, cut, or written "
+                                   "by an older version)")
+        if check is not None:
+            try:
+                check(doc["result"])
+            except (ValueError, TypeError, KeyError) as exc:
+                return self._reject(p, str(exc))
+        return doc["result"]
 
     def put(self, config: Mapping[str, Any], result: Any) -> None:
         p = self.path(config)
         if p is not None:
-            write_json(p, {"config": config, "result": result})
+            write_json(p, {"config": config, "result": result, "sha256": self.checksum(result)})
+
+    @staticmethod
+    def _reject(path: Path, why: str) -> None:
+        warnings.warn(f"cache entry {path}: {why}; recomputing it", stacklevel=3)
+        return None
 
 
 def use_agg() -> None:

@@ -49,8 +49,7 @@ def format_number(x: float, sig: int = 3) -> str:
         return "0"
     ax = abs(x)
     if ax >= 1e9:
-        mant, exp = f"{x:.{sig - 1}e}".split("e")
-        s = rf"{mant}\times 10^{{{int(exp)}}}"
+        s = _scientific(x, sig)
     elif ax >= 10 ** sig:
         s = f"{x:.0f}"
     elif ax >= 1e-3:
@@ -58,9 +57,15 @@ def format_number(x: float, sig: int = 3) -> str:
         if "e" in s:  # 999.7 -> 1e+03
             s = f"{x:.0f}"
     else:
-        mant, exp = f"{x:.{sig - 1}e}".split("e")
-        s = rf"{mant}\times 10^{{{int(exp)}}}"
+        s = _scientific(x, sig)
     return rf"\ensuremath{{{s}}}" if ("\\" in s or s.startswith("-")) else s
+
+
+def _scientific(x: float, sig: int) -> str:
+    mant, exp = f"{x:.{sig - 1}e}".split("e")
+    if "." in mant:
+        mant = mant.rstrip("0").rstrip(".")
+    return rf"{mant}\times 10^{{{int(exp)}}}"
 
 
 def _cell(v: Any, digits: int) -> str:

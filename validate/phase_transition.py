@@ -122,17 +122,19 @@ class Passes:
     unit sits in block b replays blocks 0..b-1 from that record (``BpbEngine.nll(start_block)``).
     """
 
-    def __init__(self, engine, quantizer, names, unit_linears, cache: ResultCache | None, key: dict):
+    def __init__(self, engine, quantizer, names, unit_linears, cache: ResultCache | None, key: dict,
+                 sentences: dict[str, int]):
         self.engine, self.fq = engine, quantizer
         self.names, self.unit_linears = names, unit_linears
         self.cache, self.key = cache, key
+        self.sentences = sentences  # sentences per language: the shape every cached pass must have
         # first decoder block each unit touches (a unit outside the blocks forces a full pass)
         self.first_block = [min((q.block if q.block is not None else 0) for q in lins) for lins in unit_linears]
         self.run_count = 0
 
     def nll(self, quantized: Sequence[int]) -> dict[str, np.ndarray]:
         config = {**self.key, "quantized": sorted(self.names[i] for i in quantized)}
-        hit = self.cache.get(config) if self.cache is not None else None
+        hit = self.cache.get(config, check=self._check) if self.cache is not None else None
         if hit is not None:
             return {k: np.asarray(v, dtype=float) for k, v in hit.items()}
         nll = self._forward(set(quantized))
@@ -140,6 +142,18 @@ class Passes:
         if self.cache is not None:
             self.cache.put(config, {k: v.tolist() for k, v in nll.items()})
         return nll
+
+    def _check(self, nll: dict) -> None:
+        """A cached pass holds one finite NLL per sentence of every language."""
+        if not isinstance(nll, dict) or set(nll) != set(self.sentences):
+            raise ValueError(f"languages {sorted(nll) if isinstance(nll, dict) else nll!r}, expected "
+                             f"{sorted(self.sentences)}")
+        for lang, n in self.sentences.items():
+            v = np.asarray(nll[lang], dtype=float)
+            if v.shape != (n,):
+                raise ValueError(f"{lang}: {v.size} sentence NLLs, expected {n}")
+            if not np.all(np.isfinite(v)):
+                raise ValueError(f"{lang}: NaN or inf NLL")
 
     def _forward(self, qset: set[int]) -> dict[str, np.ndarray]:
         import torch
@@ -245,7 +259,8 @@ def run(config: Config, cache: ResultCache | None = None) -> protocol.Result:
     key = {"model": c.model, "corpus": c.corpus, "languages": langs, "segments": c.segments,
            "max_length": c.max_length, "quant": qcfg.key(), "unit": c.unit, "seed": c.seed,
            "corpus_digest": protocol.corpus_digest(corpus)}
-    passes = Passes(engine, FakeQuantizer(all_lins, qcfg, seed=c.seed), names, unit_lins, cache, key)
+    passes = Passes(engine, FakeQuantizer(all_lins, qcfg, seed=c.seed), names, unit_lins, cache, key,
+                    {l: len(corpus[l]) for l in langs})
     n = len(names)
     bar = protocol.progress(total=2 + 2 * n, desc="forward passes", unit="pass")
 
