@@ -25,6 +25,7 @@ statsmodels' quantile-based (robust) kurtosis measures of the fitted sample in `
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -112,12 +113,38 @@ def _as_data(x) -> np.ndarray:
     return arr
 
 
+def _check_max_samples(max_samples) -> None:
+    """``max_samples`` is None (all values) or an integer of at least :data:`MIN_SAMPLES`: a
+    subsample below the fit minimum would pass the data check and fit a handful of values."""
+    if max_samples is None:
+        return
+    if isinstance(max_samples, bool) or not isinstance(max_samples, numbers.Integral):
+        raise ValueError(f"max_samples must be an integer or None, got {max_samples!r}")
+    if max_samples < MIN_SAMPLES:
+        raise ValueError(f"max_samples must be >= {MIN_SAMPLES} (the fit minimum), got {int(max_samples)}")
+
+
+def _check_spread(arr: np.ndarray, y: np.ndarray, seed: int) -> None:
+    """Refuse data whose values are all equal: every scale estimate is 0 (or rounding noise), so
+    the Gaussian and Laplace log-likelihoods are NaN and a Student-t with a scale of 1e-25 "wins".
+    Checked on all of ``arr`` and on the subsample ``y`` actually fitted."""
+    lo, hi = np.min(arr), np.max(arr)
+    if lo == hi:
+        raise ValueError(f"x has zero spread (all {arr.size} values equal {float(lo)!r}): "
+                         "no distribution fits it")
+    if y.min() == y.max():
+        raise ValueError(f"x's subsample of {y.size} values (seed {seed}) has zero spread (all equal "
+                         f"{float(y[0])!r}) though x has not: raise max_samples or pass max_samples=None")
+
+
 def subsample(x, max_samples: int | None = 200_000, seed: int = 0) -> np.ndarray:
     """A seeded uniform subsample without replacement, as float64 (the whole array if small).
 
     Indices are drawn without materialising a permutation of the full array, and the values are
     gathered by multi-index, so a huge (even non-contiguous) tensor is never copied whole.
+    ``max_samples`` is None (all values) or an integer >= :data:`MIN_SAMPLES`.
     """
+    _check_max_samples(max_samples)
     arr = _as_data(x)
     n = arr.size
     if max_samples is None or n <= int(max_samples):
@@ -198,7 +225,8 @@ def fit(x, family: str, fix_loc: bool = False, max_samples: int | None = 200_000
         Fix the location at 0 (symmetric quantizers are centred at 0) instead of fitting it.
         Ignored for lognormal, whose location is always 0.
     max_samples : int or None
-        Fit on a seeded subsample of at most this many values (None: all).
+        Fit on a seeded subsample of at most this many values (None: all); at least
+        ``MIN_SAMPLES`` (20).
     seed : int
         Seed of the subsample.
     """
@@ -207,6 +235,7 @@ def fit(x, family: str, fix_loc: bool = False, max_samples: int | None = 200_000
     y = subsample(arr, max_samples, seed)
     # All values, not only the subsample: one negative weight means the wrong model.
     cls.check_support(arr)
+    _check_spread(arr, y, seed)
     return _fit_sample(cls.name, y, fix_loc, excess_kurtosis(arr), arr.size, robust_excess_kurtosis(y))
 
 
@@ -234,6 +263,7 @@ def fit_all(x, families=None, one_sided: bool = False, max_samples: int | None =
     y = subsample(arr, max_samples, seed)
     for f in fams:
         _family(f).check_support(arr)
+    _check_spread(arr, y, seed)
     kurt = excess_kurtosis(arr)
     robust = robust_excess_kurtosis(y)
     results = [_fit_sample(f, y, fix_loc, kurt, arr.size, robust) for f in fams]

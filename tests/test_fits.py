@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from empirical.fits import (
     FAMILIES_ONE_SIDED,
     FAMILIES_SIGNED,
     best_fit,
+    best_theory_fit,
     excess_kurtosis,
     fit,
     fit_all,
@@ -161,3 +163,52 @@ def test_negative_to_lognormal_fit():
     x[1234] = -1.0
     with pytest.raises(ValueError, match="negative"):
         fit(x, "lognormal", max_samples=100)
+
+
+@pytest.mark.parametrize("value", [0.5, 0.1, -3.0, 0.0])
+def test_constant_data_is_refused(value):
+    # Constant data once gave StudentT(nu=104, scale=6.9e-25) as the "best" fit, with NaN
+    # log-likelihoods for the Gaussian and Laplace: no distribution fits zero spread.
+    x = np.full(37, value)
+    for call in (lambda: fit_all(x), lambda: best_theory_fit(x), lambda: best_fit(x),
+                 lambda: fit(x, "gaussian"), lambda: fit(x, "student_t", fix_loc=True)):
+        with pytest.raises(ValueError, match=re.escape(f"x has zero spread (all 37 values equal {value!r})")):
+            call()
+    if value > 0:
+        with pytest.raises(ValueError, match="zero spread"):
+            fit_all(x, one_sided=True)
+
+
+def test_constant_subsample_is_refused():
+    # Spread in the data but none in the sample fitted: the fit would be as degenerate.
+    x = np.zeros(100_000)
+    x[7] = 1.0
+    with pytest.raises(ValueError, match=r"subsample of 50 values \(seed 0\) has zero spread \(all equal 0.0\)"):
+        fit_all(x, max_samples=50, seed=0)
+    # a few equal values among others are data, not a degenerate sample
+    assert fit(np.r_[np.full(3, 5.0), np.arange(1.0, 38.0)], "gaussian").n == 40
+
+
+@pytest.mark.parametrize("max_samples, match", [
+    (0, r"max_samples must be >= 20 \(the fit minimum\), got 0"),
+    (5, r"max_samples must be >= 20 \(the fit minimum\), got 5"),
+    (-1, r"max_samples must be >= 20 \(the fit minimum\), got -1"),
+    (19, r"max_samples must be >= 20 \(the fit minimum\), got 19"),
+    (100.5, r"max_samples must be an integer or None, got 100.5"),
+    (True, r"max_samples must be an integer or None, got True"),
+    ("1000", r"max_samples must be an integer or None, got '1000'"),
+])
+def test_bad_max_samples(max_samples, match):
+    x = _rvs(stats.norm(0, 1), n=1000)
+    for call in (lambda: fit(x, "gaussian", max_samples=max_samples),
+                 lambda: fit_all(x, max_samples=max_samples),
+                 lambda: subsample(x, max_samples)):
+        with pytest.raises(ValueError, match=match):
+            call()
+
+
+def test_max_samples_at_the_minimum_and_numpy_integers_are_accepted():
+    x = _rvs(stats.norm(0, 1), n=1000)
+    assert fit(x, "gaussian", max_samples=20).n == 20
+    assert fit(x, "gaussian", max_samples=np.int64(500)).n == 500
+    assert fit(x, "gaussian", max_samples=None).n == 1000
