@@ -573,6 +573,9 @@ class Laplace(Distribution):
         return self.scale
 
 
+_LOGNORMAL_MU_MAX = 300.0  # |mu| bound: exp(2 mu) stays within float64 with room to spare
+
+
 class Lognormal(Distribution):
     """Lognormal: ln X ~ N(mu, sigma^2), support x > 0 (one-sided).
 
@@ -591,8 +594,12 @@ class Lognormal(Distribution):
         mu_arr = np.asarray(mu, dtype=np.float64)
         if mu_arr.size == 0 or not np.all(np.isfinite(mu_arr)):
             raise ValueError(f"mu must be finite (got {mu!r})")
-        if not (np.all(mu_arr < 700)):
-            raise ValueError(f"mu={mu!r} overflows exp(mu)")
+        if np.any(np.abs(mu_arr) > _LOGNORMAL_MU_MAX):
+            # scale = exp(mu) underflows to 0 below mu ~ -745 and overflows above ~ 709; every
+            # MSE is scale^2 times a unit-scale MSE, so scale^2 must be a float64 number too.
+            raise ValueError(f"mu={mu!r} is outside [-{_LOGNORMAL_MU_MAX:g}, {_LOGNORMAL_MU_MAX:g}]:"
+                             f" the scale exp(mu) and its square (every MSE is scale^2 x the "
+                             f"unit-scale MSE) would under- or overflow float64; rescale the data")
         self.scale = np.exp(mu_arr) if mu_arr.ndim else float(np.exp(mu_arr))
         self.shape = (_check_positive("sigma", sigma),)
 
