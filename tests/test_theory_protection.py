@@ -163,3 +163,68 @@ def test_disparity_bounds_bracket_the_model():
         assert any_q == pytest.approx(np.min(a / dmg[0, keep]), rel=1e-12)
     with pytest.raises(ValueError, match="shrink"):
         disparity_bound(m, np.zeros(6, bool), np.full(6, 1.5))
+
+
+# ---- refused input: parameter counts, positions, protected masks --------------------------------
+
+
+def _small_model(n_params=(1.0, 2.0, 3.0)):
+    dmg = np.array([[1.0, 2.0, 3.0], [2.0, 5.0, 1.0]])
+    return DamageModel(dmg, list(n_params), ["eng", "heb"], ["eng"])
+
+
+@pytest.mark.parametrize("n_params, match", [
+    ([1.0, np.nan, 3.0], r"n_params must be finite, got \[1.0, nan, 3.0\]"),
+    ([1.0, np.inf, 3.0], r"n_params must be finite, got \[1.0, inf, 3.0\]"),
+    ([1.0, 0.0, 3.0], r"n_params must be positive, got \[1.0, 0.0, 3.0\]"),
+    ([1.0, 2.0], r"n_params must have one entry per layer \(3\), got shape \(2,\)"),
+])
+def test_bad_parameter_counts_are_refused(n_params, match):
+    # NaN slipped through "n_params <= 0" and made every protected fraction NaN
+    with pytest.raises(ValueError, match=match):
+        _small_model(n_params)
+
+
+@pytest.mark.parametrize("positions, match", [
+    ([0, 1], r"positions must have one entry per layer \(3\), got shape \(2,\)"),
+    ([0, 1, 2, 3], r"positions must have one entry per layer \(3\), got shape \(4,\)"),
+    ([0, np.nan, 2], r"positions must be finite"),
+])
+def test_bad_positions_are_refused(positions, match):
+    m = _small_model()
+    for ranking in ("position", "reverse_position"):
+        with pytest.raises(ValueError, match=match):
+            rank_layers(m, ranking, positions=positions)
+    # right length: the order follows the positions
+    assert rank_layers(m, "position", positions=[2.0, 0.0, 1.0]).tolist() == [1, 2, 0]
+    assert rank_layers(m, "reverse_position", positions=[2.0, 0.0, 1.0]).tolist() == [0, 2, 1]
+
+
+def _mask_calls(m, mask):
+    return [lambda: m.degradation(mask), lambda: m.disparity(mask),
+            lambda: m.per_language_disparity(mask), lambda: disparity_bound(m, mask),
+            lambda: disparity_bound(m, mask, np.ones(3))]
+
+
+@pytest.mark.parametrize("mask, match", [
+    # read as booleans, [0, 1, 2] protected layers 1 and 2, not 0, 1 and 2
+    ([0, 1, 2], r"protected_mask must be booleans, got integers \[0, 1, 2\]: pass a boolean mask or use "
+                r"protected indices"),
+    (np.array([1, 0, 1]), r"protected_mask must be booleans, got integers \[1, 0, 1\]"),
+    ([0.0, 1.0, 0.0], r"protected_mask must be booleans, got dtype float64"),
+    ([True, False], r"protected_mask must have one entry per layer \(3\), got shape \(2,\)"),
+    ([[True, False, True]], r"protected_mask must have one entry per layer \(3\), got shape \(1, 3\)"),
+])
+def test_bad_protected_masks_are_refused(mask, match):
+    m = _small_model()
+    for call in _mask_calls(m, mask):
+        with pytest.raises(ValueError, match=match):
+            call()
+
+
+def test_boolean_masks_as_lists_or_arrays_agree():
+    m = _small_model()
+    # protecting layer 1: eng keeps 1 + 3 = 4, heb 2 + 1 = 3, so D = 3/4
+    for mask in ([False, True, False], np.array([False, True, False]), (False, True, False)):
+        np.testing.assert_array_equal(m.degradation(mask), [4.0, 3.0])
+        assert m.disparity(mask) == pytest.approx(0.75)

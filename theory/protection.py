@@ -47,6 +47,22 @@ def _as_2d(name, a):
     return a
 
 
+def _shown(a: np.ndarray, most: int = 10) -> str:
+    """The first ``most`` values of ``a`` for an error message."""
+    vals = a.ravel().tolist()
+    return str(vals) if len(vals) <= most else f"[{', '.join(map(str, vals[:most]))}, ...] ({len(vals)} values)"
+
+
+def _per_layer(name, a, n_layers: int) -> np.ndarray:
+    """``a`` as finite float64, one entry per layer."""
+    a = np.asarray(a, dtype=np.float64)
+    if a.shape != (n_layers,):
+        raise ValueError(f"{name} must have one entry per layer ({n_layers}), got shape {a.shape}")
+    if not np.all(np.isfinite(a)):
+        raise ValueError(f"{name} must be finite, got {_shown(a)}")
+    return a
+
+
 def fit_sensitivities(single_layer_damage, eps) -> np.ndarray:
     """``s_{l,i} = d_l({i}) / eps_i`` from single-layer degradations ``[language, layer]``."""
     d = _as_2d("single_layer_damage", single_layer_damage)
@@ -80,9 +96,10 @@ class DamageModel:
 
     def __post_init__(self):
         self.damage = _as_2d("damage", self.damage)
-        self.n_params = np.asarray(self.n_params, dtype=np.float64)
-        if self.n_params.shape != (self.damage.shape[1],) or np.any(self.n_params <= 0):
-            raise ValueError("n_params must be positive, one per layer")
+        self.n_params = _per_layer("n_params", self.n_params, self.damage.shape[1])
+        # NaN passes "<= 0" and would make every protected fraction NaN
+        if np.any(self.n_params <= 0):
+            raise ValueError(f"n_params must be positive, got {_shown(self.n_params)}")
         if len(self.languages) != self.damage.shape[0]:
             raise ValueError("one language name per damage row is required")
         missing = [r for r in self.reference if r not in self.languages]
@@ -100,6 +117,20 @@ class DamageModel:
     def _ref_mask(self) -> np.ndarray:
         return np.array([l in self.reference for l in self.languages])
 
+    def _protected(self, protected_mask) -> np.ndarray:
+        """``protected_mask`` checked: booleans, one per layer. Integers are refused, not cast:
+        [0, 1, 2] read as booleans protects layers 1 and 2, never what the caller meant."""
+        mask = np.asarray(protected_mask)
+        if mask.dtype != bool:
+            if mask.dtype.kind in "iu":
+                raise ValueError(f"protected_mask must be booleans, got integers {_shown(mask)}: pass a "
+                                 "boolean mask or use protected indices")
+            raise ValueError(f"protected_mask must be booleans, got dtype {mask.dtype}")
+        n = self.damage.shape[1]
+        if mask.shape != (n,):
+            raise ValueError(f"protected_mask must have one entry per layer ({n}), got shape {mask.shape}")
+        return mask
+
     def excess_damage(self) -> np.ndarray:
         """``e_i``: mean non-reference damage minus mean reference damage, per layer."""
         m = self._ref_mask
@@ -107,7 +138,7 @@ class DamageModel:
 
     def degradation(self, protected_mask) -> np.ndarray:
         """``d_l(P)`` per language, eq. (1); ``protected_mask`` is a boolean array over layers."""
-        keep = ~np.asarray(protected_mask, dtype=bool)
+        keep = ~self._protected(protected_mask)
         return self.damage[:, keep].sum(axis=1)
 
     def disparity(self, protected_mask) -> float:
@@ -137,7 +168,7 @@ def rank_layers(model: DamageModel, ranking: str, kurtosis=None, positions=None)
     if ranking not in RANKINGS:
         raise ValueError(f"unknown ranking {ranking!r}; known: {', '.join(RANKINGS)}")
     if ranking in ("position", "reverse_position"):
-        pos = np.arange(n) if positions is None else np.asarray(positions, dtype=np.float64)
+        pos = np.arange(n) if positions is None else _per_layer("positions", positions, n)
         order = np.argsort(pos, kind="stable")
         return order[::-1] if ranking == "reverse_position" else order
     if ranking == "kurtosis":
@@ -282,7 +313,7 @@ def disparity_bound(model: DamageModel, protected_mask, shrink=None) -> float:
 
     Returns nan when nothing unprotected damages the reference.
     """
-    keep = ~np.asarray(protected_mask, dtype=bool)
+    keep = ~model._protected(protected_mask)
     dmg = np.clip(model.damage[:, keep], 0.0, None)
     m = model._ref_mask
     a, r = dmg[~m].mean(axis=0), dmg[m].mean(axis=0)
