@@ -14,7 +14,7 @@ Three kinds of model are loaded by :func:`load_model`:
   transformers dequantizes the GGUF on load (about 70-120 s on two cores); the result is saved
   once as safetensors under ``$LANGQUANT_CACHE/models/<name>`` (default
   ``~/.cache/langquant/models/<name>``), written to a temporary folder and atomically renamed,
-  and reused afterwards.
+  and reused afterwards. The cache verifies itself: see :func:`_verified_model_dir`.
 
 * **Tiny random models** for tests (``"tiny-gpt2"``, ``"tiny-opt"``, ``"tiny-bloom"``,
   ``"tiny-llama"``, ``"tiny-gemma"``): built with ``from_config`` from a seeded small config, no
@@ -32,14 +32,18 @@ structure, not by architecture name.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib
+import json
 import os
 import shutil
 import tempfile
+import struct
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -211,27 +215,127 @@ def embedded_gguf_path(name: str, workdir: Path | None = None) -> Path:
     return found[0]
 
 
-def _convert_embedded(name: str, target: Path) -> float:
-    """Dequantize an embedded GGUF and save it as safetensors at ``target``; returns seconds."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+# The cache of a converted model verifies itself (issue #13). When a folder is written, the size
+# and sha256 of each safetensors file go into CACHE_MANIFEST beside them, inside the folder that
+# is atomically renamed into place. On every load: the manifest must be there, each file must
+# have its recorded size and a safetensors header whose tensors end exactly at the end of the
+# file (catches a cut or emptied file for the cost of reading the header). The sha256 (0.9 s for
+# the 1.07 GB gemma file in the page cache on this machine, more from a cold disk) is recomputed only when a file's size or mtime differs
+# from the ones recorded at its last successful hash; the manifest keeps that stat. So an
+# in-place alteration that also restores the mtime is not hashed; the finiteness check in
+# load_model still catches NaN/inf planted that way. A folder written before manifests existed
+# gets the header check and then a manifest (hashed once).
+CACHE_MANIFEST = "langquant-cache.json"
 
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _file_record(path: Path) -> dict:
+    st = path.stat()
+    return {"size": st.st_size, "sha256": _sha256(path),
+            "verified_stat": [st.st_size, st.st_mtime_ns]}
+
+
+def _write_manifest(folder: Path, files: dict[str, dict]) -> None:
+    """Write ``CACHE_MANIFEST`` in ``folder`` atomically (temporary file, then rename)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{CACHE_MANIFEST}.", dir=folder)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump({"files": files}, f, indent=1, sort_keys=True)
+        os.replace(tmp, folder / CACHE_MANIFEST)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """Why ``path`` is not a whole safetensors file (header readable, data ends at end of file)."""
+    size = path.stat().st_size
+    if size == 0:
+        return "the file is empty"
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+            if not 0 < n <= size - 8:
+                return f"the header length {n} does not fit in its {size} bytes"
+            header = json.loads(f.read(n))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"),
+                  default=0)
+    except (ValueError, KeyError, TypeError, IndexError, struct.error) as exc:
+        return f"its header is unreadable ({exc})"
+    if 8 + n + end != size:
+        return f"its header describes {8 + n + end} bytes but the file has {size}"
+    return None
+
+
+def _cache_problem(target: Path) -> tuple[Path, str] | None:
+    """The first fault of the cached model folder ``target`` as (file, why), or None if sound.
+
+    Also records a manifest for a folder that has none, and refreshes the verified stat after a
+    successful re-hash (see the comment above ``CACHE_MANIFEST``).
+    """
+    if not (target / "config.json").is_file():
+        return target / "config.json", "the file is missing"
+    mpath = target / CACHE_MANIFEST
+    if mpath.exists():
+        try:
+            files = json.loads(mpath.read_text())["files"]
+            assert isinstance(files, dict) and files
+        except (ValueError, KeyError, TypeError, AssertionError, OSError) as exc:
+            return mpath, f"the manifest is unreadable ({exc!r})"
+    else:
+        files = None
+    names = sorted(files) if files is not None else sorted(p.name for p in target.glob("*.safetensors"))
+    if not names:
+        return target / "model.safetensors", "no safetensors file in the cache folder"
+    changed = False
+    for fname in names:
+        path = target / fname
+        if not path.is_file():
+            return path, "the file is missing"
+        why = _safetensors_problem(path)
+        if why:
+            return path, why
+        if files is None:
+            continue
+        rec, st = files[fname], path.stat()
+        if st.st_size != rec["size"]:
+            return path, f"it has {st.st_size} bytes, {rec['size']} were recorded when it was written"
+        if rec.get("verified_stat") != [st.st_size, st.st_mtime_ns]:
+            digest = _sha256(path)
+            if digest != rec["sha256"]:
+                return path, f"its sha256 {digest[:12]}... differs from the one recorded at write time"
+            rec["verified_stat"] = [st.st_size, st.st_mtime_ns]
+            changed = True
+    if files is None:
+        _write_manifest(target, {n: _file_record(target / n) for n in names})
+    elif changed:
+        _write_manifest(target, files)
+    return None
+
+
+def _build_cache(target: Path, save: Callable[[Path], None]) -> float:
+    """Write a model folder at ``target`` atomically with its manifest; returns seconds.
+
+    ``save(out)`` writes the model into the empty folder ``out`` (a temporary sibling of
+    ``target``); the manifest is added and the folder renamed to ``target``.
+    """
     t0 = time.perf_counter()
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        gguf = embedded_gguf_path(name, workdir=tmp / "_gguf")
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
-                                                     dtype=torch.float32)
-        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         out = tmp / "model"
-        # The weights are already dequantized to float32 tensors; transformers still tags the
-        # model as "gguf-quantized" and refuses to save it, so the tag is dropped.
-        model.hf_quantizer = None
-        model.is_quantized = False
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.save_pretrained(out, safe_serialization=True)
-        tok.save_pretrained(out)
+        out.mkdir()
+        save(out)
+        _write_manifest(out, {p.name: _file_record(p) for p in sorted(out.glob("*.safetensors"))})
         try:
             os.replace(out, target)
         except OSError:
@@ -242,14 +346,68 @@ def _convert_embedded(name: str, target: Path) -> float:
     return time.perf_counter() - t0
 
 
+def _verified_model_dir(target: Path, rebuild: Callable[[Path], Any]) -> float | None:
+    """Make ``target`` a sound cached model folder; the seconds spent rebuilding, or None.
+
+    A folder that does not exist is built by ``rebuild(target)`` (which must write it, e.g. with
+    :func:`_build_cache`). A folder with a fault (see :func:`_cache_problem`) is set aside and
+    rebuilt with a warning naming the faulty file.
+
+    Raises
+    ------
+    RuntimeError
+        If the rebuild fails or its result is still faulty; the message names the file.
+    """
+    if not target.exists():
+        first = (target / "config.json", "the cache is absent")
+    else:
+        first = _cache_problem(target)
+        if first is None:
+            return None
+        warnings.warn(f"model cache file {first[0]}: {first[1]}; rebuilding it from the GGUF",
+                      stacklevel=3)
+        aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.bad.", dir=target.parent))
+        os.replace(target, aside / "model")
+        shutil.rmtree(aside, ignore_errors=True)
+    t0 = time.perf_counter()
+    try:
+        rebuild(target)
+    except Exception as exc:
+        raise RuntimeError(f"model cache file {first[0]} ({first[1]}) could not be rebuilt: "
+                           f"{type(exc).__name__}: {exc}") from exc
+    after = _cache_problem(target)
+    if after is not None:
+        raise RuntimeError(f"model cache file {after[0]} is faulty right after rebuilding: {after[1]}")
+    return time.perf_counter() - t0
+
+
+def _convert_embedded(name: str, target: Path) -> float:
+    """Dequantize an embedded GGUF and save it as safetensors at ``target``; returns seconds."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    def save(out: Path) -> None:
+        gguf = embedded_gguf_path(name, workdir=out.parent / "_gguf")
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                     dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        # The weights are already dequantized to float32 tensors; transformers still tags the
+        # model as "gguf-quantized" and refuses to save it, so the tag is dropped.
+        model.hf_quantizer = None
+        model.is_quantized = False
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(out, safe_serialization=True)
+        tok.save_pretrained(out)
+
+    return _build_cache(target, save)
+
+
 def _load_embedded(name: str, dtype, device):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     spec = EMBEDDED_MODELS[name]
     target = cache_dir() / "models" / name
-    convert_s = None
-    if not (target / "config.json").exists():
-        convert_s = _convert_embedded(name, target)
+    convert_s = _verified_model_dir(target, lambda t: _convert_embedded(name, t))
     t0 = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype).to(device)
     tok = AutoTokenizer.from_pretrained(target)
@@ -315,10 +473,20 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, device: st
         tok = AutoTokenizer.from_pretrained(name_or_path)
         meta = {"name": str(name_or_path), "source": "from_pretrained", "prequantized": None}
     model.eval()
+    _check_finite(model, meta.get("cache_path") or str(name_or_path))
     meta.update(dtype=str(dtype).replace("torch.", ""), device=str(device),
                 architecture=type(model).__name__,
                 n_params=sum(p.numel() for p in model.parameters()))
     return (model, tok, meta) if return_metadata else (model, tok)
+
+
+def _check_finite(model: nn.Module, source: str) -> None:
+    """Raise ValueError naming the first parameter holding NaN or inf (one reduction per tensor)."""
+    for pname, p in model.named_parameters():
+        if not bool(torch.isfinite(p).all()):
+            bad = int((~torch.isfinite(p)).sum())
+            raise ValueError(f"weight {pname} of {source} has {bad} non-finite value(s) "
+                             f"(NaN or inf) out of {p.numel()}; the weights are corrupt")
 
 
 @contextlib.contextmanager

@@ -1,10 +1,15 @@
+import hashlib
+import json
 import math
+import os
+import re
+import struct
 
 import pytest
 import torch
 
-from empirical.models import (ByteTokenizer, load_model, model_view,
-                              quantizable_linears)
+from empirical.models import (CACHE_MANIFEST, ByteTokenizer, _build_cache, _verified_model_dir,
+                              load_model, model_view, quantizable_linears)
 
 
 def test_view_finds_blocks_linears_norm_head(tiny_model):
@@ -73,3 +78,143 @@ def test_embedded_gemma_offline_bpb():
     for lang in corpus.languages:
         res = bits_per_byte(model, tok, corpus[lang][:4])
         assert math.isfinite(res.bpb) and 0.1 < res.bpb < 8, (lang, res.bpb)
+
+
+# --------------------------------------------------------------------------------------------
+# The embedded-model cache verifies itself (issue #13). A tiny saved model stands in for the
+# dequantized GGUF; ``rebuild`` stands in for the GGUF conversion and counts its calls.
+# --------------------------------------------------------------------------------------------
+
+
+class _Rebuild:
+    """Saves tiny-llama (and a two-word tokenizer) into the cache like the GGUF conversion would; counts calls."""
+
+    def __init__(self, fail: bool = False):
+        self.calls, self.fail = 0, fail
+
+    def __call__(self, target):
+        self.calls += 1
+        if self.fail:
+            raise OSError("GGUF package is gone")
+        from tokenizers import Tokenizer, models
+        from transformers import PreTrainedTokenizerFast
+
+        model, _ = load_model("tiny-llama", seed=1)
+        tok = PreTrainedTokenizerFast(
+            tokenizer_object=Tokenizer(models.WordLevel({"<unk>": 0, "a": 1}, unk_token="<unk>")))
+
+        def save(out):
+            model.save_pretrained(out, safe_serialization=True)
+            tok.save_pretrained(out)
+
+        return _build_cache(target, save)
+
+
+def _weights(target):
+    return target / "model.safetensors"
+
+
+def _tensor_offset(path, name):
+    """Byte offset of tensor ``name`` inside a safetensors file (from its JSON header)."""
+    with open(path, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(n))
+    return 8 + n + header[name]["data_offsets"][0], header[name]["dtype"]
+
+
+@pytest.fixture
+def cached(tmp_path):
+    target = tmp_path / "models" / "stand-in"
+    rebuild = _Rebuild()
+    assert _verified_model_dir(target, rebuild) is not None  # built on first use
+    assert rebuild.calls == 1
+    return target, rebuild
+
+
+def test_cache_records_size_and_sha256_and_reuses(cached):
+    target, rebuild = cached
+    manifest = json.loads((target / CACHE_MANIFEST).read_text())
+    data = _weights(target).read_bytes()
+    entry = manifest["files"]["model.safetensors"]
+    assert entry["size"] == len(data)
+    assert entry["sha256"] == hashlib.sha256(data).hexdigest()  # independent hash
+    assert _verified_model_dir(target, rebuild) is None  # reused, not rebuilt
+    assert rebuild.calls == 1
+
+
+@pytest.mark.parametrize("fault", ["truncated", "empty", "missing", "same-size-altered"])
+def test_cache_fault_is_rebuilt_with_warning_naming_file(cached, fault):
+    target, rebuild = cached
+    path = _weights(target)
+    good = path.read_bytes()
+    if fault == "truncated":
+        path.write_bytes(good[: len(good) // 2])
+    elif fault == "empty":
+        path.write_bytes(b"")
+    elif fault == "missing":
+        path.unlink()
+    else:  # flip bytes in the last tensor's data; same size, new mtime
+        st = path.stat()
+        raw = bytearray(good)
+        raw[-16:] = bytes(b ^ 0xFF for b in raw[-16:])
+        path.write_bytes(bytes(raw))
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    with pytest.warns(UserWarning, match="model.safetensors.*rebuild"):
+        assert _verified_model_dir(target, rebuild) is not None
+    assert rebuild.calls == 2
+    assert path.read_bytes() == good  # the same seeded weights came back
+    model, _ = load_model(str(target))  # and they load
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_cache_rebuild_failure_names_the_file(cached):
+    target, _ = cached
+    _weights(target).write_bytes(b"")
+    with pytest.warns(UserWarning), pytest.raises(RuntimeError, match=r"model\.safetensors.*GGUF package is gone"):
+        _verified_model_dir(target, _Rebuild(fail=True))
+
+
+def test_cache_without_manifest_is_checked_then_recorded(cached):
+    target, rebuild = cached
+    (target / CACHE_MANIFEST).unlink()  # a cache written before manifests existed
+    assert _verified_model_dir(target, rebuild) is None and rebuild.calls == 1
+    assert (target / CACHE_MANIFEST).exists()
+    (target / CACHE_MANIFEST).unlink()
+    path = _weights(target)
+    path.write_bytes(path.read_bytes()[:-100])  # the header promises more bytes than are there
+    with pytest.warns(UserWarning, match="model.safetensors"):
+        _verified_model_dir(target, rebuild)
+    assert rebuild.calls == 2
+
+
+def test_nonfinite_weight_is_named_at_load(cached):
+    target, _ = cached
+    path = _weights(target)
+    name = "model.layers.1.mlp.down_proj.weight"
+    offset, dtype = _tensor_offset(path, name)
+    assert dtype == "F32"
+    st = path.stat()
+    with open(path, "r+b") as f:  # plant a NaN, keep size and mtime: only the load check sees it
+        f.seek(offset + 4 * 7)
+        f.write(struct.pack("<f", float("nan")))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    with pytest.raises(ValueError, match=rf"{name}.*non-finite"):
+        load_model(str(target))
+
+
+def test_load_model_embedded_verifies_its_cache(tmp_path, monkeypatch):
+    import empirical.models as models
+
+    rebuild = _Rebuild()
+    monkeypatch.setenv("LANGQUANT_CACHE", str(tmp_path))
+    monkeypatch.setattr(models, "_convert_embedded", lambda name, target: rebuild(target))
+    _, _, meta = load_model("smollm2-135m", return_metadata=True)
+    assert rebuild.calls == 1 and meta["convert_seconds"] is not None
+    target = tmp_path / "models" / "smollm2-135m"
+    assert meta["cache_path"] == str(target)
+    _, _, meta = load_model("smollm2-135m", return_metadata=True)
+    assert rebuild.calls == 1 and meta["convert_seconds"] is None
+    _weights(target).write_bytes(b"")
+    with pytest.warns(UserWarning, match=re.escape(str(_weights(target)))):
+        load_model("smollm2-135m")
+    assert rebuild.calls == 2
