@@ -29,3 +29,42 @@ def test_lognormal_mu_at_the_edge_of_the_range_scales_exactly(mu):
     assert d.scale == pytest.approx(math.exp(mu), rel=1e-12)
     assert optimal_alpha(d, 4, "uint") == pytest.approx(
         optimal_alpha(Lognormal(0.0, 0.5), 4, "uint") * math.exp(mu), rel=1e-9)
+
+
+# ---- expected_mse where alpha^2 overflows float64 (alpha / scale past ~1e154) -------------
+
+@pytest.mark.parametrize("alpha", [1e155, 1e300])
+@pytest.mark.parametrize("grid", ["int", "midtread"])
+def test_expected_mse_with_a_huge_alpha_is_the_variance(alpha, grid):
+    # Step alpha/7 (int) or alpha/8 (midtread): every value of Laplace(1) rounds to the level
+    # at 0, so the MSE is E[X^2] = 2 b^2, whatever alpha. It used to be NaN (inf * 0).
+    assert expected_mse(Laplace(1.0), alpha, 4, grid) == pytest.approx(2.0, rel=1e-12)
+    # the same at another scale: only alpha / scale matters
+    assert expected_mse(Laplace(1e-100), alpha * 1e-100, 4, grid) == pytest.approx(2e-200, rel=1e-12)
+
+
+def test_expected_mse_with_a_huge_alpha_one_sided():
+    # uint has a level at 0 too: the MSE tends to E[X^2] = exp(2 sigma^2) for Lognormal(0, sigma)
+    for alpha in (1e155, 1e300):
+        assert expected_mse(Lognormal(0.0, 1.0), alpha, 4, "uint") == pytest.approx(
+            math.exp(2.0), rel=1e-12)
+
+
+def test_expected_mse_aciq_at_1e155_is_its_noise_term():
+    # ACIQ: clipping (0 here) + alpha^2 / (3 4^M) = 1.30e307, finite though alpha^2 is not
+    expect = (1e155 / math.sqrt(3.0 * 4.0**4)) ** 2
+    assert math.isfinite(expect)
+    assert expected_mse(Laplace(1.0), 1e155, 4, "aciq") == pytest.approx(expect, rel=1e-12)
+    # high-resolution rounding term step^2 / 12 * P(|X| <= alpha), step = alpha / 7
+    expect = (1e155 / 7.0 / math.sqrt(12.0)) ** 2
+    assert expected_mse(Laplace(1.0), 1e155, 4, "int", exact=False) == pytest.approx(
+        expect, rel=1e-12)
+
+
+@pytest.mark.parametrize("grid", ["aciq", "midrise"])
+def test_expected_mse_beyond_float64_is_refused_with_the_reason(grid):
+    # aciq: alpha^2 / 768 = 1.3e597; midrise: its innermost level alpha / 16 gives ~ alpha^2 / 256
+    with pytest.raises(ValueError, match="exceeds float64"):
+        expected_mse(Laplace(1.0), 1e300, 4, grid)
+    with pytest.raises(ValueError, match="exceeds float64"):
+        expected_mse(Laplace(1.0), np.array([1.0, 1e300]), 4, grid)

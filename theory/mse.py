@@ -19,7 +19,10 @@ the ACIQ model itself (Banner et al., NeurIPS 2019, eq. 5): clipping at alpha pl
 Symmetric families are evaluated on the positive half and doubled, except on ``midtread``, whose
 levels (``-alpha .. alpha - step``) do not mirror about 0: its two halves are evaluated apart.
 Everything is computed on unit scale, ``MSE(alpha; s) = s^2 * MSE(alpha/s; 1)``, so the formulas
-hold from 1e-6 to 1e6.
+hold from 1e-6 to 1e6; squares of levels are formed as ``q (q P)``, which overflows only where the
+MSE itself does, so ``alpha / scale`` may go up to the largest float (at ``1e155`` the ``int`` grid
+gives the variance: every value rounds to 0). An MSE past float64 (``aciq`` at ``alpha = 1e300``:
+``alpha^2 / (3 4^M)``) is a ValueError that says so, never inf or NaN.
 
 With more than ``_QUADRATURE_LEVELS`` positive levels the closed-form cell differences lose
 precision (each cell's error is ~step^3 while its partial moments are ~step), so rounding error
@@ -110,6 +113,18 @@ def _alpha_units(dist: Distribution, alpha) -> tuple[np.ndarray, np.ndarray]:
     return t, scale
 
 
+def _tail(dist: Distribution, k: int, t: np.ndarray) -> np.ndarray:
+    """``dist.tail_moment(k, t)``, with 0 where a closed form gives NaN because the tail itself
+    underflowed: e.g. Laplace's ``(t^2 + 2t + 2) e^-t / 2`` is ``inf * 0`` past t ~ 1e154,
+    where ``U_0(t) = 0`` and so is the true ``U_k(t)`` (to far below the smallest float)."""
+    u = dist.tail_moment(k, t)
+    if k:
+        bad = np.isnan(u)
+        if bad.any():
+            u = np.where(bad & (dist.tail_moment(0, t) == 0), 0.0, u)
+    return u
+
+
 def _cell_terms(dist: Distribution, t: np.ndarray, q: np.ndarray, lo: np.ndarray, hi: np.ndarray,
                 kind: str) -> np.ndarray:
     """Per-cell ``int_lo^hi g(x) f(x) dx`` on unit scale with g = (x - q)^2 ('sq') or x - q ('lin').
@@ -117,12 +132,13 @@ def _cell_terms(dist: Distribution, t: np.ndarray, q: np.ndarray, lo: np.ndarray
     ``t`` has shape (N, 1); q, lo, hi are in units of alpha with shape (C,).
     """
     lo_t, hi_t, q_t = lo * t, hi * t, q * t
-    d0 = dist.tail_moment(0, lo_t) - dist.tail_moment(0, hi_t)
-    d1 = dist.tail_moment(1, lo_t) - dist.tail_moment(1, hi_t)
+    d0 = _tail(dist, 0, lo_t) - _tail(dist, 0, hi_t)
+    d1 = _tail(dist, 1, lo_t) - _tail(dist, 1, hi_t)
     if kind == "lin":
         return d1 - q_t * d0
-    d2 = dist.tail_moment(2, lo_t) - dist.tail_moment(2, hi_t)
-    return d2 - 2 * q_t * d1 + q_t**2 * d0
+    d2 = _tail(dist, 2, lo_t) - _tail(dist, 2, hi_t)
+    # q (q d0), not q^2 d0: q^2 overflows past alpha / scale ~ 1e154 where the product does not
+    return d2 - 2 * q_t * d1 + q_t * (q_t * d0)
 
 
 def _cell_sq_quadrature(dist: Distribution, t, q, lo, hi) -> np.ndarray:
@@ -137,7 +153,8 @@ def _cell_sq_quadrature(dist: Distribution, t, q, lo, hi) -> np.ndarray:
             fx = pdf(x, *dist.shape)
         # Only a zero-width cell at the edge of a one-sided support evaluates the density at 0.
         fx = np.where(np.isfinite(fx), fx, 0.0)
-        g = (x - q[None, :, None] * t[:, :, None]) ** 2 * fx
+        dx = x - q[None, :, None] * t[:, :, None]
+        g = dx * (dx * fx)  # not dx^2 fx: dx^2 overflows on huge cells where f is 0
         out += (half[..., 0]) * (g @ _GL_WEIGHTS)
     return out
 
@@ -147,7 +164,7 @@ def _unit_parts(dist: Distribution, t: np.ndarray, bits: int, g: Grid, exact: bo
     if g is Grid.ACIQ:
         # ACIQ eq. 5: 2 int_alpha^inf (x - alpha)^2 f + alpha^2 / (3 4^M)
         clip = _cell_terms(dist, t[:, None], np.ones(1), np.ones(1), np.array([np.inf]), "sq")[:, 0]
-        return 2 * clip, t**2 / (3.0 * 4.0**bits)
+        return 2 * clip, t * (t / (3.0 * 4.0**bits))
     clip = np.zeros_like(t)
     rnd = np.zeros_like(t)
     for q, edges, w in _halves(g, bits):
@@ -155,7 +172,7 @@ def _unit_parts(dist: Distribution, t: np.ndarray, bits: int, g: Grid, exact: bo
         if not exact:
             step = step_factor(g, bits)[0] * t
             p_in = dist.tail_moment(0, np.zeros(1)) - dist.tail_moment(0, t)
-            rnd += w * step**2 / 12.0 * p_in
+            rnd += w * step * (step / 12.0 * p_in)
             continue
         lo, hi = edges[:-1].copy(), edges[1:].copy()
         hi[-1] = 1.0  # rounding covers up to alpha; beyond it is clipping
@@ -171,13 +188,28 @@ def _unit_parts(dist: Distribution, t: np.ndarray, bits: int, g: Grid, exact: bo
     return clip, rnd
 
 
-def _parts(dist, alpha, bits, grid, exact):
+def _parts(dist, alpha, bits, grid, exact, finite: bool = True):
+    """(clipping, rounding) in data units. ``finite``: ValueError where the MSE itself exceeds
+    float64 (else inf there, for scans that only compare values)."""
     g = _check_pair(dist, grid)
     m = check_bits(bits, g)
     t, scale = _alpha_units(dist, alpha)
-    clip, rnd = _unit_parts(dist, t.ravel(), m, g, bool(exact))
-    s2 = scale**2
-    return (np.maximum(clip, 0.0).reshape(t.shape) * s2, np.maximum(rnd, 0.0).reshape(t.shape) * s2)
+    with np.errstate(over="ignore"):  # an MSE past float64 is inf here and refused below
+        clip, rnd = _unit_parts(dist, t.ravel(), m, g, bool(exact))
+        s2 = scale**2
+        clip = np.maximum(clip, 0.0).reshape(t.shape) * s2
+        rnd = np.maximum(rnd, 0.0).reshape(t.shape) * s2
+        total = clip + rnd
+    if np.any(np.isnan(total)):  # a bug, never a range problem: say so rather than return it
+        i = np.unravel_index(int(np.argmax(np.isnan(total))), t.shape)
+        raise RuntimeError(f"{dist.name} MSE is NaN at alpha / scale = {t[i]:.6g} on grid "
+                           f"{g.value!r} at {m} bits")
+    if finite and not np.all(np.isfinite(total)):
+        i = np.unravel_index(int(np.argmax(~np.isfinite(total))), t.shape)
+        raise ValueError(f"the expected MSE at alpha = {np.broadcast_to(alpha, t.shape)[i]:.6g} "
+                         f"(alpha / scale = {t[i]:.6g}) exceeds float64 (~1.8e308) on grid "
+                         f"{g.value!r} at {m} bits; rescale the data and alpha")
+    return clip, rnd
 
 
 def _out(x):
@@ -217,6 +249,11 @@ def expected_mse(dist: Distribution, alpha, bits: int, grid: Grid | str = "int",
         Level placement (docs/design.md). ``uint`` only with one-sided families and vice versa.
     exact : bool
         Integrate rounding over the real levels (True) or use the high-resolution noise term.
+
+    Raises
+    ------
+    ValueError
+        Bad arguments, or an MSE that exceeds float64 (the message gives ``alpha / scale``).
 
     Examples
     --------
