@@ -267,6 +267,23 @@ class SortedMagnitudes:
         """Largest magnitude of each row."""
         return self.sorted_abs[:, -1].astype(np.float64)
 
+    def _check_range(self, alpha_max: float) -> None:
+        """ValueError where a sum of squared errors could overflow float64 (it would be NaN).
+
+        Each error is at most ``max(|x|, alpha)`` (a value clipped or rounded to a level no
+        farther than ``2 max``), so a row's sum stays below ``n (2 max)^2``, which must be finite;
+        the bound is a square root of float64's largest number, ~1e154 / sqrt(n)."""
+        data_max = float(self.absmax.max())
+        limit = math.sqrt(np.finfo(np.float64).max / (4.0 * self.n)) / 2.0
+        if data_max > limit:
+            raise ValueError(f"x has magnitudes up to {data_max:.3g}, beyond {limit:.3g}: squared "
+                             f"errors summed over {self.n} values would overflow float64; rescale "
+                             f"x (the MSE of c x at c alpha is c^2 times that of x at alpha)")
+        if alpha_max > limit:
+            raise ValueError(f"alpha up to {alpha_max:.3g} is beyond {limit:.3g}: its squared "
+                             f"error over {self.n} values would overflow float64; rescale x and "
+                             f"alpha")
+
     def mse(self, alphas, bits, grid: Grid | str = "int") -> np.ndarray:
         """Exact mean squared error for every ``(bits, alpha)``; see :func:`mse_sweep`."""
         g = Grid.parse(grid)
@@ -281,6 +298,7 @@ class SortedMagnitudes:
             raise ValueError("alphas is empty")
         if not np.all(np.isfinite(a)) or np.any(a <= 0):
             raise ValueError("alphas must be positive finite numbers")
+        self._check_range(float(a.max()))
         nbits = len(bits_list)
         steps = np.empty((nbits, a.size), dtype=np.float64)
         kmax = np.empty(nbits, dtype=np.int64)
@@ -307,7 +325,7 @@ class SortedMagnitudes:
         out /= self.n
         if g is Grid.ACIQ:
             noise = np.array([1.0 / (3.0 * 4.0**m) for m in bits_list])
-            out += (noise[:, None] * a[None, :] ** 2)[:, :, None]
+            out += (a[None, :] * (noise[:, None] * a[None, :]))[:, :, None]
         out = out.reshape((nbits, a.size) + tuple(self.row_shape))
         if scalar_alpha:
             out = out[:, 0]
@@ -421,8 +439,9 @@ def mse_sweep(x, alphas, bits, grid: Grid | str = "int", axis: int | None = None
     Raises
     ------
     ValueError
-        Empty data, NaN/inf, non-positive alphas, bits out of range, unknown grid, or the
-        one-sided ``uint`` grid on data with negative values.
+        Empty data, NaN/inf, non-positive alphas, bits out of range, unknown grid, the
+        one-sided ``uint`` grid on data with negative values, or data or alphas so large
+        (~1e154 / sqrt(n)) that the sums of squared errors would overflow float64.
     """
     g = Grid.parse(grid)
     for b in np.atleast_1d(np.asarray(bits, dtype=object)):

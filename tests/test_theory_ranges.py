@@ -68,3 +68,35 @@ def test_expected_mse_beyond_float64_is_refused_with_the_reason(grid):
         expected_mse(Laplace(1.0), 1e300, 4, grid)
     with pytest.raises(ValueError, match="exceeds float64"):
         expected_mse(Laplace(1.0), np.array([1.0, 1e300]), 4, grid)
+
+
+# ---- empirical sweep on data whose squares overflow ----------------------------------------
+
+def _sweep():
+    from empirical.sweep import mse_sweep  # numba: only these tests pay for it
+
+    return mse_sweep
+
+
+@pytest.mark.parametrize("grid", ["int", "aciq", "midtread"])
+def test_mse_sweep_on_data_near_1e200_is_refused_naming_the_magnitude(grid):
+    x = np.random.default_rng(0).standard_normal(1000) * 1e200
+    # (x - q)^2 ~ 1e400 overflows: this used to return [nan, nan] without a warning
+    with pytest.raises(ValueError, match=r"magnitudes up to \d(\.\d+)?e\+200"):
+        _sweep()(x, [1e200, 3e200], 4, grid)
+
+
+def test_mse_sweep_refuses_an_alpha_whose_square_overflows():
+    # aciq adds alpha^2 / (3 4^M): inf at alpha = 1e160 on data of magnitude 1
+    x = np.random.default_rng(1).standard_normal(100)
+    with pytest.raises(ValueError, match="alpha"):
+        _sweep()(x, [1.0, 1e160], 4, "aciq")
+
+
+def test_mse_sweep_just_inside_the_range_scales_exactly():
+    # 1e150 is inside the range: the MSE there is 1e300 times the MSE of the unit data
+    x = np.random.default_rng(2).standard_normal(1000)
+    big = _sweep()(x * 1e150, [1e150, 3e150], 4, "int")
+    unit = _sweep()(x, [1.0, 3.0], 4, "int")
+    assert np.all(np.isfinite(big))
+    np.testing.assert_allclose(big, unit * 1e300, rtol=1e-12)
