@@ -574,12 +574,15 @@ class Laplace(Distribution):
 
 
 _LOGNORMAL_MU_MAX = 300.0  # |mu| bound: exp(2 mu) stays within float64 with room to spare
+_LOGNORMAL_SIGMA_RANGE = (1e-6, 18.0)
 
 
 class Lognormal(Distribution):
     """Lognormal: ln X ~ N(mu, sigma^2), support x > 0 (one-sided).
 
-    Unit scale means ``mu = 0``; ``scale = exp(mu)``, ``sigma`` is the shape.
+    Unit scale means ``mu = 0``; ``scale = exp(mu)``, ``sigma`` is the shape. Accepted:
+    ``|mu| <= 300`` and ``1e-6 <= sigma <= 18``, where every MSE is a float64 number that the
+    closed forms resolve (the constructor's error says which bound and why).
     Tail moments: ``U_k(t) = exp(k^2 sigma^2 / 2) * Phi_c((ln t - k sigma^2) / sigma)``.
     """
 
@@ -601,7 +604,16 @@ class Lognormal(Distribution):
                              f" the scale exp(mu) and its square (every MSE is scale^2 x the "
                              f"unit-scale MSE) would under- or overflow float64; rescale the data")
         self.scale = np.exp(mu_arr) if mu_arr.ndim else float(np.exp(mu_arr))
-        self.shape = (_check_positive("sigma", sigma),)
+        s = _check_positive("sigma", sigma)
+        lo, hi = _LOGNORMAL_SIGMA_RANGE
+        if not lo <= s <= hi:
+            # Above 18, E[X^2] = exp(2 sigma^2) (1e281 at 18) leaves float64 and with it every
+            # MSE. Below 1e-6 the MSE (~sigma^2) is a difference of partial moments of size 1,
+            # which float64 resolves to ~1e-16: at sigma = 1e-8 it came out 2.2e-16, not 1e-16.
+            raise ValueError(f"sigma={sigma!r} is outside [{lo:g}, {hi:g}]: above, E[X^2] = "
+                             f"exp(2 sigma^2) exceeds float64; below, the MSE (~sigma^2) is "
+                             f"lost in float64 rounding of moments of size 1")
+        self.shape = (s,)
 
     @staticmethod
     def _pdf(x, s):
@@ -616,6 +628,13 @@ class Lognormal(Distribution):
         with np.errstate(divide="ignore"):  # log(0) = -inf gives erfc(-inf) = 2: the full moment
             z = (np.log(t) - k * s * s) / (s * _SQRT2)
         return np.exp(k * k * s * s / 2) * 0.5 * _special().erfc(z)
+
+    @staticmethod
+    def _alpha_range(s):
+        """Unit-scale clipping thresholds that hold every MSE-optimal one, ``(lo, hi)``: from 8
+        sigma below the median (ln x ~ N(0, s^2)) to 8 sigma above ``exp(2 s^2)``, where
+        ``x^2 f(x)`` peaks (for s > 3 far above any multiple of the std that a scan would reach)."""
+        return math.exp(-8.0 * s), math.exp(min(2.0 * s * s + 8.0 * s, 700.0))
 
     @staticmethod
     def _variance(s):

@@ -6,7 +6,9 @@ partial moments as the MSE: for the ``aciq`` grid it is ``-4 (U_1(a) - a U_0(a))
 the derivative of the symbolic ACIQ MSE (``theory.mse.aciq_mse_expr``; the ``U_k'`` terms cancel,
 and tests/test_theory_distributions.py checks this form against ``sympy.diff`` of it for every
 family); for the exact grids it is Leibniz's rule over the cells (``theory.mse.mse_derivative``).
-The root is bracketed by a scan of the MSE on a log grid and refined with Brent's method
+The root is bracketed by a scan of the MSE on a log grid (over the family's ``_alpha_range``
+where it gives one: a lognormal's optimum is near 1 for sigma = 1e-6 and near exp(2 sigma^2) for
+sigma = 17, far from any multiple of its std; else 1e-2 to 1e6 std) and refined with Brent's method
 (:func:`_brentq`, here so that the first call does not import ``scipy.optimize``, 0.3 s); where
 the derivative has no sign change in the bracket (approximate MSE) a bounded Brent minimisation
 (``scipy.optimize.minimize_scalar``) is used instead.
@@ -21,7 +23,7 @@ import numpy as np
 
 from .distributions import Distribution
 from .grids import Grid, check_bits
-from .mse import _check_pair, expected_mse, mse_derivative, positive_cells
+from .mse import _check_pair, _parts, expected_mse, mse_derivative, positive_cells
 
 __all__ = ["optimal_alpha", "optimal_mse", "octav_alpha", "octav_objective",
            "allocate_bits", "bias_correct"]
@@ -87,14 +89,21 @@ def _unit_std(dist: Distribution) -> float:
     return math.sqrt(v) if math.isfinite(v) and v > 0 else 1.0
 
 
+def _log_grid(lo: float, hi: float) -> np.ndarray:
+    """Scan points from lo to hi, 241 or one every 5% (a wide lognormal spans e^-140..e^700)."""
+    n = int(min(max(241, math.ceil((math.log(hi) - math.log(lo)) / 0.05)), 20_000))
+    return np.geomspace(lo, hi, n)
+
+
 @functools.cache
 def _unit_optimal_alpha(cls, shape: tuple, bits: int, grid: Grid, exact: bool) -> float:
     d = cls.__new__(cls)
     d.scale, d.shape = 1.0, shape
     std = _unit_std(d)
 
-    def mse(t):
-        return np.asarray(expected_mse(d, t, bits, grid, exact=exact), dtype=np.float64)
+    def mse(t):  # inf where the MSE exceeds float64: a scan only compares values
+        c, r = _parts(d, t, bits, grid, exact, finite=False)
+        return np.asarray(c + r, dtype=np.float64)
 
     if grid is Grid.ACIQ:
         def deriv(t):
@@ -105,15 +114,34 @@ def _unit_optimal_alpha(cls, shape: tuple, bits: int, grid: Grid, exact: bool) -
     else:
         deriv = None
 
+    # Families whose optimum lies far from a multiple of the std (the lognormal: near 1 for a
+    # tiny sigma, near exp(2 sigma^2) for a wide one) say where to scan; others scan from the std.
+    scan = getattr(cls, "_alpha_range", None)
+    lo, hi = scan(*shape) if scan is not None else (1e-2 * std, 1e6 * std)
     n_pos = positive_cells(grid, bits)[0].size if grid is not Grid.ACIQ else 0
-    if n_pos > 256:
-        # Fine grids: the exact optimum lies near the cheap high-resolution one; scan around it.
-        centre = _unit_optimal_alpha(cls, shape, bits, grid, False) if exact else None
-        lo, hi = (centre / 2, centre * 2) if centre else (1e-2 * std, 1e6 * std)
-        ts = np.geomspace(lo, hi, 48)
+    ts = vals = None
+    if n_pos > 256 and exact:
+        # Fine grids: the exact optimum usually lies near the cheap high-resolution one; scan
+        # around it.
+        try:
+            centre = _unit_optimal_alpha(cls, shape, bits, grid, False)
+            ts = np.geomspace(centre / 2, centre * 2, 48)
+            vals = mse(ts)
+        except RuntimeError:  # the model has no optimum in the range (a lognormal, sigma ~ 17)
+            pass
+        if vals is None or int(np.nanargmin(vals)) in (0, ts.size - 1):
+            # Heavy tails (a lognormal with sigma >= 3) mislead the high-resolution model: the
+            # real grid rounds most values to 0 and its optimum lies orders of magnitude higher.
+            # Scan the family's whole range coarsely (a point per factor e, at most 256), then
+            # around the best point.
+            n = int(min(max(64, math.ceil(math.log(hi) - math.log(lo))), 256))
+            coarse = np.geomspace(lo, hi, n)
+            j = int(np.nanargmin(mse(coarse)))
+            ts = np.geomspace(coarse[max(j - 1, 0)], coarse[min(j + 1, n - 1)], 48)
+            vals = mse(ts)
     else:
-        ts = np.geomspace(1e-2 * std, 1e6 * std, 241)
-    vals = mse(ts)
+        ts = _log_grid(lo, hi)
+        vals = mse(ts)
     i = int(np.nanargmin(vals))
     if i in (0, ts.size - 1):
         raise RuntimeError(f"optimal alpha for {cls.name}{shape} at {bits} bits on {grid.value!r} "
