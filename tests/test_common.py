@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pytest
 
 from validate._common import ResultCache, config_key, write_json
 
@@ -16,7 +17,8 @@ def test_result_cache_roundtrip_and_config_check(tmp_path):
     assert c.get({**cfg, "bits": 3}) is None
     # a damaged entry is recomputed, not trusted
     c.path(cfg).write_text("{not json")
-    assert c.get(cfg) is None
+    with pytest.warns(UserWarning, match="unreadable"):
+        assert c.get(cfg) is None
     # a version bump invalidates old entries
     assert config_key(cfg, 1) != config_key(cfg, 2)
     assert ResultCache(None).get(cfg) is None
@@ -44,8 +46,6 @@ def _entry(c, cfg):
 
 
 def test_result_cache_refuses_altered_or_foreign_entries_with_a_warning_naming_the_file(tmp_path):
-    import pytest
-
     c = ResultCache(tmp_path)
     cfg = {"model": "m", "quantized": ["block0"]}
     good = {"eng": [1.0, 2.0, 3.0, 4.0], "heb": [2.0, 3.0, 4.0, 5.0]}

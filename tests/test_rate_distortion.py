@@ -439,3 +439,24 @@ def test_lloyd_max_near_infinite_variance_raises_not_hangs():
     with pytest.raises(RuntimeError, match="did not converge"):
         lloyd_max(StudentT(2.05, 1.0), 4, max_iter=50)
     assert lloyd_max(StudentT(2.05, 1.0), 3).mse > 0  # fewer levels still converge
+
+
+def test_lloyd_max_at_sixteen_bits_stops_at_its_noise_floor():
+    """At 16 bits rounding keeps the threshold residual above the old stopping rule's 1e-8, and
+    the iteration used to wander there (Gaussian: 699 iterations). It now stops once the
+    residual stalls, and lands on the same MSE as the long run (6.334412099623302e-10, whose
+    own run-to-run noise is ~1e-7 relative) and next to Panter-Dite's high-resolution value."""
+    import math
+
+    from theory import Gaussian, Laplace, lloyd_max, panter_dite
+
+    r = lloyd_max(Gaussian(1.0), 16)
+    assert r.iterations < 50
+    assert float(r.mse) == pytest.approx(6.334412099623302e-10, rel=1e-6)
+    assert float(r.mse) == pytest.approx(float(panter_dite(Gaussian(1.0), 16)), rel=1e-4)
+    assert float(r.mse) < float(panter_dite(Gaussian(1.0), 16))
+    lap = lloyd_max(Laplace(1.0), 16)
+    assert lap.iterations < 50
+    assert float(lap.mse) == pytest.approx(9.0 * 4.0 ** -16, rel=1e-4)  # (int f^1/3)^3 / 12 = 9
+    thr = np.asarray(r.thresholds)
+    assert np.all(np.diff(thr) > 0) and math.isfinite(float(thr[-1]))
