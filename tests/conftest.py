@@ -81,3 +81,12 @@ def quick_results(tmp_path_factory):
                           cwd=ROOT, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, f"validate.all --quick failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
     return root, read_json(root / "manifest.json")
+
+
+def assert_refused(main, argv, out: Path, needle: str, capsys) -> None:
+    """``main([..., *argv])`` refuses before any work: exit status 2, one stderr line (no
+    traceback) that contains ``needle``, nothing written under ``out``."""
+    assert main(["--out", str(out), *argv]) == 2, argv
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0] and "Traceback" not in err[0], (argv, err)
+    assert not out.exists(), argv

@@ -4,6 +4,8 @@ import math
 
 import pytest
 
+from conftest import assert_refused
+
 from validate import phase_transition as pt
 from validate._common import read_json
 
@@ -56,10 +58,7 @@ def test_bad_flags_are_refused_before_the_model_loads(tmp_path, capsys):
                          (["--grid", "uint"], "--grid"), (["--model", "/nonexistent"], "no such folder"),
                          (["--corpus", "/nonexistent"], "--corpus"), (["--languages", "en", "xx-nope"], "--languages"),
                          (["--reference", "sw"], "--reference")):
-        assert pt.main([*argv, "--out", str(out)]) == 2, argv
-        err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and needle in err[0], (argv, err)
-    assert not out.exists()
+        assert_refused(pt.main, argv, out, needle, capsys)
 
 
 def test_quick_accepts_a_negative_stop_after():

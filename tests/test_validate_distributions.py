@@ -7,6 +7,8 @@ import math
 import numpy as np
 import pytest
 
+from conftest import assert_refused
+
 from validate import _protocol as protocol
 from validate._common import ResultCache
 from validate import distributions
@@ -115,11 +117,7 @@ def test_channel_energy_rows_against_numpy():
     (["--max-segments", "0"], "--max-segments"), (["--top", "0"], "--top"),
 ])
 def test_bad_flags_refused_before_any_work(tmp_path, capsys, argv, flag):
-    out = tmp_path / "out"
-    assert distributions.main(["--out", str(out), *argv]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and flag in err[0] and "Traceback" not in err[0], err
-    assert not out.exists()
+    assert_refused(distributions.main, argv, tmp_path / "out", flag, capsys)
 
 
 def test_cuda_refused_without_a_device(tmp_path, capsys):
@@ -127,10 +125,7 @@ def test_cuda_refused_without_a_device(tmp_path, capsys):
 
     if torch.cuda.is_available():
         pytest.skip("a CUDA device is present")
-    assert distributions.main(["--out", str(tmp_path / "out"), "--device", "cuda"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "--device cuda" in err[0]
-    assert not (tmp_path / "out").exists()
+    assert_refused(distributions.main, ["--device", "cuda"], tmp_path / "out", "--device cuda", capsys)
 
 
 def test_default_languages_dropped_when_missing(ntrex_path, tmp_path):

@@ -8,6 +8,8 @@ import math
 import numpy as np
 import pytest
 
+from conftest import assert_refused
+
 from empirical.fits import fit_languages
 from empirical.optimal import empirical_mixture_alpha, measured_penalties
 from theory import Laplace, StudentT, language_alphas
@@ -107,11 +109,7 @@ def test_quick_run_on_tiny_model_and_cached_rerun(tmp_path, monkeypatch):
 def test_bad_flags_refused_before_any_work(tmp_path, capsys, argv, flag):
     from validate import language_alpha as exp
 
-    out = tmp_path / "out"
-    assert exp.main(["--out", str(out), *argv]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and flag in err[0] and "Traceback" not in err[0], err
-    assert not out.exists()
+    assert_refused(exp.main, argv, tmp_path / "out", flag, capsys)
 
 
 def test_cuda_refused_without_a_device(tmp_path, capsys):
@@ -121,10 +119,7 @@ def test_cuda_refused_without_a_device(tmp_path, capsys):
 
     if torch.cuda.is_available():
         pytest.skip("a CUDA device is present")
-    assert exp.main(["--out", str(tmp_path / "out"), "--device", "cuda"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "--device cuda" in err[0]
-    assert not (tmp_path / "out").exists()
+    assert_refused(exp.main, ["--device", "cuda"], tmp_path / "out", "--device cuda", capsys)
 
 
 def test_sites_grouped_only_when_every_language_agrees():

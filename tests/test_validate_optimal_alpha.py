@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import assert_refused
+
 from validate import _protocol as protocol
 from validate import optimal_alpha as exp
 from validate._common import ResultCache
@@ -99,11 +101,7 @@ def test_quick_run_without_model(tmp_path):
     (["--bits", "4", "4"], "--bits"),
 ])
 def test_bad_flags_refused_before_any_work(tmp_path, capsys, argv, flag):
-    out = tmp_path / "x"
-    assert exp.main(["--out", str(out), *argv]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and flag in err[0] and "Traceback" not in err[0], err
-    assert not out.exists()
+    assert_refused(exp.main, argv, tmp_path / "x", flag, capsys)
 
 
 def test_config_normalises_and_resolves():

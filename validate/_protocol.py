@@ -38,7 +38,7 @@ from typing import Any, Iterable, Sequence
 from validate._common import ResultCache, default_out_dir, provenance, read_json, to_jsonable
 
 __all__ = [
-    "EXPERIMENTS", "Result", "param", "main_of", "entry_point", "build_parser", "parse_config", "load_result",
+    "EXPERIMENTS", "Result", "param", "main_of", "entry_point", "build_parser", "parse_config",
     "check_model", "check_corpus", "check_languages", "check_sources", "check_device", "check_bits_grid",
     "check_positive", "load_corpus", "corpus_digest", "frozen_set", "experiment_module", "progress",
     "ConfigError",
@@ -180,11 +180,6 @@ class Result:
         if not isinstance(doc, dict):
             raise ValueError(f"{path}: not a result document (a JSON object)")
         return cls.from_json(doc)
-
-
-def load_result(name: str, root: str | os.PathLike) -> Result:
-    """The result ``<root>/<name>/<name>.json`` written by experiment ``name``."""
-    return Result.load(Path(root) / name / f"{name}.json")
 
 
 def experiment_module(name: str):
