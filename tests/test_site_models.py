@@ -157,3 +157,29 @@ def test_mixture_refusals():
         Mixture([FamilySite(unit_variance("gaussian"))], [0.5, 0.5])
     with pytest.raises(ValueError, match="bits"):
         ChannelMixture("gaussian", (), [0.0], [1.0], [1.0]).mse(1.0, 0, "int")
+
+
+def test_language_alphas_accept_site_models():
+    """theory.language_alphas on channel mixtures: a one-channel mixture gives the same alphas
+    and penalties as its family; two languages whose outlier channel differs get different
+    alpha* and a positive penalty for the one farther from the mix."""
+    from theory import language_alphas
+
+    u1, u2 = unit_variance("laplace"), unit_variance("laplace")
+    d = {"a": u1.with_scale(float(u1.scale) * 1.0), "b": u2.with_scale(float(u2.scale) * 3.0)}
+    cm = {"a": ChannelMixture("laplace", (), [0.0], [1.0], [1.0]),
+          "b": ChannelMixture("laplace", (), [0.0], [3.0], [1.0])}
+    r_d, r_cm = language_alphas(d, 4, "int", mix_weights=[3, 1]), language_alphas(cm, 4, "int", mix_weights=[3, 1])
+    for c in ("mix", "minimax", "weighted"):
+        assert r_cm.alpha[c] == pytest.approx(r_d.alpha[c], rel=1e-5)
+        np.testing.assert_allclose(r_cm.penalty[c], r_d.penalty[c], rtol=1e-3, atol=1e-7)
+    bulk = np.ones(64)
+    s_a, s_b = bulk.copy(), bulk.copy()
+    s_b[5] = 40.0
+    two = {"a": ChannelMixture("gaussian", (), np.zeros(64), s_a, np.ones(64)),
+           "b": ChannelMixture("gaussian", (), np.zeros(64), s_b, np.ones(64))}
+    r = language_alphas(two, 4, "int")
+    assert r.alpha_star[1] > 2 * r.alpha_star[0]
+    # the mix is dominated by b's far larger MSE: a pays, and minimax lowers the worst penalty
+    assert r.penalty["mix"][0] > 1.0 and r.penalty["mix"][1] < 1e-3
+    assert r.penalty["minimax"].max() < 0.5 * r.penalty["mix"].max()

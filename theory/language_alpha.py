@@ -44,7 +44,26 @@ __all__ = ["LanguageAlphas", "mixture_mse", "mixture_alpha", "alpha_penalty", "m
            "weighted_alpha", "language_alphas", "aciq_penalty_expr", "laplace_penalty_expr"]
 
 
-def _check_dists(dists: Mapping[str, Distribution] | Sequence[Distribution]) -> tuple[list[str], list]:
+def _is_site(d) -> bool:
+    from theory.site_models import SiteModel
+
+    return isinstance(d, SiteModel)
+
+
+def _mse(d, alpha, bits: int, grid) -> np.ndarray:
+    """The MSE of a Distribution or a site model (theory.site_models) at ``alpha``."""
+    if isinstance(d, Distribution):
+        return np.asarray(expected_mse(d, alpha, bits, grid), dtype=np.float64)
+    return np.asarray(d.mse(alpha, bits, grid), dtype=np.float64)
+
+
+def _alpha_star(d, bits: int, grid) -> float:
+    if isinstance(d, Distribution):
+        return float(optimal_alpha(d, bits, grid))
+    return float(d.optimal_alpha(bits, grid))
+
+
+def _check_dists(dists) -> tuple[list[str], list]:
     if isinstance(dists, Mapping):
         names, ds = [str(k) for k in dists], list(dists.values())
     else:
@@ -54,10 +73,13 @@ def _check_dists(dists: Mapping[str, Distribution] | Sequence[Distribution]) -> 
         raise ValueError("no languages given: need at least one distribution")
     for n, d in zip(names, ds):
         if not isinstance(d, Distribution):
-            raise TypeError(f"language {n!r}: expected a theory Distribution, got {type(d).__name__}")
+            if _is_site(d):  # a site model (channel mixture, body + tail, ...): two-sided
+                continue
+            raise TypeError(f"language {n!r}: expected a theory Distribution or a site model "
+                            f"(theory.site_models), got {type(d).__name__}")
         if np.ndim(d.scale) != 0:
             raise ValueError(f"language {n!r}: scale must be a scalar, got shape {np.shape(d.scale)}")
-    sides = {d.one_sided for d in ds}
+    sides = {getattr(d, "one_sided", False) if isinstance(d, Distribution) else False for d in ds}
     if len(sides) > 1:
         raise ValueError("mixing one-sided and signed distributions: a layer's input is either "
                          "non-negative in every language or signed in every language")
@@ -99,22 +121,22 @@ def mixture_mse(dists, alpha, bits: int, grid: Grid | str = "int", weights=None)
     """
     names, ds = _check_dists(dists)
     w = _weights_of(weights, names, "mixture weights")
-    out = sum(wi * np.asarray(expected_mse(d, alpha, bits, grid), dtype=np.float64) for wi, d in zip(w, ds))
+    out = sum(wi * _mse(d, alpha, bits, grid) for wi, d in zip(w, ds))
     return float(out) if np.ndim(out) == 0 else out
 
 
 def alpha_penalty(dist: Distribution, alpha, bits: int, grid: Grid | str = "int") -> np.ndarray | float:
     """``MSE(alpha) / MSE(alpha*) - 1``: the relative MSE excess of clipping at ``alpha``."""
-    a_star = optimal_alpha(dist, bits, grid)
-    best = float(expected_mse(dist, a_star, bits, grid))
-    out = np.asarray(expected_mse(dist, alpha, bits, grid), dtype=np.float64) / best - 1.0
+    a_star = _alpha_star(dist, bits, grid)
+    best = float(_mse(dist, a_star, bits, grid))
+    out = _mse(dist, alpha, bits, grid) / best - 1.0
     # alpha* is a numerical minimum: tiny negative values are rounding, not a better alpha
     out = np.maximum(out, 0.0)
     return float(out) if out.ndim == 0 else out
 
 
 def _bracket(ds, bits, grid) -> tuple[float, float, np.ndarray]:
-    stars = np.array([optimal_alpha(d, bits, grid) for d in ds], dtype=np.float64)
+    stars = np.array([_alpha_star(d, bits, grid) for d in ds], dtype=np.float64)
     return float(stars.min()), float(stars.max()), stars
 
 
@@ -136,7 +158,7 @@ def _minimise(f, lo: float, hi: float) -> float:
 
 def _mse_matrix(ds, alphas, bits, grid) -> np.ndarray:
     """``[language, alpha]`` exact MSE."""
-    return np.array([np.atleast_1d(expected_mse(d, alphas, bits, grid)) for d in ds], dtype=np.float64)
+    return np.array([np.atleast_1d(_mse(d, alphas, bits, grid)) for d in ds], dtype=np.float64)
 
 
 def mixture_alpha(dists, bits: int, grid: Grid | str = "int", weights=None) -> float:
@@ -146,6 +168,8 @@ def mixture_alpha(dists, bits: int, grid: Grid | str = "int", weights=None) -> f
     lo, hi, _ = _bracket(ds, bits, grid)
     if hi <= lo * (1 + 1e-12):
         return lo
+    if not all(isinstance(d, Distribution) for d in ds):  # site models: no closed-form derivative
+        return _minimise(lambda a: w @ _mse_matrix(ds, a, bits, grid), lo, hi)
 
     def deriv(a):
         return sum(wi * float(mse_derivative(d, a, bits, grid)) for wi, d in zip(w, ds))
@@ -162,7 +186,7 @@ def minimax_alpha(dists, bits: int, grid: Grid | str = "int") -> float:
     relative MSE excess made as small as possible."""
     _, ds = _check_dists(dists)
     lo, hi, stars = _bracket(ds, bits, grid)
-    best = np.array([float(expected_mse(d, a, bits, grid)) for d, a in zip(ds, stars)])[:, None]
+    best = np.array([float(_mse(d, a, bits, grid)) for d, a in zip(ds, stars)])[:, None]
     return _minimise(lambda a: np.max(_mse_matrix(ds, a, bits, grid) / best, axis=0), lo, hi)
 
 
@@ -172,7 +196,7 @@ def weighted_alpha(dists, bits: int, grid: Grid | str = "int", weights=None) -> 
     names, ds = _check_dists(dists)
     v = _weights_of(weights, names, "fairness weights")
     lo, hi, stars = _bracket(ds, bits, grid)
-    best = np.array([float(expected_mse(d, a, bits, grid)) for d, a in zip(ds, stars)])[:, None]
+    best = np.array([float(_mse(d, a, bits, grid)) for d, a in zip(ds, stars)])[:, None]
     return _minimise(lambda a: v @ (_mse_matrix(ds, a, bits, grid) / best), lo, hi)
 
 
@@ -227,8 +251,9 @@ def language_alphas(dists, bits: int, grid: Grid | str = "int", mix_weights=None
 
     Parameters
     ----------
-    dists : mapping language -> Distribution
-        Each language's fitted distribution of the layer's input (or weights).
+    dists : mapping language -> Distribution or site model
+        Each language's fitted distribution of the layer's input (or weights), or its site model
+        (``theory.site_models``: a channel mixture, bulk plus outliers, body plus tail).
     bits : int
     grid : str
     mix_weights : sequence or mapping, optional
@@ -248,11 +273,11 @@ def language_alphas(dists, bits: int, grid: Grid | str = "int", mix_weights=None
     check_bits(bits, g)
     w = _weights_of(mix_weights, names, "mixture weights")
     v = _weights_of(fair_weights, names, "fairness weights")
-    stars = np.array([optimal_alpha(d, bits, g) for d in ds], dtype=np.float64)
-    best = np.array([float(expected_mse(d, a, bits, g)) for d, a in zip(ds, stars)])
+    stars = np.array([_alpha_star(d, bits, g) for d in ds], dtype=np.float64)
+    best = np.array([float(_mse(d, a, bits, g)) for d, a in zip(ds, stars)])
     alpha = {"mix": mixture_alpha(ds, bits, g, w), "minimax": minimax_alpha(ds, bits, g),
              "weighted": weighted_alpha(ds, bits, g, v)}
-    penalty = {c: np.maximum(np.array([float(expected_mse(d, a, bits, g)) for d in ds]) / best - 1.0, 0.0)
+    penalty = {c: np.maximum(np.array([float(_mse(d, a, bits, g)) for d in ds]) / best - 1.0, 0.0)
                for c, a in alpha.items()}
     return LanguageAlphas(names, int(bits), g.value, stars, best, w, v, alpha, penalty)
 
