@@ -183,3 +183,15 @@ def test_language_alphas_accept_site_models():
     # the mix is dominated by b's far larger MSE: a pays, and minimax lowers the worst penalty
     assert r.penalty["mix"][0] > 1.0 and r.penalty["mix"][1] < 1e-3
     assert r.penalty["minimax"].max() < 0.5 * r.penalty["mix"].max()
+
+
+@pytest.mark.parametrize("fam,shape", SHAPES)
+@pytest.mark.parametrize("bits", [12, 16])
+def test_one_channel_mixture_at_fine_grids(fam, shape, bits):
+    """The cell differences stay within 1e-7 of theory.expected_mse (which integrates rounding by
+    quadrature above 256 levels) up to 16 bits."""
+    u = unit_variance(fam, *shape)
+    cm = ChannelMixture(fam, shape, [0.0], [2.0], [1.0])
+    a = np.array([3.0, 11.0, 40.0])
+    np.testing.assert_allclose(cm.mse(a, bits, "int"),
+                               expected_mse(u.with_scale(float(u.scale) * 2.0), a, bits, "int"), rtol=1e-7)

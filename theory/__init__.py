@@ -51,6 +51,14 @@ from .protection import (
     rank_layers,
     sharpness_derivation,
 )
+from .site_models import (
+    ChannelMixture, FamilySite, Mixture, SiteModel, bulk_outlier_model, fit_unit_shape,
+    outlier_channels, select_site_model, unit_variance,
+)
+from .tails import (
+    BodyTail, GeneralizedPareto, PotFit, choose_threshold, fit_pot, gpd_clipping_expr,
+    gpd_derivation,
+)
 from .rate_distortion import (
     ECSQ_GAP_RATIO,
     LloydMaxResult,
@@ -90,6 +98,11 @@ __all__ = [
     # protection
     "DamageModel", "fit_sensitivities", "rank_layers", "disparity_curve", "critical_fraction",
     "sharpness_derivation",
+    # site models (a whole tensor under one threshold) and tails
+    "SiteModel", "FamilySite", "ChannelMixture", "Mixture", "bulk_outlier_model", "fit_unit_shape",
+    "outlier_channels", "select_site_model", "unit_variance",
+    "BodyTail", "GeneralizedPareto", "PotFit", "choose_threshold", "fit_pot", "gpd_clipping_expr",
+    "gpd_derivation",
     # rate-distortion reference points and Lloyd-Max
     "shannon_lower_bound", "shannon_lower_bound_expr", "differential_entropy_bits",
     "gaussian_distortion_rate", "panter_dite", "panter_dite_constant", "panter_dite_expr",

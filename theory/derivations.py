@@ -144,4 +144,10 @@ def all_derivations() -> list[Derivation]:
     return [laplace_aciq(), gaussian_aciq(),
             *(aciq_clipping(n) for n in FAMILIES if not FAMILIES[n].one_sided),
             rate_distortion_derivation("gaussian"), rate_distortion_derivation("laplace"),
-            protection_derivation()]
+            protection_derivation(), _gpd_derivation()]
+
+
+def _gpd_derivation() -> Derivation:
+    from .tails import gpd_derivation
+
+    return gpd_derivation()
