@@ -171,16 +171,32 @@ def site_mse_on_levels(unit: Distribution, loc, scale, weight, alpha, bits: int,
             sl = slice(c0, c0 + per)
             ii = idx[sl]
             mu_c, s_c = mu[sl, None], s[sl, None]
-            lo = (e[ii] * a - mu_c) / s_c
-            hi = (e[ii + 1] * a - mu_c) / s_c
+            # the window's edges, each evaluated once (a cell's upper edge is the next one's lower)
+            t = (e[np.concatenate([ii, ii[:, -1:] + 1], axis=1)] * a - mu_c) / s_c
             c = (q[ii] * a - mu_c) / s_c
-            m0, m1, m2 = interval_moments(unit, lo, hi)
+            m0, m1, m2 = _consecutive_moments(unit, t)
             cell = m2 - 2.0 * c * m1 + c * c * m0
             if keep is not None:
                 cell = np.where(keep[sl], cell, 0.0)
             acc += float(np.sum(cell.sum(axis=1) * (w[sl] * s[sl] * s[sl])))
         out.flat[i] = acc
     return out.reshape(np.shape(alpha))
+
+
+def _consecutive_moments(dist: Distribution, t: np.ndarray) -> tuple[np.ndarray, ...]:
+    """:func:`interval_moments` of the consecutive intervals ``(t[..., j], t[..., j + 1])`` of a
+    non-decreasing last axis, with every upper moment evaluated once per edge."""
+    u = [_upper(dist, k, np.abs(t)) for k in range(3)]
+    a, b = t[..., :-1], t[..., 1:]
+    pos, neg = a >= 0, b <= 0
+    full = (1.0, 0.0, float(dist.variance))
+    out = []
+    for k in range(3):
+        sign = -1.0 if k == 1 else 1.0
+        ua, ub = u[k][..., :-1], u[k][..., 1:]
+        m = np.where(pos, ua - ub, np.where(neg, sign * (ub - ua), full[k] - ub - sign * ua))
+        out.append(m)
+    return out[0], out[1], out[2]
 
 
 _RADIUS_TOL = 1e-17
