@@ -4,9 +4,11 @@ For every quantizable linear layer (input and output) and every decoder block (i
 residual stream) and for each language, :class:`ActivationCapture` keeps a
 :class:`StreamingStats`: count, mean, variance, skewness, excess kurtosis (central moments up to
 the fourth, merged batch by batch in float64 with Pébay's formulas), min/max/absmax, a histogram
-for quantiles, a seeded reservoir sample for distribution fits, and per channel the sum of squares
-and absmax. Its memory is fixed by ``bins``, ``reservoir_size`` and the channel count,
-independent of the number of tokens.
+for quantiles, a seeded reservoir sample for distribution fits (with each value's channel), per
+channel the sum, the sum of squares and the absmax, and the ``top_k`` values of largest magnitude
+(exact, with their channels). All of it comes from the one forward pass: a site model (a
+per-channel mixture, a tail fit) needs no second pass. Its memory is fixed by ``bins``,
+``reservoir_size``, ``top_k`` and the channel count, independent of the number of tokens.
 
 Precision and cost
 ------------------
@@ -21,14 +23,36 @@ the tensor's own precision (float32 at least; bfloat16 is upcast) about its mean
 scalars and the channel vectors leave the device. Either way they are merged in float64 (Pebay).
 The reservoir uses Li's Algorithm L (vectorised), so after it fills its cost grows with
 ``reservoir_size x log(tokens)``, not with the tokens. Projections that read the same input
-(q/k/v, gate/up) share one moment computation.
+(q/k/v, gate/up) share one moment computation. The top-K store needs only the batch's values above
+the store's K-th magnitude ``tau``, and the batch's per-channel absmax (already computed) says
+which channels hold any: usually none or a few outlier channels, read alone; otherwise, on the
+CPU, a numba pass collects them (0.16 ms for 655k float32 values on two cores, against 1-8 ms for
+``torch.topk``, 15 ms for 2M values), with a threshold from a strided subsample while the store
+fills, and ``torch.topk`` only as the last resort. Elsewhere ``torch.topk`` runs on the device and
+only the batch's K largest (values and indices) leave it.
 
 Channels
 --------
 The last dimension of a captured tensor is its channel axis (hidden units; a 1-D tensor is one
-channel). In the same pass each :class:`StreamingStats` keeps, per channel, the float64 sum of
-squares and the largest magnitude, so that :meth:`StreamingStats.channel_energy` can say how much
-of the energy (and so of a shared clipping threshold's MSE) a few outlier channels hold.
+channel): value ``i`` of the flat row-major ``(rows, nchan)`` tensor is in channel ``i % nchan``.
+In the same pass each :class:`StreamingStats` keeps, per channel, the float64 sum
+(:attr:`~StreamingStats.channel_sum`), the sum of squares and the largest magnitude; every
+channel holds ``n / nchan`` values (:attr:`~StreamingStats.channel_count`), so each channel's
+mean and standard deviation follow (``theory.site_models.ChannelMixture.from_power_sums``), and
+:meth:`StreamingStats.channel_energy` can say how much of the energy (and so of a shared clipping
+threshold's MSE) a few outlier channels hold. The reservoir and the top-K store record the
+channel of each value they keep (:meth:`~StreamingStats.sample_channels`,
+:meth:`~StreamingStats.top_channels`), also through Algorithm L's replacements.
+
+The stratified sample
+---------------------
+A clipping threshold's MSE at low bit widths is decided by the few largest values, which a
+uniform reservoir of 4096 out of millions rarely holds. :meth:`StreamingStats.stratified` joins
+the two stores: the values above the K-th largest magnitude ``tau`` exactly (weight 1), and the
+reservoir's values at or below ``tau``, each standing for ``(n - len(top)) / len(rest)`` values.
+The sum of any function of the values (the squared quantization error at any alpha:
+:func:`empirical.optimal.stratified_mse`) is then estimated without bias, exactly on the tail;
+:meth:`~empirical.optimal.StratifiedSample.split` halves it for held-out model selection.
 
 Histogram range
 ---------------
@@ -66,9 +90,10 @@ import numpy as np
 import torch
 
 from .models import ModelView, model_view
+from .optimal import StratifiedSample
 
-__all__ = ["StreamingStats", "Site", "ActivationCapture", "capture_activations", "capture_corpus",
-           "channel_energy"]
+__all__ = ["StreamingStats", "StratifiedSample", "Site", "ActivationCapture", "capture_activations",
+           "capture_corpus", "channel_energy"]
 
 
 def _next_prime(n: int) -> int:
@@ -81,10 +106,11 @@ def _next_prime(n: int) -> int:
 @nb.njit(cache=True, fastmath=False)
 def _power_sums(x, nchan):  # pragma: no cover - compiled
     """(c, [sum d, sum d^2, sum d^3, sum d^4, min, max], sum x^2 per channel, max |x| per
-    channel) of d = x - c, in float64. ``x`` is a flat row-major (rows, nchan) array: value i is
-    in channel i % nchan. The shift c is the mean of the first (at most) 4096 values, close to
-    the mean even when the first value is an outlier; the channel sums of squares are raw (about
-    0: the energy a quantizer's MSE is measured against).
+    channel, sum x per channel) of d = x - c, in float64. ``x`` is a flat row-major
+    (rows, nchan) array: value i is in channel i % nchan. The shift c is the mean of the first
+    (at most) 4096 values, close to the mean even when the first value is an outlier; the
+    channel sums of squares are raw (about 0: the energy a quantizer's MSE is measured
+    against). A channel's sum of x is its sum of d plus ``rows * c``: no extra accumulator.
 
     Every sum is accumulated per channel and the channels are added at the end, so the inner
     loop has no loop-carried dependency and vectorises across channels (module notes)."""
@@ -122,7 +148,46 @@ def _power_sums(x, nchan):  # pragma: no cover - compiled
     out[3] = a4.sum()
     out[4] = mn.min()
     out[5] = mx.max()
-    return c, out, sq, np.maximum(np.abs(mn), np.abs(mx))
+    return c, out, sq, np.maximum(np.abs(mn), np.abs(mx)), a1 + rows * c
+
+
+@nb.njit(cache=True)
+def _above(x, tau, cap):  # pragma: no cover - compiled
+    """Indices of the values with ``|x| > tau`` (at most ``cap``) and their count, or count -1
+    as soon as more than ``cap`` qualify: one read of ``x`` (NaN never passes)."""
+    out = np.empty(cap, np.int64)
+    cnt = 0
+    for i in range(x.size):
+        if abs(x[i]) > tau:
+            if cnt == cap:
+                return out, -1
+            out[cnt] = i
+            cnt += 1
+    return out, cnt
+
+
+@nb.njit(cache=True)
+def _above_in(x, nchan, cols, tau, cap):  # pragma: no cover - compiled
+    """:func:`_above` reading only channels ``cols`` of the flat row-major (rows, nchan) ``x``."""
+    out = np.empty(cap, np.int64)
+    cnt = 0
+    for r in range(x.size // nchan):
+        base = r * nchan
+        for j in range(cols.size):
+            i = base + cols[j]
+            if abs(x[i]) > tau:
+                if cnt == cap:
+                    return out, -1
+                out[cnt] = i
+                cnt += 1
+    return out, cnt
+
+
+def _hot_channels(tau: float, channel_absmax, nchan: int) -> np.ndarray | None:
+    """The channels whose largest magnitude exceeds ``tau`` (None when that is not known)."""
+    if tau < 0 or channel_absmax is None or len(channel_absmax) != nchan:
+        return None
+    return np.nonzero(np.asarray(channel_absmax) > tau)[0]
 
 
 @nb.njit(cache=True)
@@ -132,7 +197,8 @@ def _assign_in_order(dst, idx, vals):  # pragma: no cover - compiled
 
 
 class StreamingStats:
-    """Streaming moments, extremes, histogram and reservoir sample of a stream of values.
+    """Streaming moments, extremes, histogram, reservoir sample, per-channel sums and the
+    largest magnitudes of a stream of values.
 
     Parameters
     ----------
@@ -144,13 +210,30 @@ class StreamingStats:
     hist_sample : int or None
         At most this many values of each update go into the histogram (a strided subsample with
         a prime stride and a seeded offset), which bounds its cost; None: all values. The
-        moments, extremes and reservoir always see every value.
+        moments, extremes, reservoir and top-K store always see every value.
+    top_k : int
+        Keep the ``top_k`` values of largest magnitude over all updates, exactly, with their
+        channels (0: none). :meth:`stratified` combines them with the reservoir.
+
+    Attributes
+    ----------
+    channel_sum, channel_sumsq, channel_absmax : numpy.ndarray or None
+        Per channel (last axis): float64 sum of x, sum of x^2 and largest magnitude (None
+        before any value). :attr:`channel_count` gives the values per channel.
+    reservoir, reservoir_channel : numpy.ndarray
+        The reservoir's values and the channel of each (read them with :meth:`sample` and
+        :meth:`sample_channels`).
     """
 
     def __init__(self, bins: int = 2048, reservoir_size: int = 4096, seed: int = 0,
-                 hist_sample: int | None = 16384) -> None:
+                 hist_sample: int | None = 16384, top_k: int = 1024) -> None:
         if bins % 4:
             raise ValueError("bins must be a multiple of 4")
+        if isinstance(top_k, bool) or int(top_k) != top_k or top_k < 0:
+            raise ValueError(f"top_k must be a non-negative integer (0 disables the store), got {top_k!r}")
+        if isinstance(reservoir_size, bool) or int(reservoir_size) != reservoir_size or reservoir_size < 1:
+            raise ValueError(f"reservoir_size must be a positive integer, got {reservoir_size!r}")
+        reservoir_size, top_k = int(reservoir_size), int(top_k)
         self.bins = bins
         self.k = reservoir_size
         self.hist_sample = hist_sample
@@ -162,9 +245,19 @@ class StreamingStats:
         self.hist = np.zeros(bins, dtype=np.float64)
         self.range = 0.0
         self.reservoir = np.zeros(reservoir_size, dtype=np.float64)
-        #: float64 sum of squares and largest magnitude per channel (None before any value)
+        #: the channel of each reservoir value (aligned with ``reservoir``)
+        self.reservoir_channel = np.zeros(reservoir_size, dtype=np.int64)
+        #: float64 sum, sum of squares and largest magnitude per channel (None before any value)
+        self.channel_sum: np.ndarray | None = None
         self.channel_sumsq: np.ndarray | None = None
         self.channel_absmax: np.ndarray | None = None
+        # top-K store: fixed capacity, the first _top_n entries used (unordered); _top_tau is
+        # the K-th largest magnitude once the store is full (-1 before: every value qualifies)
+        self.top_k = top_k
+        self._top_vals = np.zeros(top_k, dtype=np.float64)
+        self._top_chan = np.zeros(top_k, dtype=np.int64)
+        self._top_n = 0
+        self._top_tau = -1.0
         self._rng = np.random.default_rng(seed)
         self._logw = 0.0       # Algorithm L state: log W
         self._next = 0         # global index of the next element to enter the reservoir
@@ -199,16 +292,17 @@ class StreamingStats:
 
     @staticmethod
     def batch_moments(x: torch.Tensor) -> tuple:
-        """``(n, mean, M2, M3, M4, min, max, channel_sumsq, channel_absmax)`` of the values of
-        ``x`` (any shape, float): central moments of all values, and per channel (the last
-        dimension, see :meth:`channels`) the float64 sum of squares and the largest magnitude.
-        On the CPU one numba pass (module notes), elsewhere :meth:`batch_moments_torch`."""
+        """``(n, mean, M2, M3, M4, min, max, channel_sumsq, channel_absmax, channel_sum)`` of
+        the values of ``x`` (any shape, float): central moments of all values, and per channel
+        (the last dimension, see :meth:`channels`) the float64 sum of squares, the largest
+        magnitude and the float64 sum. On the CPU one numba pass (module notes), elsewhere
+        :meth:`batch_moments_torch`."""
         nchan = StreamingStats.channels(x)
         flat = StreamingStats._flat(x)
         if flat.device.type == "cpu" and flat.dtype in (torch.float32, torch.float64):
-            c, s, sq, am = _power_sums(flat.contiguous().numpy(), nchan)
+            c, s, sq, am, s1c = _power_sums(flat.contiguous().numpy(), nchan)
             s1, s2, s3, s4, lo, hi = s.tolist()
-            return StreamingStats._central(flat.numel(), float(c), s1, s2, s3, s4, lo, hi) + (sq, am)
+            return StreamingStats._central(flat.numel(), float(c), s1, s2, s3, s4, lo, hi) + (sq, am, s1c)
         return StreamingStats.batch_moments_torch(x)
 
     @staticmethod
@@ -225,13 +319,15 @@ class StreamingStats:
         lo, hi = torch.aminmax(x)
         # Third and fourth power sums as inner products: no temporaries, one read each.
         s = torch.stack([c, d.sum(), d2.sum(), torch.dot(d2, d), torch.dot(d2, d2), lo, hi])
-        # Per channel: squares summed in float64 (like the numba kernel), magnitudes maxed.
+        # Per channel: values and squares summed in float64 (like the numba kernel),
+        # magnitudes maxed.
         x2 = x.view(-1, nchan)
         sq = torch.sum(x2 * x2, dim=0, dtype=torch.float64)
+        s1c = torch.sum(x2, dim=0, dtype=torch.float64)
         am = x2.abs().amax(dim=0)
         c, s1, s2, s3, s4, lo, hi = s.double().cpu().tolist()
         return StreamingStats._central(n_b, c, s1, s2, s3, s4, lo, hi) + (
-            sq.cpu().numpy(), am.double().cpu().numpy())
+            sq.cpu().numpy(), am.double().cpu().numpy(), s1c.cpu().numpy())
 
     @staticmethod
     def _central(n_b: int, c: float, s1: float, s2: float, s3: float, s4: float, lo: float, hi: float) -> tuple:
@@ -254,16 +350,106 @@ class StreamingStats:
         if self.channel_sumsq is not None and nchan != self.channel_sumsq.size:
             raise ValueError(f"an update with {nchan} channels (last dimension) after "
                              f"{self.channel_sumsq.size}: the channel axis must stay the same")
-        n_b, mean_b, m2, m3, m4, lo, hi, sq, am = moments if moments is not None else self.batch_moments(x)
+        n_b, mean_b, m2, m3, m4, lo, hi, sq, am, s1c = (moments if moments is not None
+                                                        else self.batch_moments(x))
         x = self._flat(x)
         self._merge_moments(n_b, mean_b, m2, m3, m4)
         self.min, self.max = min(self.min, lo), max(self.max, hi)
         if self.channel_sumsq is None:
-            self.channel_sumsq, self.channel_absmax = np.zeros(nchan), np.zeros(nchan)
+            self.channel_sum, self.channel_sumsq, self.channel_absmax = (np.zeros(nchan), np.zeros(nchan),
+                                                                         np.zeros(nchan))
+        self.channel_sum += s1c
         self.channel_sumsq += sq
         np.maximum(self.channel_absmax, am, out=self.channel_absmax)
         self._update_hist(x, max(abs(lo), abs(hi)))
-        self._update_reservoir(x)
+        self._update_reservoir(x, nchan)
+        self._update_top(x, nchan, am)
+
+    @staticmethod
+    def batch_top(x: torch.Tensor, k: int, tau: float = -1.0,
+                  channel_absmax: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Candidates of a batch for a top-``k`` store whose ``k``-th magnitude is ``tau``
+        (negative: the store is not full).
+
+        Returns ``(values, positions)`` (float64, int64; positions in the flattened ``x``): every
+        value of ``x`` that is among its ``k`` largest magnitudes and above ``tau`` in magnitude,
+        possibly more. ``channel_absmax``, the batch's largest magnitude per channel (last axis;
+        from :meth:`batch_moments`), lets the usual case skip the pass: no channel above ``tau``
+        means no candidate, and a few such channels are read alone. Otherwise, on the CPU, a
+        numba pass collects the values above ``tau``, with ``torch.topk`` as the last resort
+        (module notes); elsewhere :meth:`batch_top_torch`."""
+        if x.device.type != "cpu":
+            return StreamingStats.batch_top_torch(x, k, tau, channel_absmax)
+        nchan = StreamingStats.channels(x)
+        x = StreamingStats._flat(x)
+        arr = x.contiguous().numpy()
+        n = arr.size
+        hot = _hot_channels(tau, channel_absmax, nchan)
+        if hot is not None:
+            if hot.size == 0:
+                return np.zeros(0), np.zeros(0, dtype=np.int64)
+            if 8 * hot.size <= nchan:  # a few outlier channels: read their columns only
+                idx, cnt = _above_in(arr, nchan, hot, tau, 4 * k)
+                if cnt >= 0:
+                    return arr[idx[:cnt]].astype(np.float64), idx[:cnt]
+        if n <= k:
+            idx = np.arange(n) if tau < 0 else np.nonzero(np.abs(arr) > tau)[0]
+            return arr[idx].astype(np.float64), idx
+        idx, cnt = _above(arr, tau, 4 * k)
+        if cnt < 0 and n > 8 * k:
+            # More than 4k values above tau (the store is filling, or the batch is larger than
+            # what came before): raise the threshold to about the batch's 2k-th magnitude, read
+            # off a strided subsample. Valid when at least k values pass it, for then the
+            # batch's k largest all do.
+            stride = _next_prime(max(1, n // 16384))
+            sub = np.abs(arr[int(n % stride) // 2::stride])
+            r = int(sub.size * (1.0 - 2.0 * k / n))
+            est = float(np.partition(sub, r)[r]) if 0 <= r < sub.size else -1.0
+            if est > tau:
+                idx, cnt = _above(arr, est, 4 * k)
+                cnt = cnt if cnt >= k else -1
+        idx = torch.topk(x.abs(), k, sorted=False).indices.numpy() if cnt < 0 else idx[:cnt]
+        return arr[idx].astype(np.float64), idx.astype(np.int64, copy=False)
+
+    @staticmethod
+    def batch_top_torch(x: torch.Tensor, k: int, tau: float = -1.0,
+                        channel_absmax: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`batch_top` with ``torch.topk`` on the tensor's device: exactly the batch's
+        ``k`` largest magnitudes that exceed ``tau``; only those leave the device (none when
+        ``channel_absmax`` shows no channel above ``tau``)."""
+        hot = _hot_channels(tau, channel_absmax, StreamingStats.channels(x))
+        if hot is not None and hot.size == 0:
+            return np.zeros(0), np.zeros(0, dtype=np.int64)
+        x = StreamingStats._flat(x)
+        if x.numel() <= k:
+            sel = torch.arange(x.numel(), device=x.device)
+        else:
+            sel = torch.topk(x.abs(), k, sorted=False).indices
+        vals, idx = x[sel].double().cpu().numpy(), sel.cpu().numpy().astype(np.int64, copy=False)
+        keep = np.abs(vals) > tau
+        return vals[keep], idx[keep]
+
+    def _update_top(self, x: torch.Tensor, nchan: int, channel_absmax: np.ndarray | None = None) -> None:
+        """Merge the batch's values of largest magnitude into the top-K store (exact: a value
+        of the final top K is among its own batch's K largest, and a batch value at or below
+        the store's K-th magnitude cannot enter it)."""
+        K = self.top_k
+        if K == 0:
+            return
+        vals, idx = self.batch_top(x.view(-1, nchan), K, self._top_tau, channel_absmax)
+        if idx.size == 0:
+            return
+        m = self._top_n
+        allv = np.concatenate([self._top_vals[:m], vals])
+        allc = np.concatenate([self._top_chan[:m], idx % nchan])  # a batch is whole rows
+        if allv.size > K:
+            sel = np.argpartition(-np.abs(allv), K - 1)[:K]
+            allv, allc = allv[sel], allc[sel]
+        self._top_n = allv.size
+        self._top_vals[: allv.size] = allv
+        self._top_chan[: allv.size] = allc
+        if self._top_n == K:
+            self._top_tau = float(np.min(np.abs(allv)))
 
     def _update_hist(self, x: torch.Tensor, absmax: float) -> None:
         if self.range == 0.0:
@@ -283,12 +469,15 @@ class StreamingStats:
         h = torch.histc(x.float(), bins=self.bins, min=-self.range, max=self.range)
         self.hist += h.double().cpu().numpy()
 
-    def _update_reservoir(self, x: torch.Tensor) -> None:
+    def _update_reservoir(self, x: torch.Tensor, nchan: int = 1) -> None:
+        # Every update is whole rows of nchan values, so a value's channel is its position in
+        # the batch (and in the stream) modulo nchan.
         start, n_b, k = self.n - x.numel(), x.numel(), self.k
         end = start + n_b
         if start < k:  # filling phase
             take = min(k, end) - start
             self.reservoir[start: start + take] = x[:take].double().cpu().numpy()
+            self.reservoir_channel[start: start + take] = np.arange(take) % nchan
             if end <= k:
                 return
         if not self._started:  # the reservoir is full: Algorithm L takes over from index k
@@ -318,6 +507,7 @@ class StreamingStats:
             # In stream order, so a later replacement of a slot wins (numpy's fancy assignment
             # leaves the winner of repeated indices unspecified).
             _assign_in_order(self.reservoir, slots, vals)
+            _assign_in_order(self.reservoir_channel, slots, pos % nchan)
 
     def _skip(self) -> int:
         u = self._rng.random()
@@ -354,9 +544,85 @@ class StreamingStats:
             return channel_energy(np.zeros(0))
         return channel_energy(self.channel_sumsq, self.channel_absmax)
 
+    @property
+    def channel_count(self) -> np.ndarray | None:
+        """Values per channel (float64 array, every channel ``n / channels``; None before any
+        value): with :attr:`channel_sum` and :attr:`channel_sumsq` each channel's mean and
+        variance follow."""
+        if self.channel_sumsq is None:
+            return None
+        return np.full(self.channel_sumsq.size, self.n // self.channel_sumsq.size, dtype=np.float64)
+
     def sample(self) -> np.ndarray:
         """The reservoir sample (fewer than ``reservoir_size`` values if fewer were seen)."""
         return self.reservoir[: min(self.n, self.k)].copy()
+
+    def sample_channels(self) -> np.ndarray:
+        """The channel of each value of :meth:`sample` (int64, same order)."""
+        return self.reservoir_channel[: min(self.n, self.k)].copy()
+
+    def _top_order(self) -> np.ndarray:
+        v = self._top_vals[: self._top_n]
+        return np.argsort(-np.abs(v), kind="stable")
+
+    def top_values(self) -> np.ndarray:
+        """The ``top_k`` values of largest magnitude seen (signed, float64, by decreasing
+        magnitude; all values when fewer were seen). Exact, not sampled."""
+        return self._top_vals[: self._top_n][self._top_order()]
+
+    def top_channels(self) -> np.ndarray:
+        """The channel of each value of :meth:`top_values` (int64, same order)."""
+        return self._top_chan[: self._top_n][self._top_order()]
+
+    def stratified(self) -> StratifiedSample:
+        """Every value seen, represented by the exact top magnitudes plus a weighted reservoir.
+
+        Returns
+        -------
+        StratifiedSample
+            * everything fits in the reservoir (``n <= reservoir_size``): exact, ``top`` empty,
+              ``rest`` all values with weight 1;
+            * everything fits in the top-K store (``n <= top_k``): exact, ``top`` all values;
+            * otherwise, with ``tau`` the K-th largest magnitude: ``top`` the stored values with
+              ``|x| > tau`` (every such value of the stream is there) and ``rest`` the
+              reservoir values with ``|x| <= tau``, each standing for
+              ``(n - len(top)) / len(rest)`` values. The reservoir is a uniform sample of the
+              stream, so its values at or below ``tau`` are a uniform sample of the stream's
+              values at or below ``tau``: the sum of any function of the values is estimated
+              without bias, and exactly on the tail. (The K-th value itself, and any of equal
+              magnitude, belong to the rest: so ties, common in bfloat16 activations, cannot
+              bias the estimate; ``top`` then has fewer than K values.)
+
+        Raises
+        ------
+        ValueError
+            No values seen; NaN or infinite values in the stream; no reservoir value at or below
+            ``tau`` (a reservoir smaller than the top-K store can miss the bulk).
+        """
+        if self.n == 0:
+            raise ValueError("no values seen: there is nothing to sample")
+        if not (math.isfinite(self.mean) and math.isfinite(self.m2)):
+            raise ValueError("the stream contains NaN or infinite values: no stratified sample")
+        empty_f, empty_i = np.zeros(0), np.zeros(0, dtype=np.int64)
+        if self.n <= self.k:
+            return StratifiedSample(empty_f, self.sample(), 1.0, self.n, empty_i, self.sample_channels())
+        tv, tc = self.top_values(), self.top_channels()
+        if self.n <= self.top_k:
+            return StratifiedSample(tv, empty_f, 0.0, self.n, tc, empty_i)
+        if self.top_k:
+            tau = self._top_tau
+            above = np.abs(tv) > tau
+            tv, tc = tv[above], tc[above]
+        else:
+            tau = math.inf
+        x, ch = self.sample(), self.sample_channels()
+        below = np.abs(x) <= tau
+        if not below.any():
+            raise ValueError(f"no reservoir value is at or below the top-{self.top_k} threshold "
+                             f"{tau:.4g}: the rest of the stream is not represented (use a "
+                             f"reservoir_size larger than top_k)")
+        rest, rc = x[below], ch[below]
+        return StratifiedSample(tv, rest, (self.n - tv.size) / rest.size, self.n, tc, rc)
 
     def quantile(self, q: float | Sequence[float]) -> np.ndarray | float:
         """Quantile(s) from the histogram (linear within bins, clamped to the observed range)."""
@@ -375,9 +641,11 @@ class StreamingStats:
                     absmax=self.absmax, q001=q[0], q01=q[1], q50=q[2], q99=q[3], q999=q[4])
 
     def nbytes(self) -> int:
-        """Bytes held by the state (fixed by ``bins`` and ``reservoir_size``)."""
-        chan = 0 if self.channel_sumsq is None else self.channel_sumsq.nbytes + self.channel_absmax.nbytes
-        return int(self.hist.nbytes + self.reservoir.nbytes + chan + 8 * 9)
+        """Bytes held by the state (fixed by ``bins``, ``reservoir_size``, ``top_k`` and the
+        channel count)."""
+        chan = 0 if self.channel_sumsq is None else 3 * self.channel_sumsq.nbytes
+        return int(self.hist.nbytes + self.reservoir.nbytes + self.reservoir_channel.nbytes + chan
+                   + self._top_vals.nbytes + self._top_chan.nbytes + 8 * 11)
 
 
 def channel_energy(sumsq, absmax=None) -> dict:
@@ -445,7 +713,9 @@ class ActivationCapture:
     def __init__(self, model, view: ModelView | None = None, languages: Iterable[str] | None = None,
                  reservoir_size: int = 4096, bins: int = 2048, seed: int = 0,
                  linear_inputs: bool = True, linear_outputs: bool = True, residual: bool = True,
-                 hist_sample: int | None = 16384) -> None:
+                 hist_sample: int | None = 16384, top_k: int = 1024) -> None:
+        if isinstance(top_k, bool) or int(top_k) != top_k or top_k < 0:
+            raise ValueError(f"top_k must be a non-negative integer (0 disables the store), got {top_k!r}")
         self.model = model
         self.view = view or model_view(model)
         self.languages = None if languages is None else list(languages)
@@ -458,6 +728,7 @@ class ActivationCapture:
         self._handles: list = []
         self._flags = (linear_inputs, linear_outputs, residual)
         self.hist_sample = hist_sample
+        self.top_k = int(top_k)
 
     # -- language -----------------------------------------------------------------------------
     @property
@@ -508,7 +779,7 @@ class ActivationCapture:
             tag = zlib.crc32(f"{site.key}\0{self._language}".encode())
             sub = np.random.SeedSequence([self.seed, tag]).generate_state(1)[0]
             st = self.stats[key] = StreamingStats(self.bins, self.reservoir_size, int(sub),
-                                                          self.hist_sample)
+                                                  self.hist_sample, self.top_k)
         st.update(t, moments)
 
     def attach(self) -> None:
@@ -581,8 +852,8 @@ def capture_activations(model, view: ModelView | None = None, languages: Iterabl
     reservoir_size, bins, seed
         See :class:`StreamingStats`.
     **flags
-        ``linear_inputs``, ``linear_outputs``, ``residual`` (all True by default) and
-        ``hist_sample`` (see :class:`StreamingStats`).
+        ``linear_inputs``, ``linear_outputs``, ``residual`` (all True by default),
+        ``hist_sample`` and ``top_k`` (see :class:`StreamingStats`).
 
     Yields
     ------

@@ -9,11 +9,18 @@ Two estimators of the clipping threshold ``alpha*`` of a tensor:
 * :func:`octav_alpha`: OCTAV (Sakr, Dai, Tambe, Keckler, Khailany, Dally, "Optimal clipping and
   magnitude-aware differentiation for improved quantization-aware training", ICML 2022), the
   Newton-style fixed point of the high-resolution noise model on samples.
+
+and their counterparts over *all* the values a capture saw, from its :class:`StratifiedSample`
+(the exact largest magnitudes plus a weighted uniform reservoir of the rest;
+:meth:`empirical.capture.StreamingStats.stratified`): :func:`stratified_mse` and
+:func:`stratified_optimal_alpha`.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from functools import cached_property
 from typing import NamedTuple
 
 import numpy as np
@@ -23,8 +30,9 @@ from theory.grids import Grid, check_bits, step_factor
 
 from .sweep import SortedMagnitudes, prepare, validate_data
 
-__all__ = ["EmpiricalOptimum", "empirical_language_alphas", "empirical_mixture_alpha", "empirical_optimal_alpha", "measured_penalties",
-           "octav_alpha"]
+__all__ = ["EmpiricalOptimum", "StratifiedSample", "empirical_language_alphas", "empirical_mixture_alpha",
+           "empirical_optimal_alpha", "measured_penalties", "octav_alpha", "stratified_mse",
+           "stratified_optimal_alpha"]
 
 
 class EmpiricalOptimum(NamedTuple):
@@ -278,3 +286,235 @@ def measured_penalties(samples, alphas, bits: int, grid: Grid | str = "int",
             row[name] = float(sm.mse(float(a), m, g)) / opt.mse - 1.0 if opt.mse > 0 else math.nan
         out[lang] = row
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# Stratified samples: exact tail plus weighted reservoir
+# --------------------------------------------------------------------------------------------
+
+def _channel_array(c, size: int, what: str) -> np.ndarray | None:
+    if c is None:
+        return None
+    arr = np.asarray(c)
+    if arr.dtype.kind not in "iu":
+        raise ValueError(f"{what} must be integers, got dtype {arr.dtype}")
+    arr = arr.astype(np.int64).reshape(-1)
+    if arr.size != size:
+        raise ValueError(f"{what} has {arr.size} entries for {size} values")
+    return arr
+
+
+@dataclass(frozen=True, eq=False)
+class StratifiedSample:
+    """``n_total`` values represented by an exact stratum and a weighted uniform sample.
+
+    Built by :meth:`empirical.capture.StreamingStats.stratified`: ``top`` are values of the
+    stream kept exactly (the largest magnitudes), ``rest`` a uniform sample of all the other
+    values. The sum of ``f(x)`` over the ``n_total`` values is estimated by
+    ``top_weight * sum f(top) + rest_weight * sum f(rest)``, without bias.
+
+    Parameters
+    ----------
+    top : array_like
+        Values represented exactly (each stands for ``top_weight`` values, 1 unless halved).
+    rest : array_like
+        Uniform sample of the other values; each stands for ``rest_weight`` values.
+    rest_weight : float
+        ``(n_total - top_weight * len(top)) / len(rest)`` (0 when ``rest`` is empty).
+    n_total : int
+        Number of values represented.
+    top_channels, rest_channels : array_like of int, optional
+        Channel of each value.
+    top_weight : float
+        Values each ``top`` value stands for: 1 for the exact stratum, about 2 in a half made by
+        :meth:`split`.
+
+    Raises
+    ------
+    ValueError
+        Nothing in either stratum, NaN or infinite values, weights that are negative, not
+        finite or zero for a non-empty stratum, or weights whose represented count
+        ``top_weight * len(top) + rest_weight * len(rest)`` is not ``n_total``.
+    """
+
+    top: np.ndarray
+    rest: np.ndarray
+    rest_weight: float
+    n_total: int
+    top_channels: np.ndarray | None = None
+    rest_channels: np.ndarray | None = None
+    top_weight: float = 1.0
+
+    def __post_init__(self):
+        top = np.array(self.top, dtype=np.float64).reshape(-1)
+        rest = np.array(self.rest, dtype=np.float64).reshape(-1)
+        if top.size + rest.size == 0:
+            raise ValueError("the stratified sample is empty (no top and no rest values)")
+        for nm, v in (("top", top), ("rest", rest)):
+            if not np.all(np.isfinite(v)):
+                raise ValueError(f"the stratified sample's {nm} values contain NaN or infinite values")
+        n = self.n_total
+        if isinstance(n, bool) or int(n) != n or n < 1:
+            raise ValueError(f"n_total must be a positive integer, got {n!r}")
+        wt, wr = float(self.top_weight), float(self.rest_weight)
+        for nm, w, size in (("top_weight", wt, top.size), ("rest_weight", wr, rest.size)):
+            if not math.isfinite(w) or w < 0 or (size and w == 0):
+                raise ValueError(f"{nm} must be finite, non-negative and positive for a non-empty "
+                                 f"stratum, got {w}")
+        represented = wt * top.size + wr * rest.size
+        if abs(represented - n) > 1e-9 * n:
+            raise ValueError(f"the weights represent {represented:.6g} values, not n_total = {n}")
+        object.__setattr__(self, "top", top)
+        object.__setattr__(self, "rest", rest)
+        object.__setattr__(self, "n_total", int(n))
+        object.__setattr__(self, "top_weight", wt)
+        object.__setattr__(self, "rest_weight", wr)
+        for nm, size in (("top_channels", top.size), ("rest_channels", rest.size)):
+            object.__setattr__(self, nm, _channel_array(getattr(self, nm), size, nm))
+
+    @property
+    def exact(self) -> bool:
+        """True when every value is held (nothing is estimated)."""
+        return self.top_weight == 1.0 and (self.rest.size == 0 or self.rest_weight == 1.0)
+
+    @property
+    def absmax(self) -> float:
+        """Largest magnitude held."""
+        return float(max(np.max(np.abs(self.top), initial=0.0), np.max(np.abs(self.rest), initial=0.0)))
+
+    @cached_property
+    def _parts(self) -> list:
+        """``(values represented, SortedMagnitudes)`` of each non-empty stratum (sorted once)."""
+        strata = ((self.top_weight, self.top), (self.rest_weight, self.rest))
+        return [(w * v.size, prepare(v)) for w, v in strata if v.size]
+
+    def split(self, seed: int = 0) -> tuple["StratifiedSample", "StratifiedSample"]:
+        """Two complementary random halves, each an unbiased estimate of the whole.
+
+        ``rest`` and ``top`` are each cut into two random halves (the odd value goes to a random
+        half) and each half's weight is scaled so that it stands for the whole stratum: a half
+        of ``m`` of the ``r`` rest values gets ``rest_weight * r / m``. For held-out model
+        selection: fit on one half, compare curves on the other. A stratum of one value can not
+        be halved: a ``top`` of one value is kept whole in both halves (exact, so both stay
+        unbiased); a ``rest`` of one value is refused.
+
+        Returns
+        -------
+        (StratifiedSample, StratifiedSample)
+        """
+        rng = np.random.default_rng(seed)
+
+        def halves(v, c, w, what):
+            if v.size == 0 or (v.size == 1 and what == "top"):
+                return (v, c, w), (v, c, w)
+            if v.size == 1:
+                raise ValueError("the rest stratum has one value: it cannot be split in halves")
+            perm = rng.permutation(v.size)
+            h = v.size // 2 + (int(rng.integers(2)) if v.size % 2 else 0)
+            out = []
+            for idx in (np.sort(perm[:h]), np.sort(perm[h:])):
+                out.append((v[idx], None if c is None else c[idx], w * v.size / idx.size))
+            return tuple(out)
+
+        ta, tb = halves(self.top, self.top_channels, self.top_weight, "top")
+        ra, rb = halves(self.rest, self.rest_channels, self.rest_weight, "rest")
+        return tuple(StratifiedSample(t[0], r[0], r[2] if r[0].size else 0.0, self.n_total, t[1], r[1],
+                                      t[2] if t[0].size else 1.0)
+                     for t, r in ((ta, ra), (tb, rb)))
+
+
+def _check_stratified(sample) -> StratifiedSample:
+    if not isinstance(sample, StratifiedSample):
+        raise TypeError(f"expected a StratifiedSample (StreamingStats.stratified()), "
+                        f"got {type(sample).__name__}")
+    return sample
+
+
+def stratified_mse(sample: StratifiedSample, alphas, bits, grid: Grid | str = "int") -> np.ndarray:
+    """Mean squared quantization error over all ``n_total`` values, from a stratified sample.
+
+    ``(top_weight * sum_top err + rest_weight * sum_rest err) / n_total`` at each alpha, with
+    the exact error of each held value (:meth:`empirical.sweep.SortedMagnitudes.mse`). Exact when
+    the sample holds every value; otherwise an unbiased estimate whose tail (the values that
+    decide clipping) is exact.
+
+    Parameters
+    ----------
+    sample : StratifiedSample
+    alphas : float or array_like
+        Clipping thresholds (> 0, data units).
+    bits : int or sequence of int
+        Bit widths.
+    grid : str
+        Quantizer grid (docs/design.md); for ``aciq`` the noise term ``alpha^2 / (3 * 4^M)`` is
+        counted once per represented value, so it is exact.
+
+    Returns
+    -------
+    numpy.ndarray
+        Shaped like :func:`empirical.sweep.mse_sweep` per tensor: ``[bits, alpha]``, an axis
+        dropped where its argument is a scalar.
+    """
+    s = _check_stratified(sample)
+    total = None
+    for count, sm in s._parts:
+        part = count * np.asarray(sm.mse(alphas, bits, grid), dtype=np.float64)
+        total = part if total is None else total + part
+    return total / s.n_total
+
+
+def stratified_optimal_alpha(sample: StratifiedSample, bits: int, grid: Grid | str = "int",
+                             n_grid: int = 256, xatol: float = 1e-10) -> EmpiricalOptimum:
+    """Clipping threshold minimising :func:`stratified_mse` (the MSE over all values).
+
+    A geometric scan of ``n_grid`` thresholds from ``0.01`` times the rest's standard deviation
+    (all values' when the rest has fewer than two) up to the largest magnitude, then bounded
+    Brent minimisation (``scipy.optimize.minimize_scalar(method="bounded")``) between the
+    neighbours of the best scan point; the returned MSE is never worse than that point's.
+
+    Parameters
+    ----------
+    sample : StratifiedSample
+    bits : int
+    grid : str
+    n_grid : int
+        Scan points (at least 128).
+    xatol : float
+        Relative tolerance of Brent's method (times the bracket's upper end).
+
+    Returns
+    -------
+    EmpiricalOptimum
+        ``(alpha, mse)``.
+
+    Raises
+    ------
+    ValueError
+        Bad bits or grid, ``n_grid < 128``, or a sample that is identically zero.
+    """
+    s = _check_stratified(sample)
+    g = Grid.parse(grid)
+    m = check_bits(bits, g)
+    if isinstance(n_grid, bool) or int(n_grid) != n_grid or n_grid < 128:
+        raise ValueError(f"n_grid must be an integer of at least 128, got {n_grid!r}")
+    amax = s.absmax
+    if amax == 0.0:
+        raise ValueError("the sample is identically zero: every clipping threshold is optimal")
+    body = s.rest if s.rest.size >= 2 else np.concatenate([s.top, s.rest])
+    sd = float(np.std(body)) if body.size >= 2 else 0.0
+    lo = 1e-2 * sd if sd > 0 else 1e-3 * amax
+    lo = min(lo, 1e-3 * amax) if lo >= amax else lo
+    alphas = np.geomspace(lo, amax, int(n_grid))
+    curve = stratified_mse(s, alphas, m, g)
+    i = int(np.argmin(curve))
+    best = EmpiricalOptimum(float(alphas[i]), float(curve[i]))
+    a_lo, a_hi = float(alphas[max(i - 1, 0)]), float(alphas[min(i + 1, alphas.size - 1)])
+
+    def f(a: float) -> float:
+        return float(stratified_mse(s, a, m, g))
+
+    res = minimize_scalar(f, bounds=(a_lo, a_hi), method="bounded",
+                          options={"xatol": xatol * a_hi, "maxiter": 200})
+    if res.success and float(res.fun) <= best.mse:
+        best = EmpiricalOptimum(float(res.x), float(res.fun))
+    return best

@@ -90,6 +90,14 @@ def test_streaming_stats_equal_full_activations(tiny_llama):
         assert st.absmax == pytest.approx(np.abs(x).max())
         assert st.hist.sum() == x.size
         assert np.isin(st.sample(), x).all() and len(st.sample()) == 50
+        # per-channel sums and the exact top magnitudes, from the same pass
+        x2 = x.reshape(-1, st.channel_sum.size)
+        # float64 sums of the same float32 values: equal up to float64 rounding of |x| sums
+        assert np.all(np.abs(st.channel_sum - x2.sum(axis=0)) <= 1e-9 * np.abs(x2).sum(axis=0))
+        np.testing.assert_array_equal(st.channel_count, np.full(x2.shape[1], x2.shape[0]))
+        k = min(st.top_k, x.size)
+        np.testing.assert_array_equal(np.sort(np.abs(st.top_values())), np.sort(np.abs(x))[x.size - k:])
+        assert all(v in x2[:, c] for v, c in zip(st.top_values(), st.top_channels()))  # its own channel
         qs = st.quantile([0.05, 0.5, 0.95])
         assert np.all(np.abs(qs - np.quantile(x, [0.05, 0.5, 0.95])) <= 2 * 2 * st.range / st.bins + 1e-9)
 
@@ -321,3 +329,174 @@ def test_language_sample_independent_of_the_other_languages(tiny_llama):
     both, alone = sample(["eng", "heb"]), sample(["heb"])
     np.testing.assert_array_equal(both["heb"], alone["heb"])
     assert len(both["eng"]) == len(both["heb"]) == 8
+
+
+# -- per-channel sums, reservoir channels, top-K store (issue #14) --------------------------------
+
+def _stream(pieces, path, **kw):
+    """A StreamingStats fed ``pieces``, its moments from the numba kernel or the torch path."""
+    st = StreamingStats(bins=64, **kw)
+    for p in pieces:
+        t = torch.as_tensor(p)
+        st.update(t, StreamingStats.batch_moments_torch(t) if path == "torch" else None)
+    return st
+
+
+@pytest.mark.parametrize("path", ["numba", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_channel_sum_and_count_over_updates(path, dtype):
+    """channel_sum is the float64 sum of each channel (last axis) over every update, whichever
+    path computed the batch sums; channel_count is the rows seen; with channel_sumsq they give
+    each channel's mean and variance."""
+    rng = np.random.default_rng(3)
+    # channels with different offsets and scales, one far from the first values' mean
+    x = rng.standard_t(4, size=(4001, 37)) * rng.uniform(0.1, 5, 37) + rng.normal(0, 10, 37)
+    x[:, 5] += 300.0
+    ref = torch.tensor(x, dtype=dtype).double().numpy()
+    pieces = [torch.tensor(p, dtype=dtype) for p in np.array_split(x, [3, 1000, 1001, 3500])]
+    st = _stream(pieces, path, reservoir_size=32)
+    tol = 1e-6 if dtype == torch.float32 else 1e-12
+    np.testing.assert_allclose(st.channel_sum, ref.sum(axis=0), rtol=tol)
+    np.testing.assert_array_equal(st.channel_count, np.full(37, 4001.0))
+    mean = st.channel_sum / st.channel_count
+    var = st.channel_sumsq / st.channel_count - mean ** 2
+    np.testing.assert_allclose(mean, ref.mean(axis=0), rtol=tol)
+    np.testing.assert_allclose(var, ref.var(axis=0), rtol=1e-4 if dtype == torch.float32 else 1e-9)
+    # the batch tuples themselves (10th entry) against numpy
+    for got in (StreamingStats.batch_moments(pieces[2]), StreamingStats.batch_moments_torch(pieces[2])):
+        np.testing.assert_allclose(got[9], pieces[2].double().numpy().sum(axis=0), rtol=tol)
+    # a 1-D stream is one channel
+    st1 = _stream([torch.tensor(x[:, 0], dtype=dtype)], path, reservoir_size=8)
+    np.testing.assert_allclose(st1.channel_sum, [ref[:, 0].sum()], rtol=tol)
+    assert st1.channel_count.tolist() == [4001.0]
+    assert StreamingStats().channel_count is None
+
+
+@pytest.mark.parametrize("reservoir_size", [64, 5000])
+def test_reservoir_and_top_channels_follow_their_values(reservoir_size):
+    """Values that encode their channel (channel + 0.001 noise): through the filling phase and
+    Algorithm L's replacements each reservoir value keeps its channel, and so does each top
+    value."""
+    rng = np.random.default_rng(0)
+    nchan = 96
+    x = np.arange(nchan) + 1e-3 * rng.standard_normal((3000, nchan))
+    st = StreamingStats(bins=64, reservoir_size=reservoir_size, top_k=300, seed=7)
+    for piece in np.array_split(x, [1, 50, 51, 1700]):
+        st.update(torch.from_numpy(piece))
+    s, c = st.sample(), st.sample_channels()
+    assert s.size == reservoir_size and c.dtype == np.int64
+    np.testing.assert_array_equal(np.round(s).astype(np.int64), c)
+    assert np.isin(s, x).all()
+    if reservoir_size == 64:  # many replacements: the sample spreads over the channels
+        assert len(np.unique(c)) > 30
+    tv, tc = st.top_values(), st.top_channels()
+    np.testing.assert_array_equal(np.round(tv).astype(np.int64), tc)
+    assert set(tc.tolist()) == {95, 94, 93, 92} or tc.min() >= 90  # the largest channels
+    # the stratified sample carries the same channels
+    strat = st.stratified()
+    np.testing.assert_array_equal(np.round(strat.rest).astype(np.int64), strat.rest_channels)
+    np.testing.assert_array_equal(np.round(strat.top).astype(np.int64), strat.top_channels)
+
+
+def _numpy_top(x, k):
+    """numpy's k values of largest magnitude (as a sorted multiset of signed values)."""
+    flat = np.asarray(x, dtype=np.float64).ravel()
+    return np.sort(flat[np.argsort(-np.abs(flat), kind="stable")[:k]])
+
+
+@pytest.mark.parametrize("backend", ["numba", "torch"])
+def test_top_k_equals_numpy_over_the_stream(backend, monkeypatch):
+    """The store holds exactly the K largest |x| of the whole stream: updates smaller than K,
+    a first update larger than K, late updates bringing more than 4K new large values (a
+    threshold from a subsample, or torch.topk when ties defeat it), with signs and channels."""
+    if backend == "torch":
+        monkeypatch.setattr(StreamingStats, "batch_top", staticmethod(StreamingStats.batch_top_torch))
+    rng = np.random.default_rng(1)
+    K, nchan = 256, 16
+    parts = [rng.standard_t(3, size=(r, nchan)) for r in (5, 2000, 3, 700)]
+    tied = np.full((800, nchan), 30.0)  # ties: the subsample's threshold passes too few, torch.topk decides
+    tied[:3] = 100.0
+    parts.append(tied)
+    parts.append(40.0 * rng.standard_t(3, size=(600, nchan)))  # 9600 values, most above the store's K-th
+    parts.append(rng.standard_t(3, size=(900, nchan)))
+    st = StreamingStats(bins=64, reservoir_size=32, top_k=K)
+    seen = []
+    for p in parts:
+        st.update(torch.tensor(p, dtype=torch.float32))
+        seen.append(torch.tensor(p, dtype=torch.float32).double().numpy())
+        allx = np.concatenate(seen)
+        np.testing.assert_array_equal(np.sort(st.top_values()), _numpy_top(allx, K))
+    tv, tc = st.top_values(), st.top_channels()
+    assert np.all(np.diff(np.abs(tv)) <= 0)  # by decreasing magnitude
+    assert all(v in allx[:, c] for v, c in zip(tv, tc))  # each in its own channel
+    # fewer values than K: all of them; K = 0: none
+    few = StreamingStats(bins=4, reservoir_size=4, top_k=K)
+    few.update(torch.tensor(parts[0]))
+    np.testing.assert_array_equal(np.sort(few.top_values()), np.sort(parts[0].ravel()))
+    none = StreamingStats(bins=4, reservoir_size=4, top_k=0)
+    none.update(torch.tensor(parts[1]))
+    assert none.top_values().size == 0 and none.top_channels().size == 0
+
+
+def test_batch_top_candidates_cover_the_batch_top():
+    """Both candidate paths return every value of the batch's top k above tau, with its flat
+    position (the numba path may return more; the torch path exactly those)."""
+    rng = np.random.default_rng(2)
+    x = torch.tensor(rng.standard_normal((500, 40)))
+    flat = x.numpy().ravel()
+    k, tau = 100, 2.5
+    want = set(np.argsort(-np.abs(flat))[:k][np.abs(flat[np.argsort(-np.abs(flat))[:k]]) > tau].tolist())
+    for f in (StreamingStats.batch_top, StreamingStats.batch_top_torch):
+        vals, pos = f(x, k, tau)
+        np.testing.assert_array_equal(vals, flat[pos])
+        assert want <= set(pos.tolist()) and np.all(np.abs(vals) > tau)
+    assert set(StreamingStats.batch_top_torch(x, k, tau)[1].tolist()) == want
+    # with the batch's channel absmax: one outlier channel is read alone, and a batch with no
+    # channel above tau gives nothing (both paths)
+    x2 = x.clone()
+    x2[:, 7] *= 10.0
+    flat2 = x2.numpy().ravel()
+    am = x2.abs().amax(dim=0).numpy()
+    tau2 = float(np.abs(x.numpy()).max()) + 0.01  # above every other channel
+    order = np.argsort(-np.abs(flat2))[:k]
+    want2 = set(order[np.abs(flat2[order]) > tau2].tolist())
+    assert len(want2) > 10 and {p % 40 for p in want2} == {7}
+    for f in (StreamingStats.batch_top, StreamingStats.batch_top_torch):
+        vals, pos = f(x2, k, tau2, am)
+        np.testing.assert_array_equal(vals, flat2[pos])
+        assert want2 <= set(pos.tolist()) and np.all(np.abs(vals) > tau2)
+        vals, pos = f(x2, k, float(am.max()), am)
+        assert vals.size == pos.size == 0
+
+
+def test_top_k_and_stratified_refusals(tiny_gpt2):
+    for bad in (-1, 2.5, True):
+        with pytest.raises(ValueError, match="top_k"):
+            StreamingStats(top_k=bad)
+    model, _ = tiny_gpt2
+    with pytest.raises(ValueError, match="top_k"):
+        with capture_activations(model, top_k=-3):
+            pass
+    with pytest.raises(ValueError, match="no values"):
+        StreamingStats().stratified()
+    st = StreamingStats(bins=8, reservoir_size=16, top_k=4)
+    st.update(torch.tensor([1.0, float("nan"), 2.0, 3.0] * 10))
+    with pytest.raises(ValueError, match="NaN"):
+        st.stratified()
+    # a reservoir far smaller than the store: almost surely no reservoir value at or below the
+    # K-th magnitude (only one stream value is)
+    st = StreamingStats(bins=8, reservoir_size=4, top_k=1999, seed=0)
+    st.update(torch.arange(1, 2001, dtype=torch.float64))
+    with pytest.raises(ValueError, match="reservoir"):
+        st.stratified()
+
+
+def test_capture_passes_top_k(tiny_llama):
+    model, tok = tiny_llama
+    with capture_activations(model, reservoir_size=16, bins=16, top_k=7, linear_inputs=False,
+                             linear_outputs=False) as cap:
+        with cap.for_language("eng"):
+            model(input_ids=_ids(tok, "top k"))
+    st = next(iter(cap.stats.values()))
+    assert st.top_k == 7 and st.top_values().size == 7
+    assert abs(st.top_values()[0]) == pytest.approx(st.absmax)
