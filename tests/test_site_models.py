@@ -195,3 +195,15 @@ def test_one_channel_mixture_at_fine_grids(fam, shape, bits):
     a = np.array([3.0, 11.0, 40.0])
     np.testing.assert_allclose(cm.mse(a, bits, "int"),
                                expected_mse(u.with_scale(float(u.scale) * 2.0), a, bits, "int"), rtol=1e-7)
+
+
+@pytest.mark.parametrize("nu", [2.05, 2.5, 3.0, 7.0, 50.0, 390.0])
+def test_student_t_joint_tail_moments_equal_separate(nu):
+    """StudentT._tail_moments (one incomplete beta, DLMF 8.17.20) equals the three separate
+    tail moments."""
+    from theory import StudentT
+
+    d = StudentT(nu)
+    t = np.array([0.0, 0.3, 1.0, 3.0, 10.0, 100.0, 1e4, np.inf])
+    for k, u in enumerate(d.tail_moments(t)):
+        np.testing.assert_allclose(u, d.tail_moment(k, t), rtol=1e-12, atol=0)

@@ -277,6 +277,17 @@ class Distribution:
         # Closed forms can give nan at t = inf (inf * 0); the tail there is 0.
         return np.where(np.isposinf(t), 0.0, np.broadcast_to(out, np.broadcast(t, out).shape))
 
+    def tail_moments(self, t) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(U_0, U_1, U_2)`` at ``t`` (unit scale, ``t >= 0``) in one call: families whose three
+        moments share work (the Student-t's incomplete beta) define ``_tail_moments``."""
+        joint = getattr(type(self), "_tail_moments", None)
+        if joint is None:
+            return self.tail_moment(0, t), self.tail_moment(1, t), self.tail_moment(2, t)
+        t = np.asarray(t, dtype=np.float64)
+        with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+            out = joint(t, *self.shape)
+        return tuple(np.where(np.isposinf(t), 0.0, np.asarray(u, dtype=np.float64)) for u in out)
+
     @property
     def variance(self):
         """Variance ``scale^2 * Var_unit`` (inf where the family has none)."""
@@ -861,6 +872,20 @@ class StudentT(Distribution):
         if k == 0:
             return sf
         return nu * ((nu - 1) / (nu - 2) * 0.5 * betainc(nu / 2 - 1, 0.5, z) - sf)
+
+    @staticmethod
+    def _tail_moments(t, nu):
+        """``(U_0, U_1, U_2)`` with one incomplete beta: with ``a = nu/2``, ``z = nu/(nu + t^2)``,
+        ``I_z(a - 1, 1/2) = I_z(a, 1/2) + z^(a-1) (1 - z)^(1/2) / ((a - 1) B(a - 1, 1/2))``
+        (DLMF 8.17.20), two positive terms, so nothing cancels."""
+        a = nu / 2
+        z = nu / (nu + t * t)
+        sf = 0.5 * _special().betainc(a, 0.5, z)
+        log_b = math.lgamma(a - 1) + math.lgamma(0.5) - math.lgamma(a - 0.5)
+        extra = np.exp((a - 1) * np.log(z) + 0.5 * np.log1p(-z) - math.log(a - 1) - log_b)
+        sf2 = sf + 0.5 * extra  # sf_{nu-2}(t sqrt((nu-2)/nu))
+        u1 = math.exp(_t_log_const(nu)) * nu / (nu - 1) * (1 + t * t / nu) ** (-(nu - 1) / 2)
+        return sf, u1, nu * ((nu - 1) / (nu - 2) * sf2 - sf)
 
     @staticmethod
     def _variance(nu):

@@ -87,6 +87,19 @@ def _upper(dist: Distribution, k: int, t: np.ndarray) -> np.ndarray:
     return out
 
 
+def _upper_all(dist: Distribution, t: np.ndarray) -> list[np.ndarray]:
+    """``[U_0(t), U_1(t), U_2(t)]`` of ``dist`` at its own scale, ``t >= 0``, in one call
+    (:meth:`Distribution.tail_moments`)."""
+    out = [np.zeros_like(t) for _ in range(3)]
+    fin = np.isfinite(t)
+    if np.any(fin):
+        sc = float(dist.scale)
+        for k, u in enumerate(dist.tail_moments(t[fin] / sc)):
+            u = np.asarray(u, dtype=np.float64) * sc**k
+            out[k][fin] = np.where(np.isnan(u), 0.0, u)
+    return out
+
+
 def interval_moments(dist: Distribution, a, b) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(M_0, M_1, M_2)``, ``M_k = int_a^b z^k f(z) dz`` of a symmetric two-sided ``dist``.
 
@@ -186,7 +199,7 @@ def site_mse_on_levels(unit: Distribution, loc, scale, weight, alpha, bits: int,
 def _consecutive_moments(dist: Distribution, t: np.ndarray) -> tuple[np.ndarray, ...]:
     """:func:`interval_moments` of the consecutive intervals ``(t[..., j], t[..., j + 1])`` of a
     non-decreasing last axis, with every upper moment evaluated once per edge."""
-    u = [_upper(dist, k, np.abs(t)) for k in range(3)]
+    u = _upper_all(dist, np.abs(t))
     a, b = t[..., :-1], t[..., 1:]
     pos, neg = a >= 0, b <= 0
     full = (1.0, 0.0, float(dist.variance))
