@@ -154,3 +154,58 @@ def test_quick_run_on_the_real_embedded_model(quick_results):
     assert all(1 / 640 <= s <= 1 for s in shares)
     # far from an even spread (a channel's fair share is 1/640)
     assert np.median(shares) > 20 / 640
+
+
+# ---- site models: summaries of the extra MSE and of the per-language penalties ---------------------
+
+def _excess_row(kind, lang, site, values):
+    return {"site": site, "kind": kind, "layer": 0, "language": lang,
+            "excess": [{"bits": b, "model": m, "excess": v} for (b, m), v in values.items()]}
+
+
+def test_alpha_excess_summary_quantiles_against_numpy():
+    rng = np.random.default_rng(0)
+    vals = rng.exponential(0.03, size=40)
+    rows = [_excess_row("residual", f"l{i}", "s", {(4, "selected"): float(v), (4, "unimodal"): float(10 * v)})
+            for i, v in enumerate(vals)]
+    rows.append(_excess_row("residual", "bad", "s", {(4, "selected"): None}))
+    s = distributions.alpha_excess_summary(rows)["residual"]
+    sel = s["selected"]["4"]
+    assert sel["n"] == 40 and sel["failed"] == 1
+    assert sel["median"] == pytest.approx(np.median(vals))
+    assert sel["q90"] == pytest.approx(np.quantile(vals, 0.9))
+    assert sel["share_within_5pct"] == pytest.approx(np.mean(vals <= 0.05))
+    assert s["unimodal"]["4"]["median"] == pytest.approx(10 * np.median(vals))
+
+
+def test_language_penalties_on_the_common_grid():
+    """Two languages with parabolic log-curves centred 1 grid point apart per language: the mix
+    alpha (equal weights) lies between them and each pays its own curve's excess there."""
+    step = distributions.CURVE_STEP
+    grid = np.arange(-30, 31)
+    rows = []
+    for lang, centre, start in (("a", 0, -30), ("b", 12, -20)):
+        x = np.arange(start, start + 61)
+        curve = 1.0 + 0.01 * (x - centre) ** 2
+        rows.append({"site": "s", "kind": "residual", "layer": 3, "language": lang,
+                     "curves": {"start": int(start), "measured": curve.tolist(),
+                                "selected": (2.0 * curve).tolist()}})
+    pen = distributions.language_penalties(rows, {"a": 1.0, "b": 1.0})
+    meas = {p["language"]: p for p in pen if p["model"] == "measured"}
+    assert meas["a"]["alpha_mix"] == pytest.approx(10 ** (6 * step))
+    assert meas["a"]["penalty"] == pytest.approx(0.01 * 36)
+    assert meas["b"]["penalty"] == pytest.approx(0.01 * 36)
+    agree = distributions.penalty_agreement(pen + [
+        {**p, "site": "t", "penalty": p["penalty"] * (2 if p["language"] == "a" else 1)}
+        for p in pen])
+    # the model's curves are the measured ones doubled: identical penalties, same worst language
+    assert agree["selected"]["spearman"] == pytest.approx(1.0)
+    assert agree["selected"]["same_worst_language_share"] == 1.0
+
+
+def test_goals_report_met_and_missed():
+    excess = {"residual": {"selected": {"4": {"median": 0.01, "share_within_5pct": 0.8}}}}
+    g = {x["goal"]: x for x in distributions.goals(excess, {"selected": {"spearman": 0.85}})}
+    assert g["residual: median extra MSE <= 0.02"]["met"] is True
+    assert g["residual: share within 5% >= 0.9"]["met"] is False
+    assert g["penalty Spearman >= 0.8"]["met"] is True

@@ -66,7 +66,7 @@ DEFAULT_LANGUAGES = ("eng_Latn", "fra_Latn", "rus_Cyrl", "zho_Hans", "hin_Deva",
 QUICK_LANGUAGES = ("eng_Latn", "heb_Hebr", "zho_Hans")
 SITES = ("residual", "linear_input", "all")
 #: Part of every cache key: bump it when an item's stored format changes.
-ITEM_VERSION = 1
+ITEM_VERSION = 2
 
 _CSV_COLUMNS = [
     "site", "kind", "layer", "language", "count", "mean", "std", "skewness", "excess_kurtosis",
@@ -85,7 +85,7 @@ class Config:
     languages: tuple[str, ...] = protocol.param(
         DEFAULT_LANGUAGES, "languages (FLORES-200, ISO 639-3 or 639-1 codes); the default list is "
                            "trimmed to those the corpus has")
-    sites: str = protocol.param("residual", "which activations to fit per layer", choices=SITES)
+    sites: str = protocol.param("all", "which activations to fit per layer", choices=SITES)
     bits: int = protocol.param(4, "bit width of the clipping threshold alpha*")
     grid: str = protocol.param("int", "quantizer grid of alpha* (aciq, midrise, midtread, int)")
     max_segments: int | None = protocol.param(None, "segments per language (none: all)")
@@ -95,6 +95,12 @@ class Config:
     device: str = protocol.param("cpu", "cpu, cuda or cuda:N")
     seed: int = protocol.param(0, "seed of the reservoir samples and the fits")
     top: int = protocol.param(5, "layers listed in the alpha* spread table")
+    excess_bits: tuple[int, ...] = protocol.param(
+        (3, 4, 8), "bit widths (int grid) at which every site model's alpha* is priced against the sweep")
+    top_k: int = protocol.param(1024, "largest magnitudes kept exactly per site x language (the sweep "
+                                      "reference: these plus a weighted reservoir of the rest)")
+    models: bool = protocol.param(True, "fit the site models of theory.site_models and price them "
+                                        "(--no-models: moments, fits and channel energy only)")
 
     def __post_init__(self):
         langs = protocol.check_sources(self.model, self.corpus, self.languages)
@@ -108,12 +114,18 @@ class Config:
                                        "distribution fit (use >= 100)")
         protocol.check_positive("seed", self.seed, allow_zero=True)
         protocol.check_positive("top", self.top)
+        for b in self.excess_bits:
+            protocol.check_bits_grid(b, "int", signed="activations")
+        if not self.excess_bits or len(set(self.excess_bits)) != len(self.excess_bits):
+            raise protocol.ConfigError(f"--excess-bits {' '.join(map(str, self.excess_bits))}: give "
+                                       "distinct bit widths")
+        protocol.check_positive("top_k", self.top_k)
         protocol.check_device(self.device)
         protocol.frozen_set(self, languages=langs, grid=grid)
 
     @classmethod
     def quick(cls) -> "Config":
-        return cls(languages=QUICK_LANGUAGES, max_segments=4, reservoir=2048)
+        return cls(languages=QUICK_LANGUAGES, max_segments=4, reservoir=2048, top_k=256, sites="residual")
 
     @property
     def strict_languages(self) -> bool:
@@ -193,6 +205,38 @@ def _site_row(st, site, lang: str, bits: int, grid: str, seed: int) -> dict[str,
     return row
 
 
+#: the common alpha grid of the per-language curves (log10 steps of 1/40): a site's
+#: languages are compared on the same points to find the calibration-mix alpha
+CURVE_STEP = 1.0 / 40.0
+CURVE_WINDOW = 12.0  # each language's curves span its own optimum / 12 .. x 12
+
+
+def _site_models_row(st, config: Config) -> dict[str, Any]:
+    """Every site model (:func:`empirical.site_fit.fit_site_models`), its alpha* and extra MSE at
+    each of ``excess_bits`` and, at ``bits``, its MSE curve and the measured one on the common
+    grid (for the per-language penalties of the calibration mix, computed across languages)."""
+    from empirical.site_fit import excess_rows, fit_site_models, model_curve, reference_curve
+
+    try:
+        models, info = fit_site_models(st, config.bits, "int", seed=config.seed, select_bits=config.bits)
+    except (ValueError, RuntimeError) as exc:
+        return {"models_error": f"{type(exc).__name__}: {exc}"}
+    out: dict[str, Any] = {"model_info": info,
+                           "excess": excess_rows(st, models, config.excess_bits, "int",
+                                                 detail_bits=config.bits)}
+    own = next((r["alpha_swept"] for r in out["excess"] if r["bits"] == config.bits), None)
+    if own and own > 0:
+        lo = math.floor((math.log10(own / CURVE_WINDOW)) / CURVE_STEP)
+        hi = math.ceil((math.log10(own * CURVE_WINDOW)) / CURVE_STEP)
+        alphas = 10.0 ** (np.arange(lo, hi + 1) * CURVE_STEP)
+        curves = {"measured": reference_curve(st, alphas, config.bits, "int")}
+        for name, m in models.items():
+            if not isinstance(m, Exception) and name != "channel_mixture":
+                curves[name] = model_curve(m, alphas, config.bits, "int")
+        out["curves"] = {"start": int(lo), **{k: [float(v) for v in c] for k, c in curves.items()}}
+    return out
+
+
 def language_item(config: Config, loaded, corpus, lang: str) -> dict[str, Any]:
     """Capture ``lang`` alone and analyse every site: ``rows`` (one per site), the residual
     sites' per-channel sums of squares and absmax (``channel_sumsq``, ``channel_absmax``: pooled
@@ -205,14 +249,23 @@ def language_item(config: Config, loaded, corpus, lang: str) -> dict[str, Any]:
     t0 = time.perf_counter()
     with capture_activations(model, view, [lang], reservoir_size=config.reservoir, seed=config.seed,
                              linear_inputs="linear_input" in kinds, linear_outputs=False,
-                             residual="residual" in kinds) as cap:
+                             residual="residual" in kinds, top_k=config.top_k) as cap:
         capture_corpus(cap, tok, corpus, languages=[lang], device=config.device,
                        include_bos=config.include_bos)
     capture_s = time.perf_counter() - t0
     rows, sumsq, absmax = [], {}, {}
+    seen: dict[tuple, str] = {}  # q/k/v (and gate/up) read one input: its models are fitted once
     for site in protocol.progress(cap.sites, desc=f"fits {lang}", unit="site"):
         st = cap.get(site, lang)
-        rows.append(_site_row(st, site, lang, config.bits, config.grid, config.seed))
+        row = _site_row(st, site, lang, config.bits, config.grid, config.seed)
+        if config.models:
+            key = (site.kind, st.n, None if st.channel_sum is None else st.channel_sum.tobytes())
+            if key in seen:
+                row["shares_input_with"] = seen[key]
+            else:
+                seen[key] = site.name
+                row.update(_site_models_row(st, config))
+        rows.append(row)
         if site.kind == "residual":
             sumsq[site.name], absmax[site.name] = st.channel_sumsq, st.channel_absmax
     return to_jsonable({"rows": rows, "channel_sumsq": sumsq, "channel_absmax": absmax,
@@ -224,7 +277,8 @@ def _item_key(config: Config, corpus, lang: str) -> dict[str, Any]:
     return {"v": ITEM_VERSION, "experiment": EXPERIMENT, "model": config.model, "language": lang,
             "corpus_digest": protocol.corpus_digest(corpus.select([lang])), "sites": config.sites,
             "bits": config.bits, "grid": config.grid, "reservoir": config.reservoir,
-            "include_bos": config.include_bos, "seed": config.seed, "device": config.device}
+            "include_bos": config.include_bos, "seed": config.seed, "device": config.device,
+            "excess_bits": list(config.excess_bits), "top_k": config.top_k, "models": config.models}
 
 
 # ---- summaries ----------------------------------------------------------------------------------
@@ -278,6 +332,133 @@ def _alpha_spread(rows, languages) -> list[dict]:
     return out
 
 
+# ---- site models: extra MSE and per-language penalties -------------------------------------------
+
+GOAL_MEDIAN, GOAL_SHARE, GOAL_SPEARMAN, GOAL_BITS = 0.02, 0.9, 0.8, 4
+
+
+def _quantile_summary(v: Sequence[float]) -> dict[str, Any]:
+    a = np.asarray([x for x in v if x is not None and math.isfinite(x)], dtype=np.float64)
+    if a.size == 0:
+        return {"n": 0, "median": None, "q90": None, "share_within_5pct": None}
+    return {"n": int(a.size), "median": float(np.median(a)), "q90": float(np.quantile(a, 0.9)),
+            "share_within_5pct": float(np.mean(a <= 0.05))}
+
+
+def alpha_excess_summary(rows: Sequence[dict]) -> dict[str, dict[str, dict[str, Any]]]:
+    """``{site kind: {model: {bits: {median, q90, share_within_5pct, n, failed}}}}`` of the extra
+    MSE that each model's alpha* costs over the stratified sweep's optimum, over layers x
+    languages (a model that could not be fitted at a site counts in ``failed``, not in the
+    quantiles)."""
+    acc: dict[tuple, list] = {}
+    failed: dict[tuple, int] = {}
+    for r in rows:
+        for e in r.get("excess") or []:
+            key = (r["kind"], e["model"], str(e["bits"]))
+            if e.get("excess") is None:
+                failed[key] = failed.get(key, 0) + 1
+                acc.setdefault(key, [])
+            else:
+                acc.setdefault(key, []).append(e["excess"])
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for (kind, model, bits), v in sorted(acc.items()):
+        out.setdefault(kind, {}).setdefault(model, {})[bits] = {**_quantile_summary(v),
+                                                                "failed": failed.get((kind, model, bits), 0)}
+    return out
+
+
+def _spearman(a: Sequence[float], b: Sequence[float]) -> float | None:
+    x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    ok = np.isfinite(x) & np.isfinite(y)
+    if np.count_nonzero(ok) < 3 or np.ptp(x[ok]) == 0 or np.ptp(y[ok]) == 0:
+        return None
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(x[ok], y[ok]).statistic)
+
+
+def language_penalties(rows: Sequence[dict], weights: Mapping[str, float]) -> list[dict[str, Any]]:
+    """Per site and model: the calibration-mix alpha (minimising the ``weights``-weighted sum of
+    the languages' curves on the common grid) and each language's penalty under it,
+    ``MSE_l(alpha_mix) / min MSE_l - 1``, by the model's curves and by the measured ones."""
+    by_site: dict[str, dict[str, dict]] = {}
+    for r in rows:
+        if r.get("curves"):
+            by_site.setdefault(r["site"], {})[r["language"]] = r
+    out = []
+    for site, per_lang in by_site.items():
+        langs = list(per_lang)
+        if len(langs) < 2:
+            continue
+        starts = {l: per_lang[l]["curves"]["start"] for l in langs}
+        lo = min(starts.values())
+        hi = max(starts[l] + len(per_lang[l]["curves"]["measured"]) for l in langs)
+        models = set.intersection(*(set(per_lang[l]["curves"]) - {"start"} for l in langs))
+        for model in sorted(models):
+            M = np.full((len(langs), hi - lo), np.nan)
+            for j, l in enumerate(langs):
+                c = np.asarray(per_lang[l]["curves"][model], dtype=np.float64)
+                M[j, starts[l] - lo: starts[l] - lo + c.size] = c
+            w = np.array([weights.get(l, 1.0) for l in langs], dtype=np.float64)
+            total = np.sum(M * w[:, None], axis=0)  # NaN where a language's window ends
+            if not np.any(np.isfinite(total)):
+                continue
+            k = int(np.nanargmin(total))
+            best = np.nanmin(M, axis=1)
+            pen = M[:, k] / best - 1.0
+            for j, l in enumerate(langs):
+                out.append({"site": site, "kind": per_lang[l]["kind"], "layer": per_lang[l]["layer"],
+                            "model": model, "language": l, "alpha_mix": 10.0 ** ((lo + k) * CURVE_STEP),
+                            "penalty": float(pen[j]) if np.isfinite(pen[j]) else None})
+    return out
+
+
+def penalty_agreement(pen_rows: Sequence[dict]) -> dict[str, Any]:
+    """Spearman correlation of each model's per-language penalties of the calibration-mix alpha
+    with the measured ones (pooled over sites x languages, and per site kind), and how often the
+    model names the same worst language as the measurement."""
+    meas = {(p["site"], p["language"]): p["penalty"] for p in pen_rows if p["model"] == "measured"}
+    out: dict[str, Any] = {}
+    models = sorted({p["model"] for p in pen_rows} - {"measured"})
+    for model in models:
+        mine = [p for p in pen_rows if p["model"] == model and (p["site"], p["language"]) in meas]
+        t = [p["penalty"] if p["penalty"] is not None else math.nan for p in mine]
+        m = [meas[(p["site"], p["language"])] if meas[(p["site"], p["language"])] is not None else math.nan
+             for p in mine]
+        kinds = sorted({p["kind"] for p in mine})
+        same, sites = 0, 0
+        for site in {p["site"] for p in mine}:
+            ps = [p for p in mine if p["site"] == site and p["penalty"] is not None
+                  and meas[(site, p["language"])] is not None]
+            if len(ps) >= 2:
+                sites += 1
+                same += max(ps, key=lambda p: p["penalty"])["language"] == \
+                    max(ps, key=lambda p: meas[(site, p["language"])])["language"]
+        out[model] = {"spearman": _spearman(t, m), "n": len(mine),
+                      "same_worst_language_share": same / sites if sites else None,
+                      "by_kind": {k: _spearman([a for a, p in zip(t, mine) if p["kind"] == k],
+                                               [b for b, p in zip(m, mine) if p["kind"] == k]) for k in kinds}}
+    return out
+
+
+def goals(excess: Mapping[str, Any], agreement: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The issue's goals for the selected model, met or not and by how much (nothing is tuned
+    to them: the numbers are what the run measured)."""
+    out = []
+    for kind in ("residual", "linear_input"):
+        s = ((excess.get(kind) or {}).get("selected") or {}).get(str(GOAL_BITS))
+        if not s or s.get("median") is None:
+            continue
+        out.append({"goal": f"{kind}: median extra MSE <= {GOAL_MEDIAN}", "value": s["median"],
+                    "met": s["median"] <= GOAL_MEDIAN})
+        out.append({"goal": f"{kind}: share within 5% >= {GOAL_SHARE}", "value": s["share_within_5pct"],
+                    "met": s["share_within_5pct"] >= GOAL_SHARE})
+    sel = (agreement.get("selected") or {}).get("spearman")
+    if sel is not None:
+        out.append({"goal": f"penalty Spearman >= {GOAL_SPEARMAN}", "value": sel, "met": sel >= GOAL_SPEARMAN})
+    return out
+
+
 # ---- run ----------------------------------------------------------------------------------------
 
 def _model_meta(meta: dict) -> dict[str, Any]:
@@ -308,6 +489,12 @@ def run(config: Config, cache=None) -> protocol.Result:
                 cache.put(key, item)
         items[lang] = item
     rows = [r for lang in languages for r in items[lang]["rows"]]
+    weights = {lang: float(max((r.get("count") or 0) for r in items[lang]["rows"]) or 1.0) for lang in languages}
+    pen_rows = language_penalties(rows, weights)
+    # the curves stay in the cached items: the JSON keeps what they gave
+    rows = [{k: v for k, v in r.items() if k != "curves"} for r in rows]
+    excess = alpha_excess_summary(rows)
+    agreement = penalty_agreement(pen_rows)
     model_meta = items[languages[0]]["model"]
     data = {
         "model": model_meta, "note": model_meta.get("note"),
@@ -316,6 +503,9 @@ def run(config: Config, cache=None) -> protocol.Result:
         "bits": config.bits, "grid": config.grid, "sites": config.sites, "include_bos": config.include_bos,
         "rows": rows, "alpha_spread": _alpha_spread(rows, languages),
         "channel_energy": channel_energy_rows(items, rows),
+        "alpha_excess_mse": excess, "penalty_spearman": {m: a["spearman"] for m, a in agreement.items()},
+        "penalty_agreement": agreement, "penalties": pen_rows, "goals": goals(excess, agreement),
+        "excess_bits": list(config.excess_bits),
     }
     # capture time as measured when each language was captured (also when read from the cache)
     timing = {"capture_seconds": sum(items[lang]["capture_seconds"] for lang in languages),
@@ -400,6 +590,43 @@ def plot_channel_energy(energy: Sequence[dict], model: str, path: Path) -> Path:
     return out
 
 
+MODEL_ORDER = ("unimodal", "channel_mixture/gaussian", "channel_mixture/laplace", "channel_mixture/gennorm",
+               "channel_mixture/student_t", "channel_mixture", "bulk_outlier", "body_tail", "selected")
+
+
+def plot_alpha_excess(rows: Sequence[dict], bits: int, model: str, path: Path) -> Path:
+    """Per site kind: the distribution (over layers x languages) of the extra MSE each model's
+    alpha* costs at ``bits``, as a box per model on a log axis (1 + excess)."""
+    use_agg()
+    import matplotlib.pyplot as plt
+
+    kinds = sorted({r["kind"] for r in rows if r.get("excess")})
+    fig, axes = plt.subplots(1, max(1, len(kinds)), figsize=(5.0 * max(1, len(kinds)), 3.8), squeeze=False)
+    for ax, kind in zip(axes[0], kinds):
+        data, labels = [], []
+        present = {e["model"] for r in rows if r["kind"] == kind for e in r.get("excess") or []}
+        for m in [*MODEL_ORDER, *sorted(present - set(MODEL_ORDER))]:
+            v = [e["excess"] for r in rows if r["kind"] == kind for e in r.get("excess") or []
+                 if e["model"] == m and e["bits"] == bits and e.get("excess") is not None]
+            if v:
+                data.append(np.log10(1.0 + np.asarray(v)))
+                labels.append(m.replace("channel_mixture/", "cm/"))
+        if data:
+            ax.boxplot(data, orientation="horizontal", whis=(5, 95), showfliers=True, flierprops={"markersize": 2})
+            ax.set_yticks(range(1, len(labels) + 1), labels, fontsize=7)
+        ax.axvline(math.log10(1.05), color="tab:red", lw=0.8, ls="--", label="5% extra MSE")
+        ticks = [0, 0.05, 0.2, 1, 4, 9, 99]
+        ax.set_xticks([math.log10(1 + t) for t in ticks], [f"{100 * t:.0f}%" for t in ticks], fontsize=7)
+        ax.set_xlabel(f"extra MSE of the model's alpha* over the sweep's ({bits}-bit int)", fontsize=8)
+        ax.set_title(f"{kind} (layers x languages)", fontsize=9)
+        ax.legend(fontsize=7, loc="lower right")
+    fig.suptitle(f"{model}: what each model's clipping threshold costs", fontsize=9)
+    fig.tight_layout()
+    out = save_figure(fig, path)
+    plt.close(fig)
+    return out
+
+
 def write(result: protocol.Result, out: Path) -> list[Path]:
     """Figures, LaTeX tables, CSVs and JSON under ``out``."""
     out = Path(out)
@@ -433,6 +660,27 @@ def write(result: protocol.Result, out: Path) -> list[Path]:
     if energy:
         files.append(write_csv(out / "channel_energy.csv", energy, _ENERGY_COLUMNS))
         files.append(plot_channel_energy(energy, model, out / "channel_energy.png"))
+    if any(r.get("excess") for r in rows):
+        bits = 4 if 4 in result.get("excess_bits", []) else (result.get("excess_bits") or [result["bits"]])[0]
+        files.append(plot_alpha_excess(rows, bits, model, out / "alpha_excess.png"))
+        ex_rows = [{"site": r["site"], "kind": r["kind"], "layer": r["layer"], "language": r["language"],
+                    **e, "selected": (r.get("model_info") or {}).get("selected")}
+                   for r in rows for e in r.get("excess") or []]
+        files.append(write_csv(out / "alpha_excess.csv", ex_rows,
+                               ["site", "kind", "layer", "language", "bits", "model", "alpha", "alpha_swept",
+                                "excess", "mse_swept", "selected", "error"]))
+        summ = []
+        for kind, per_model in (result.get("alpha_excess_mse") or {}).items():
+            for m in [*MODEL_ORDER, *sorted(set(per_model) - set(MODEL_ORDER))]:
+                if m in per_model and str(bits) in per_model[m]:
+                    q = per_model[m][str(bits)]
+                    summ.append({"kind": kind, "model": m, "median": q["median"], "q90": q["q90"],
+                                 "share_within_5pct": q["share_within_5pct"], "n": q["n"]})
+        files.append(write_latex_table(
+            out / "alpha_excess.tex", summ, ["kind", "model", "median", "q90", "share_within_5pct", "n"],
+            caption=f"Extra MSE of each site model's alpha* over the exact sweep's optimum ({bits}-bit int "
+                    "grid), over layers x languages: median, 90th percentile and the share of sites within "
+                    "5%.", label="tab:alpha-excess"))
     files.append(write_csv(out / "distributions.csv", rows, _CSV_COLUMNS))
     files.append(write_json(out / f"{EXPERIMENT}.json", result.to_json()))
     return files
@@ -520,6 +768,30 @@ def macros(result: protocol.Result) -> MacroSet:
     ms.add("DistChannelsForHalfMedian", median(e.get("channels_for_half") for e in pooled),
            f"median over layers of {where}.channels_for_half")
     ms.add("DistCaptureSeconds", result.timing.get("capture_seconds"), "timing.capture_seconds")
+    # site models (issue #14): what each model's alpha* costs at 4 bits, and the penalties
+    excess = result.get("alpha_excess_mse") or {}
+    for kind, kname in (("residual", "Residual"), ("linear_input", "Linear")):
+        for model, mname in (("unimodal", "Unimodal"), ("selected", "Selected"),
+                             ("channel_mixture/gaussian", "MixGauss"), ("bulk_outlier", "BulkOutlier"),
+                             ("body_tail", "BodyTail")):
+            q = ((excess.get(kind) or {}).get(model) or {}).get(str(GOAL_BITS)) or {}
+            where = f"alpha_excess_mse.{kind}.{model}.{GOAL_BITS}"
+            ms.add(["DistExcess", kname, mname, "Median"], q.get("median"), f"{where}.median", percent=True)
+            ms.add(["DistExcess", kname, mname, "QNinety"], q.get("q90"), f"{where}.q90", percent=True)
+            ms.add(["DistExcess", kname, mname, "ShareFive"], q.get("share_within_5pct"),
+                   f"{where}.share_within_5pct", percent=True)
+    for model, mname in (("unimodal", "Unimodal"), ("selected", "Selected"),
+                         ("channel_mixture/gaussian", "MixGauss")):
+        ms.add(["DistPenaltySpearman", mname], (result.get("penalty_spearman") or {}).get(model),
+               f"penalty_spearman.{model}")
+    sel = [((r.get("model_info") or {}).get("selected")) for r in rows]
+    sel = [x for x in sel if x]
+    if sel:
+        top = max(set(sel), key=lambda m: (sel.count(m), m))
+        ms.add("DistSelectedTopModel", top, "most frequent rows[].model_info.selected")
+        ms.add_pct("DistSelectedTopShare", sel.count(top) / len(sel), "its share of the sites")
+    ms.add("DistGoalsMet", sum(1 for g in result.get("goals") or [] if g.get("met")), "goals met")
+    ms.add("DistGoalsTotal", len(result.get("goals") or []), "goals evaluated")
     return ms
 
 
