@@ -678,9 +678,9 @@ def write(result: protocol.Result, out: Path) -> list[Path]:
                                  "share_within_5pct": q["share_within_5pct"], "n": q["n"]})
         files.append(write_latex_table(
             out / "alpha_excess.tex", summ, ["kind", "model", "median", "q90", "share_within_5pct", "n"],
-            caption=f"Extra MSE of each site model's alpha* over the exact sweep's optimum ({bits}-bit int "
-                    "grid), over layers x languages: median, 90th percentile and the share of sites within "
-                    "5%.", label="tab:alpha-excess"))
+            caption=f"Extra MSE of each site model's $\\alpha^\\ast$ over the exact sweep's optimum "
+                    f"({bits}-bit int grid), over layers $\\times$ languages: median, 90th percentile and "
+                    "the share of sites within 5\\%.", label="tab:alpha-excess"))
     files.append(write_csv(out / "distributions.csv", rows, _CSV_COLUMNS))
     files.append(write_json(out / f"{EXPERIMENT}.json", result.to_json()))
     return files
@@ -780,8 +780,16 @@ def macros(result: protocol.Result) -> MacroSet:
             ms.add(["DistExcess", kname, mname, "QNinety"], q.get("q90"), f"{where}.q90", percent=True)
             ms.add(["DistExcess", kname, mname, "ShareFive"], q.get("share_within_5pct"),
                    f"{where}.share_within_5pct", percent=True)
+    for kind, kname in (("residual", "Residual"), ("linear_input", "Linear")):
+        for model, mname in (("unimodal", "Unimodal"), ("selected", "Selected")):
+            for b in (3, 8):
+                q = ((excess.get(kind) or {}).get(model) or {}).get(str(b)) or {}
+                where = f"alpha_excess_mse.{kind}.{model}.{b}"
+                ms.add(["DistExcess", kname, mname, "Median", b], q.get("median"), f"{where}.median", percent=True)
+                ms.add(["DistExcess", kname, mname, "ShareFive", b], q.get("share_within_5pct"),
+                       f"{where}.share_within_5pct", percent=True)
     for model, mname in (("unimodal", "Unimodal"), ("selected", "Selected"),
-                         ("channel_mixture/gaussian", "MixGauss")):
+                         ("channel_mixture/gaussian", "MixGauss"), ("bulk_outlier", "BulkOutlier")):
         ms.add(["DistPenaltySpearman", mname], (result.get("penalty_spearman") or {}).get(model),
                f"penalty_spearman.{model}")
     sel = [((r.get("model_info") or {}).get("selected")) for r in rows]
@@ -790,6 +798,17 @@ def macros(result: protocol.Result) -> MacroSet:
         top = max(set(sel), key=lambda m: (sel.count(m), m))
         ms.add("DistSelectedTopModel", top, "most frequent rows[].model_info.selected")
         ms.add_pct("DistSelectedTopShare", sel.count(top) / len(sel), "its share of the sites")
+    by_kind = ((result.get("penalty_agreement") or {}).get("selected") or {}).get("by_kind") or {}
+    ms.add("DistPenaltySpearmanSelectedResidual", by_kind.get("residual"), "penalty_agreement.selected.by_kind.residual")
+    ms.add("DistPenaltySpearmanSelectedLinear", by_kind.get("linear_input"),
+           "penalty_agreement.selected.by_kind.linear_input")
+    ms.add_pct("DistSameWorstSelected", ((result.get("penalty_agreement") or {}).get("selected") or {})
+               .get("same_worst_language_share"), "penalty_agreement.selected.same_worst_language_share")
+    ms.add_pct("DistSameWorstUnimodal", ((result.get("penalty_agreement") or {}).get("unimodal") or {})
+               .get("same_worst_language_share"), "penalty_agreement.unimodal.same_worst_language_share")
+    failed = sum(1 for r in rows for e in r.get("excess") or [] if e["model"] == "body_tail" and e.get("excess") is None)
+    ms.add("DistBodyTailFailed", failed, "rows[].excess with model body_tail and no excess")
+    ms.add("DistGoalSpearman", GOAL_SPEARMAN, "the goal's Spearman correlation (GOAL_SPEARMAN)")
     ms.add("DistGoalsMet", sum(1 for g in result.get("goals") or [] if g.get("met")), "goals met")
     ms.add("DistGoalsTotal", len(result.get("goals") or []), "goals evaluated")
     return ms
