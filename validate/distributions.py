@@ -8,10 +8,21 @@ their energy a few outlier channels hold.
 For each layer x language this experiment captures activations of a real model on a multilingual
 corpus (:mod:`empirical.capture`), fits the docs/design.md families to the reservoir sample
 (:func:`empirical.fits.fit_all`, best by BIC), and computes theory's ``alpha*`` for the best fit
-(:func:`theory.optimal_alpha`), and the measured optimum: the exact MSE sweep of the same sample
-(:func:`empirical.optimal.empirical_optimal_alpha`), with what theory's alpha* costs against it
-(``theory_penalty``). The BOS position is left out unless ``--include-bos``
-(:func:`empirical.capture.capture_corpus`).
+(:func:`theory.optimal_alpha`), and the measured optimum: the exact MSE sweep of the stratified
+sample (the exact top ``--top-k`` magnitudes plus the weighted reservoir,
+:func:`empirical.optimal.stratified_optimal_alpha`: an estimate over all captured values), with
+what theory's alpha* costs against it (``theory_penalty``). The BOS position is left out unless
+``--include-bos`` (:func:`empirical.capture.capture_corpus`).
+
+Site models (issue #14, docs/design.md "Site models"). For every site x language, from the same
+capture pass, :func:`empirical.site_fit.fit_site_models` fits the unimodal model, the channel scale
+mixtures, bulk plus outlier channels, body plus generalized Pareto tail and the held-out selection;
+each model's alpha* is priced at ``--excess-bits`` against the stratified sweep
+(``alpha_excess_mse`` in the JSON: per site kind, model and bit width the median, 90th percentile
+and share within 5% of the extra MSE), and each language's penalty under the calibration-mix
+alpha is predicted by every model and measured (``penalty_spearman``, ``penalty_agreement``,
+``penalties``); ``goals`` says which of the issue's goals the run met and by how much. Linear
+inputs read by several projections (q/k/v, gate/up) are modelled once (``shares_input_with``).
 
 In the same capture pass every site keeps the sum of squares of each channel (hidden unit) over
 all its values (:meth:`empirical.capture.StreamingStats.channel_energy`). A shared clipping
@@ -28,6 +39,8 @@ Outputs under ``--out`` (default ``results/distributions``):
   same ratio of theory's alpha*;
 * ``channel_energy.png`` and ``channel_energy.csv`` - per residual layer, the top channel's share
   of the sum of squares and the channels holding half of it;
+* ``alpha_excess.png``, ``alpha_excess.csv`` and ``alpha_excess.tex`` - the extra MSE of every
+  site model's alpha* (4 bits in the figure and table; every bit width in the CSV);
 * ``distributions.csv`` - one row per (site, language);
 * ``distributions.json`` - all rows, the spread table, the channel energy and provenance.
 
@@ -66,7 +79,7 @@ DEFAULT_LANGUAGES = ("eng_Latn", "fra_Latn", "rus_Cyrl", "zho_Hans", "hin_Deva",
 QUICK_LANGUAGES = ("eng_Latn", "heb_Hebr", "zho_Hans")
 SITES = ("residual", "linear_input", "all")
 #: Part of every cache key: bump it when an item's stored format changes.
-ITEM_VERSION = 2
+ITEM_VERSION = 3
 
 _CSV_COLUMNS = [
     "site", "kind", "layer", "language", "count", "mean", "std", "skewness", "excess_kurtosis",
@@ -159,7 +172,7 @@ def _load_corpus(spec: str, languages: Sequence[str], strict: bool = True, segme
 def _site_row(st, site, lang: str, bits: int, grid: str, seed: int) -> dict[str, Any]:
     """Moments, channel energy, best fit, theory's alpha* and the swept optimum of one site x language."""
     from empirical.fits import fit_all
-    from empirical.optimal import empirical_optimal_alpha
+    from empirical.optimal import empirical_optimal_alpha, stratified_mse, stratified_optimal_alpha
     from empirical.sweep import prepare
     from theory import optimal_alpha
 
@@ -170,10 +183,20 @@ def _site_row(st, site, lang: str, bits: int, grid: str, seed: int) -> dict[str,
                                excess_kurtosis=st.excess_kurtosis, absmax=st.absmax,
                                top_channel=e["top_channel"], top_channel_share=e["top_share"],
                                channels_for_half=e["channels_for_half"])
-    # The measured optimum: the exact MSE sweep of the same sample the fits see.
+    # The measured optimum: the exact MSE sweep of the stratified sample (the exact top
+    # magnitudes plus the weighted reservoir: an estimate of the MSE over all captured values,
+    # docs/design.md "Site models"); the plain reservoir when the stream has no top store.
     sm = prepare(x)
+    strat = None
+    try:
+        strat = st.stratified()
+    except (ValueError, AttributeError):
+        pass
     if float(sm.absmax[0]) > 0:
-        opt = empirical_optimal_alpha(sm, bits, grid)
+        if strat is not None:
+            opt = stratified_optimal_alpha(strat, bits, grid)
+        else:
+            opt = empirical_optimal_alpha(sm, bits, grid)
         row.update(alpha_swept=opt.alpha, swept_mse=opt.mse)
     try:
         fits = fit_all(x, seed=seed)
@@ -197,8 +220,10 @@ def _site_row(st, site, lang: str, bits: int, grid: str, seed: int) -> dict[str,
                    alpha_over_std=a / st.std if st.std > 0 else math.nan,
                    alpha_over_absmax=a / st.absmax if st.absmax > 0 else math.nan)
         if row.get("swept_mse"):
-            # what theory's alpha* costs on this sample, relative to the swept optimum
-            row["theory_penalty"] = float(sm.mse(a, bits, grid)) / row["swept_mse"] - 1.0
+            # what theory's alpha* costs on all values (or the sample), relative to the swept optimum
+            m_a = (float(stratified_mse(strat, np.array([a]), bits, grid)[0]) if strat is not None
+                   else float(sm.mse(a, bits, grid)))
+            row["theory_penalty"] = m_a / row["swept_mse"] - 1.0
         break
     if errors:
         row["error"] = "; ".join(errors)
