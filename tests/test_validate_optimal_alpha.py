@@ -414,3 +414,17 @@ def test_real_weights_report_caches_the_unit_part(tmp_path):
     exp.real_weights_report(weights, bits=[4], grid="int", max_samples=5000, cache=cache,
                             model="unit", unit_bits=(4,), group_size=16)
     assert len(list(tmp_path.glob("*.json"))) == 6
+
+
+def test_sampling_floor_falls_with_unit_size():
+    """The true shape's threshold against each unit's own sweep: far above zero for groups of 128
+    values (each unit's optimum is fitted to its own sample), near zero for large units."""
+    from theory import optimal_alpha
+    from theory.site_models import unit_variance
+
+    from validate.optimal_alpha import sampling_floor
+
+    d = unit_variance("laplace")
+    t = optimal_alpha(d, 4, "int")
+    small, large = (sampling_floor(d, t, n, 4, "int", seed=1) for n in (128, 4096))
+    assert small > 0.08 and large < 0.03 and large < small / 4

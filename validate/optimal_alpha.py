@@ -75,7 +75,7 @@ CURVE_POINTS = 25
 #: Part of every cache key: bump it when an item's stored format changes (2: the protocol's
 #: keys, layers keyed by a checksum of their weights; 3: a layer also holds its per-channel and
 #: per-group clipping).
-ITEM_VERSION = 3
+ITEM_VERSION = 4
 #: standardized values per shape fit of the per-unit part (a seeded subsample)
 UNIT_FIT_SAMPLES = 20_000
 _MIN_SAMPLES = 1000
@@ -513,7 +513,29 @@ def unit_models() -> tuple[str, ...]:
     absmax (the deployed default, for scale)."""
     from theory.site_models import SHAPES
 
-    return ("unimodal_shape", *(f"scale_mixture/{s}" for s in SHAPES), "selected", "absmax")
+    return ("unimodal_shape", *(f"scale_mixture/{s}" for s in SHAPES), "selected", "absmax",
+            "sampling_floor")
+
+
+#: synthetic units drawn per tensor and bit width for the sampling floor
+FLOOR_UNITS = 256
+
+
+def sampling_floor(dist, t_star: float, unit_size: int, bits: int, grid: str, seed: int = 0) -> float:
+    """What the *true* shape's threshold costs against each unit's own sweep: ``FLOOR_UNITS``
+    units of ``unit_size`` values drawn from ``dist`` (unit variance), each clipped at
+    ``t_star`` times its own sample standard deviation, as the models clip real units. A unit's
+    swept optimum is fitted to its own few values, so no model that predicts from a distribution
+    can beat this on average: it is the floor under the models' excess at that unit size."""
+    rng = np.random.default_rng(seed)
+    z = np.asarray(dist.scipy.rvs(size=(FLOOR_UNITS, int(unit_size)), random_state=rng), dtype=np.float64)
+    units = WeightUnits(z, None)
+    kept = units.kept
+    coarse = units.sse_at(units.absmax[kept], _UNIT_COARSE, [bits], grid)
+    _, sse_opt = _unit_optima(units, bits, grid, coarse[0])
+    sse = units.sse_at(units.std[kept], [t_star], bits, grid)[0]
+    sse_opt = np.minimum(sse_opt, sse)
+    return float(np.sum(sse) / np.sum(sse_opt) - 1.0)
 
 
 def granularity_key(group_size: int | None) -> str:
@@ -801,6 +823,8 @@ def unit_clipping(w, bits: Sequence[int] | int = (3, 4, 8), grid: str = "int", *
         totals["absmax"] = float(np.sum(at_absmax[j]))
         n_tot = float(np.sum(n))
         excess = {k: (v / total_opt - 1.0 if total_opt > 0 else None) for k, v in totals.items()}
+        excess["sampling_floor"] = sampling_floor(dists[chosen], t["selected"], int(units.n.max()), m,
+                                                  g.value, seed=seed + m)
         ratio = alpha_opt / std
         per_bits.append({
             "bits": int(m), "mse_swept": total_opt / n_tot,
@@ -1075,7 +1099,7 @@ def write(result: protocol.Result, out: Path) -> list[Path]:
                         urows.append({
                             "layer": lay["name"], "granularity": gk, "group_size": r["group_size"],
                             "bits": pb["bits"], "model": mo, "t_star": pb["t_star"].get(mo),
-                            "excess": pb["excess"][mo], "mse": pb["mse"][mo], "mse_swept": pb["mse_swept"],
+                            "excess": pb["excess"][mo], "mse": pb["mse"].get(mo), "mse_swept": pb["mse_swept"],
                             "selected_shape": pb["selected_shape"], "n_units": r["n_units"],
                             "unit_size": r["unit_size"], "n_short_units": r["n_short_units"],
                             "n_constant_units": r["n_constant_units"],
