@@ -154,6 +154,12 @@ def test_quick_run_on_the_real_embedded_model(quick_results):
     assert all(1 / 640 <= s <= 1 for s in shares)
     # far from an even spread (a channel's fair share is 1/640)
     assert np.median(shares) > 20 / 640
+    # site models (issue #14): the channel structure moves alpha* to where the sweep puts it
+    ex = data["alpha_excess_mse"]["residual"]
+    assert ex["selected"]["4"]["n"] == 18 * 3
+    assert ex["selected"]["4"]["median"] < 0.05 < 1.0 < ex["unimodal"]["4"]["median"]
+    assert set(data["penalty_spearman"]) >= {"unimodal", "selected", "bulk_outlier"}
+    assert {g["goal"] for g in data["goals"]} >= {"residual: median extra MSE <= 0.02"}
 
 
 # ---- site models: summaries of the extra MSE and of the per-language penalties ---------------------
