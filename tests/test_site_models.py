@@ -207,3 +207,10 @@ def test_student_t_joint_tail_moments_equal_separate(nu):
     t = np.array([0.0, 0.3, 1.0, 3.0, 10.0, 100.0, 1e4, np.inf])
     for k, u in enumerate(d.tail_moments(t)):
         np.testing.assert_allclose(u, d.tail_moment(k, t), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("bad,needle", [(np.nan, "finite"), (-1.0, "positive"), (np.array([]), "empty")])
+def test_mixture_refuses_bad_alpha(bad, needle):
+    cm = ChannelMixture("gaussian", (), [0.0, 1.0], [1.0, 2.0], [1.0, 1.0])
+    with pytest.raises(ValueError, match=needle):
+        cm.mse(bad, 4, "int")

@@ -100,7 +100,9 @@ def _halves(grid: Grid, bits: int) -> tuple[tuple[np.ndarray, np.ndarray, float]
     return ((*pos, 1.0), (*neg, 1.0))
 
 
-def _alpha_units(dist: Distribution, alpha) -> tuple[np.ndarray, np.ndarray]:
+def check_alpha(alpha) -> np.ndarray:
+    """``alpha`` as a float64 array, refused (ValueError naming the problem) when empty, NaN or
+    inf, or not positive."""
     a = np.asarray(alpha, dtype=np.float64)
     if a.size == 0:
         raise ValueError("alpha must not be empty")
@@ -108,6 +110,11 @@ def _alpha_units(dist: Distribution, alpha) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError("alpha must be finite (got NaN or inf)")
     if np.any(a <= 0):
         raise ValueError("alpha must be positive")
+    return a
+
+
+def _alpha_units(dist: Distribution, alpha) -> tuple[np.ndarray, np.ndarray]:
+    a = check_alpha(alpha)
     scale = np.asarray(dist.scale, dtype=np.float64)
     t, scale = np.broadcast_arrays(a / scale, scale)
     return t, scale

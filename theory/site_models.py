@@ -40,7 +40,7 @@ import numpy as np
 
 from .distributions import Distribution, family as family_class
 from .grids import Grid, check_bits, step_factor
-from .mse import expected_mse
+from .mse import check_alpha, expected_mse
 
 __all__ = [
     "SiteModel", "FamilySite", "ChannelMixture", "Mixture", "interval_moments", "unit_variance",
@@ -143,7 +143,7 @@ def site_mse_on_levels(unit: Distribution, loc, scale, weight, alpha, bits: int,
     m = check_bits(bits, g)
     mu, s, w = (np.atleast_1d(np.asarray(v, dtype=np.float64)) for v in (loc, scale, weight))
     mu, s, w = np.broadcast_arrays(mu, s, w)
-    al = np.atleast_1d(np.asarray(alpha, dtype=np.float64))
+    al = np.atleast_1d(check_alpha(alpha))
     out = np.empty(al.shape)
     if g is Grid.ACIQ:
         # ACIQ: exact clipping beyond +-alpha plus alpha^2 / (3 4^M) (Banner et al. eq. 5)
@@ -238,10 +238,11 @@ _RADII: dict = {}
 # ---- minimisation of a curve --------------------------------------------------------------------
 
 def minimize_curve(fn: Callable[[np.ndarray], np.ndarray], lo: float, hi: float, n: int = 40,
-                   what: str = "model", refine: int = 9) -> float:
+                   what: str = "model", refine: int = 9, xatol: float = 1e-6) -> float:
     """The alpha in ``[lo, hi]`` minimising ``fn`` (vectorised): a scan of ``n`` log-spaced points,
     ``refine`` more between the neighbours of the best one, then a bounded Brent search between
-    the points around the best. A minimum at an end
+    the points around the best, to ``xatol`` relative (near its minimum the MSE changes by the
+    square of that: 1e-4 in alpha is 1e-8 in MSE). A minimum at an end
     of the range is a RuntimeError naming ``what`` (the range is too narrow: never a silent end
     point)."""
     if not (0 < lo < hi and math.isfinite(hi)):
@@ -270,7 +271,7 @@ def minimize_curve(fn: Callable[[np.ndarray], np.ndarray], lo: float, hi: float,
     a, b = float(ts[i - 1]), float(ts[i + 1])
     res = optimize.minimize_scalar(lambda t: float(np.asarray(fn(np.array([t])))[0]),
                                    bounds=(a, b), method="bounded",
-                                   options={"xatol": 1e-6 * b, "maxiter": 100})
+                                   options={"xatol": xatol * b, "maxiter": 100})
     x = float(res.x)
     return x if float(res.fun) <= float(vals[i]) else float(ts[i])
 
@@ -451,8 +452,8 @@ class ChannelMixture(SiteModel):
             return minimize_curve(lambda a: self.mse(a, m, g), lo, hi, what=what)
         try:
             a0 = minimize_curve(lambda a: self.mse_high_resolution(a, m, g), lo, hi, what=what)
-            return minimize_curve(lambda a: self.mse(a, m, g), a0 / 1.6, a0 * 1.6, n=9, what=what,
-                                  refine=0)
+            return minimize_curve(lambda a: self.mse(a, m, g), a0 / 1.6, a0 * 1.6, n=7, what=what,
+                                  refine=0, xatol=1e-4)
         except RuntimeError:
             return minimize_curve(lambda a: self.mse(a, m, g), lo, hi, what=what)
 

@@ -42,6 +42,7 @@ import numpy as np
 
 from .distributions import Distribution, family as family_class
 from .grids import Grid, check_bits, step_factor
+from .mse import check_alpha
 from .site_models import SiteModel, interval_moments
 
 __all__ = [
@@ -1038,13 +1039,7 @@ class BodyTail(SiteModel):
         m = check_bits(bits, g)
         if g.one_sided:
             raise ValueError(f"grid {g.value!r} is one-sided; the body-tail model is two-sided")
-        al = np.asarray(alpha, dtype=np.float64)
-        if al.size == 0:
-            raise ValueError("alpha must not be empty")
-        if not np.all(np.isfinite(al)):
-            raise ValueError("alpha must be finite (got NaN or inf)")
-        if np.any(al <= 0):
-            raise ValueError("alpha must be positive")
+        al = check_alpha(alpha)
         flat = al.ravel()
         if g is Grid.ACIQ:
             clip = self._clip_up(flat, flat)
