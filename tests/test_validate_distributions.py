@@ -215,3 +215,18 @@ def test_goals_report_met_and_missed():
     assert g["residual: median extra MSE <= 0.02"]["met"] is True
     assert g["residual: share within 5% >= 0.9"]["met"] is False
     assert g["penalty Spearman >= 0.8"]["met"] is True
+
+
+def test_language_penalties_between_grid_points():
+    """The mix alpha and the minima are located between grid points (a parabola through the three
+    nearest): centres 11 points apart put the equal-weight mix half-way between two grid points,
+    and each language pays 0.01 x 5.5^2 on its own parabola."""
+    rows = []
+    for lang, centre in (("a", 0), ("b", 11)):
+        x = np.arange(-30, 31)
+        rows.append({"site": "s", "kind": "linear_input", "layer": 0, "language": lang,
+                     "curves": {"start": -30, "measured": (1.0 + 0.01 * (x - centre) ** 2).tolist()}})
+    pen = {p["language"]: p for p in distributions.language_penalties(rows, {"a": 1.0, "b": 1.0})}
+    assert pen["a"]["penalty"] == pytest.approx(0.01 * 5.5**2, rel=1e-12)
+    assert pen["b"]["penalty"] == pytest.approx(0.01 * 5.5**2, rel=1e-12)
+    assert pen["a"]["alpha_mix"] == pytest.approx(10 ** (5.5 * distributions.CURVE_STEP))

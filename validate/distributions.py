@@ -429,13 +429,42 @@ def language_penalties(rows: Sequence[dict], weights: Mapping[str, float]) -> li
             if not np.any(np.isfinite(total)):
                 continue
             k = int(np.nanargmin(total))
-            best = np.nanmin(M, axis=1)
-            pen = M[:, k] / best - 1.0
+            x_mix = k + _parabola_vertex(total, k)[0]
+            best = np.array([_parabola_vertex(M[j], int(np.nanargmin(M[j])))[1] for j in range(len(langs))])
+            at = np.array([_quadratic_at(M[j], x_mix) for j in range(len(langs))])
+            pen = np.maximum(at / best - 1.0, 0.0)
             for j, l in enumerate(langs):
                 out.append({"site": site, "kind": per_lang[l]["kind"], "layer": per_lang[l]["layer"],
-                            "model": model, "language": l, "alpha_mix": 10.0 ** ((lo + k) * CURVE_STEP),
+                            "model": model, "language": l, "alpha_mix": 10.0 ** ((lo + x_mix) * CURVE_STEP),
                             "penalty": float(pen[j]) if np.isfinite(pen[j]) else None})
     return out
+
+
+def _parabola_vertex(y: np.ndarray, k: int) -> tuple[float, float]:
+    """``(offset, value)`` of the minimum of the parabola through ``y[k-1], y[k], y[k+1]`` (the
+    grid's minimum at ``k``): the curve's minimum between grid points (a step of the grid is 6% in
+    alpha, and a penalty of a few tenths of a per cent must not be the grid's). ``(0, y[k])`` at an
+    end of the curve or next to a missing point."""
+    if k <= 0 or k >= y.size - 1 or not np.all(np.isfinite(y[k - 1: k + 2])):
+        return 0.0, float(y[k])
+    a, b, c = float(y[k - 1]), float(y[k]), float(y[k + 1])
+    den = a - 2 * b + c
+    if den <= 0:
+        return 0.0, b
+    d = 0.5 * (a - c) / den
+    return d, b - 0.25 * (a - c) * d
+
+
+def _quadratic_at(y: np.ndarray, x: float) -> float:
+    """``y`` at fractional index ``x`` by the parabola through its three nearest grid points (NaN
+    where one is missing)."""
+    j = int(round(x))
+    j = min(max(j, 1), y.size - 2)
+    if not np.all(np.isfinite(y[j - 1: j + 2])):
+        return float(y[int(round(x))]) if 0 <= int(round(x)) < y.size else math.nan
+    t = x - j
+    a, b, c = float(y[j - 1]), float(y[j]), float(y[j + 1])
+    return b + 0.5 * t * (c - a) + 0.5 * t * t * (a - 2 * b + c)
 
 
 def penalty_agreement(pen_rows: Sequence[dict]) -> dict[str, Any]:
