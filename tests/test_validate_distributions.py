@@ -230,3 +230,23 @@ def test_language_penalties_between_grid_points():
     assert pen["a"]["penalty"] == pytest.approx(0.01 * 5.5**2, rel=1e-12)
     assert pen["b"]["penalty"] == pytest.approx(0.01 * 5.5**2, rel=1e-12)
     assert pen["a"]["alpha_mix"] == pytest.approx(10 ** (5.5 * distributions.CURVE_STEP))
+
+
+def test_penalty_reliability_of_the_halves():
+    """Halves that rank the languages alike give split-half Spearman 1 (and Spearman-Brown 1);
+    reversed rankings give -1 and no step-up."""
+    def rows(order2):
+        out = []
+        for site in ("s", "t"):
+            for i, lang in enumerate("abcd"):
+                out.append({"site": site, "kind": "residual", "language": lang, "model": "measured_half1",
+                            "penalty": 0.01 * (i + 1) + (0.1 if site == "t" else 0)})
+                out.append({"site": site, "kind": "residual", "language": lang, "model": "measured_half2",
+                            "penalty": 0.01 * (order2(i) + 1) + (0.1 if site == "t" else 0)})
+        return out
+
+    same = distributions.penalty_reliability(rows(lambda i: i))
+    assert same["spearman_halves"] == pytest.approx(1.0) and same["spearman_brown"] == pytest.approx(1.0)
+    assert same["n"] == 8 and same["by_kind"]["residual"]["n"] == 8
+    rev = distributions.penalty_reliability(rows(lambda i: 3 - i))
+    assert rev["spearman_halves"] < 0.5

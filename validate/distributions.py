@@ -79,7 +79,7 @@ DEFAULT_LANGUAGES = ("eng_Latn", "fra_Latn", "rus_Cyrl", "zho_Hans", "hin_Deva",
 QUICK_LANGUAGES = ("eng_Latn", "heb_Hebr", "zho_Hans")
 SITES = ("residual", "linear_input", "all")
 #: Part of every cache key: bump it when an item's stored format changes.
-ITEM_VERSION = 3
+ITEM_VERSION = 4
 
 _CSV_COLUMNS = [
     "site", "kind", "layer", "language", "count", "mean", "std", "skewness", "excess_kurtosis",
@@ -234,6 +234,8 @@ def _site_row(st, site, lang: str, bits: int, grid: str, seed: int) -> dict[str,
 #: languages are compared on the same points to find the calibration-mix alpha
 CURVE_STEP = 1.0 / 40.0
 CURVE_WINDOW = 12.0  # each language's curves span its own optimum / 12 .. x 12
+#: the measured curves of two disjoint halves of each stratified sample
+HALVES = ("measured_half1", "measured_half2")
 
 
 def _site_models_row(st, config: Config) -> dict[str, Any]:
@@ -255,6 +257,12 @@ def _site_models_row(st, config: Config) -> dict[str, Any]:
         hi = math.ceil((math.log10(own * CURVE_WINDOW)) / CURVE_STEP)
         alphas = 10.0 ** (np.arange(lo, hi + 1) * CURVE_STEP)
         curves = {"measured": reference_curve(st, alphas, config.bits, "int")}
+        # two disjoint halves of the stratified sample: how reproducible the measured penalties
+        # are (their split-half agreement bounds what any model's agreement can reach)
+        from empirical.optimal import stratified_mse
+
+        for name, half in zip(HALVES, st.stratified().split(config.seed + 1)):
+            curves[name] = np.asarray(stratified_mse(half, alphas, config.bits, "int"), dtype=np.float64)
         for name, m in models.items():
             if not isinstance(m, Exception) and name != "channel_mixture":
                 curves[name] = model_curve(m, alphas, config.bits, "int")
@@ -473,7 +481,7 @@ def penalty_agreement(pen_rows: Sequence[dict]) -> dict[str, Any]:
     model names the same worst language as the measurement."""
     meas = {(p["site"], p["language"]): p["penalty"] for p in pen_rows if p["model"] == "measured"}
     out: dict[str, Any] = {}
-    models = sorted({p["model"] for p in pen_rows} - {"measured"})
+    models = sorted({p["model"] for p in pen_rows} - {"measured", *HALVES})
     for model in models:
         mine = [p for p in pen_rows if p["model"] == model and (p["site"], p["language"]) in meas]
         t = [p["penalty"] if p["penalty"] is not None else math.nan for p in mine]
@@ -493,6 +501,27 @@ def penalty_agreement(pen_rows: Sequence[dict]) -> dict[str, Any]:
                       "by_kind": {k: _spearman([a for a, p in zip(t, mine) if p["kind"] == k],
                                                [b for b, p in zip(m, mine) if p["kind"] == k]) for k in kinds}}
     return out
+
+
+def penalty_reliability(pen_rows: Sequence[dict]) -> dict[str, Any]:
+    """Split-half reliability of the measured penalties: the Spearman correlation between the
+    penalties measured on two disjoint halves of every stratified sample (pooled, and per site
+    kind), and its Spearman-Brown step-up to the full sample, ``2 r / (1 + r)``. A model's
+    agreement with the measurement cannot be expected to exceed it: the rest is sampling noise of
+    the reference."""
+    h1 = {(p["site"], p["language"]): p for p in pen_rows if p["model"] == HALVES[0]}
+    h2 = {(p["site"], p["language"]): p["penalty"] for p in pen_rows if p["model"] == HALVES[1]}
+    keys = [k for k in h1 if k in h2 and h1[k]["penalty"] is not None and h2[k] is not None]
+    if len(keys) < 3:
+        return {"spearman_halves": None, "spearman_brown": None, "n": len(keys), "by_kind": {}}
+
+    def pair(ks):
+        r = _spearman([h1[k]["penalty"] for k in ks], [h2[k] for k in ks])
+        return {"spearman_halves": r, "spearman_brown": None if r is None else 2 * r / (1 + r) if r > -1 else None,
+                "n": len(ks)}
+
+    kinds = sorted({h1[k]["kind"] for k in keys})
+    return {**pair(keys), "by_kind": {kd: pair([k for k in keys if h1[k]["kind"] == kd]) for kd in kinds}}
 
 
 def goals(excess: Mapping[str, Any], agreement: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -558,7 +587,8 @@ def run(config: Config, cache=None) -> protocol.Result:
         "rows": rows, "alpha_spread": _alpha_spread(rows, languages),
         "channel_energy": channel_energy_rows(items, rows),
         "alpha_excess_mse": excess, "penalty_spearman": {m: a["spearman"] for m, a in agreement.items()},
-        "penalty_agreement": agreement, "penalties": pen_rows, "goals": goals(excess, agreement),
+        "penalty_agreement": agreement, "penalty_reliability": penalty_reliability(pen_rows),
+        "penalties": pen_rows, "goals": goals(excess, agreement),
         "excess_bits": list(config.excess_bits),
     }
     # capture time as measured when each language was captured (also when read from the cache)
@@ -865,6 +895,9 @@ def macros(result: protocol.Result) -> MacroSet:
                .get("same_worst_language_share"), "penalty_agreement.unimodal.same_worst_language_share")
     failed = sum(1 for r in rows for e in r.get("excess") or [] if e["model"] == "body_tail" and e.get("excess") is None)
     ms.add("DistBodyTailFailed", failed, "rows[].excess with model body_tail and no excess")
+    rel = result.get("penalty_reliability") or {}
+    ms.add("DistPenaltyReliabilityHalves", rel.get("spearman_halves"), "penalty_reliability.spearman_halves")
+    ms.add("DistPenaltyReliability", rel.get("spearman_brown"), "penalty_reliability.spearman_brown")
     ms.add("DistGoalSpearman", GOAL_SPEARMAN, "the goal's Spearman correlation (GOAL_SPEARMAN)")
     ms.add("DistGoalsMet", sum(1 for g in result.get("goals") or [] if g.get("met")), "goals met")
     ms.add("DistGoalsTotal", len(result.get("goals") or []), "goals evaluated")
