@@ -115,6 +115,8 @@ def test_channel_energy_rows_against_numpy():
     (["--languages", "eng", "xx_Qqqq"], "--languages"), (["--languages", "eng", "en"], "--languages"),
     (["--model", "/nonexistent/model"], "--model"), (["--reservoir", "10"], "--reservoir"),
     (["--max-segments", "0"], "--max-segments"), (["--top", "0"], "--top"),
+    (["--excess-bits", "0"], "--excess-bits: "), (["--excess-bits", "4", "4"], "--excess-bits"),
+    (["--top-k", "-1"], "--top-k"),
 ])
 def test_bad_flags_refused_before_any_work(tmp_path, capsys, argv, flag):
     assert_refused(distributions.main, argv, tmp_path / "out", flag, capsys)

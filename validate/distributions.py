@@ -127,8 +127,7 @@ class Config:
                                        "distribution fit (use >= 100)")
         protocol.check_positive("seed", self.seed, allow_zero=True)
         protocol.check_positive("top", self.top)
-        for b in self.excess_bits:
-            protocol.check_bits_grid(b, "int", signed="activations")
+        protocol.check_bits_grid(tuple(self.excess_bits), "int", flag="--excess-bits", signed="activations")
         if not self.excess_bits or len(set(self.excess_bits)) != len(self.excess_bits):
             raise protocol.ConfigError(f"--excess-bits {' '.join(map(str, self.excess_bits))}: give "
                                        "distinct bit widths")
