@@ -252,3 +252,9 @@ def test_penalty_reliability_of_the_halves():
     assert same["n"] == 8 and same["by_kind"]["residual"]["n"] == 8
     rev = distributions.penalty_reliability(rows(lambda i: 3 - i))
     assert rev["spearman_halves"] == pytest.approx(-1.0) and rev["spearman_brown"] is None
+
+
+def test_alpha_distance_summary():
+    rows = [{"kind": "residual", "excess": [{"bits": 4, "model": "m", "alpha": a, "alpha_swept": 2.0}]}
+            for a in (1.0, 2.0, 3.0, 5.0)]
+    assert distributions.alpha_distance_summary(rows)["residual"]["m"]["4"] == pytest.approx(0.5)

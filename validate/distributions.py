@@ -399,6 +399,22 @@ def alpha_excess_summary(rows: Sequence[dict]) -> dict[str, dict[str, dict[str, 
     return out
 
 
+def alpha_distance_summary(rows: Sequence[dict]) -> dict[str, dict[str, dict[str, Any]]]:
+    """``{site kind: {model: {bits: median |alpha_model / alpha_swept - 1|}}}`` over layers x
+    languages: how far each model puts the threshold from the sweep's (a flat curve can hide a
+    large distance in a small extra MSE, and the reverse)."""
+    acc: dict[tuple, list] = {}
+    for r in rows:
+        for e in r.get("excess") or []:
+            if e.get("alpha") and e.get("alpha_swept"):
+                acc.setdefault((r["kind"], e["model"], str(e["bits"])), []).append(
+                    abs(e["alpha"] / e["alpha_swept"] - 1.0))
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for (kind, model, bits), v in sorted(acc.items()):
+        out.setdefault(kind, {}).setdefault(model, {})[bits] = float(np.median(v))
+    return out
+
+
 def _spearman(a: Sequence[float], b: Sequence[float]) -> float | None:
     x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     ok = np.isfinite(x) & np.isfinite(y)
@@ -585,7 +601,7 @@ def run(config: Config, cache=None) -> protocol.Result:
         "bits": config.bits, "grid": config.grid, "sites": config.sites, "include_bos": config.include_bos,
         "rows": rows, "alpha_spread": _alpha_spread(rows, languages),
         "channel_energy": channel_energy_rows(items, rows),
-        "alpha_excess_mse": excess, "penalty_spearman": {m: a["spearman"] for m, a in agreement.items()},
+        "alpha_excess_mse": excess, "alpha_distance": alpha_distance_summary(rows), "penalty_spearman": {m: a["spearman"] for m, a in agreement.items()},
         "penalty_agreement": agreement, "penalty_reliability": penalty_reliability(pen_rows),
         "penalties": pen_rows, "goals": goals(excess, agreement),
         "excess_bits": list(config.excess_bits),
@@ -894,6 +910,11 @@ def macros(result: protocol.Result) -> MacroSet:
                .get("same_worst_language_share"), "penalty_agreement.unimodal.same_worst_language_share")
     failed = sum(1 for r in rows for e in r.get("excess") or [] if e["model"] == "body_tail" and e.get("excess") is None)
     ms.add("DistBodyTailFailed", failed, "rows[].excess with model body_tail and no excess")
+    dist = result.get("alpha_distance") or {}
+    for kind, kname in (("residual", "Residual"), ("linear_input", "Linear")):
+        for model, mname in (("unimodal", "Unimodal"), ("selected", "Selected")):
+            ms.add(["DistAlphaDistance", kname, mname], ((dist.get(kind) or {}).get(model) or {}).get(str(GOAL_BITS)),
+                   f"alpha_distance.{kind}.{model}.{GOAL_BITS}", percent=True)
     rel = result.get("penalty_reliability") or {}
     ms.add("DistPenaltyReliabilityHalves", rel.get("spearman_halves"), "penalty_reliability.spearman_halves")
     ms.add("DistPenaltyReliability", rel.get("spearman_brown"), "penalty_reliability.spearman_brown")
