@@ -123,6 +123,16 @@ def synthetic_results() -> dict[str, dict]:
                                         "penalty_absmax": {"median": 5.33},
                                         "alpha_rel_diff": {"median": 0.03}} for b in (2, 4, 8)]},
           "timing": {"wall_seconds": 8.3}}
+    unit_stats = {"median": 0.067, "q90": 0.14, "share_within_5pct": 0.33, "n": 4}
+    grans = ["weight_per_channel", "weight_per_group128"]
+    oa["alpha_excess_mse"] = {
+        "grid": "int", "bits": [3, 4, 8], "group_size": 128, "granularities": grans, "within": 0.05,
+        "models": ["unimodal_shape", "scale_mixture/student_t", "selected", "absmax", "sampling_floor"],
+        **{g: {m: {str(b): unit_stats for b in (3, 4, 8)}
+               for m in ("unimodal_shape", "scale_mixture/student_t", "selected", "absmax", "sampling_floor")}
+           for g in grans},
+        "selected_shape_counts": {g: {str(b): {"student_t": 3, "gennorm": 1} for b in (3, 4, 8)} for g in grans},
+        "mean_over_std_median": {g: 0.03 for g in grans}, "layers": []}
     langs = ["eng_Latn", "heb_Hebr", "zho_Hans"]
     dist_rows = [{"site": f"model.layers.{i}", "kind": "residual", "layer": i, "language": l,
                   "excess_kurtosis": 100.0 * (i + 1), "best_family": "student_t" if i else "gennorm",
@@ -140,6 +150,17 @@ def synthetic_results() -> dict[str, dict]:
                                 "top_channel": 163, "top_share": 0.5 + 0.1 * i, "channels_for_half": 3 - i}
                                for i in range(3)],
             "provenance": _prov(model="gemma-3-270m")}
+    q = {"median": 0.0014, "q90": 0.014, "share_within_5pct": 0.944, "n": 9, "failed": 0}
+    dist["alpha_excess_mse"] = {k: {m: {str(b): q for b in (3, 4, 8)} for m in ("unimodal", "selected")}
+                                for k in ("residual", "linear_input")}
+    dist["alpha_distance"] = {k: {m: {"4": 0.02} for m in ("unimodal", "selected")}
+                              for k in ("residual", "linear_input")}
+    dist["penalty_spearman"] = {"unimodal": 0.19, "selected": 0.91}
+    dist["penalty_agreement"] = {m: {"spearman": v, "same_worst_language_share": 0.8,
+                                     "by_kind": {"residual": v, "linear_input": v}}
+                                 for m, v in (("unimodal", 0.19), ("selected", 0.91))}
+    dist["penalty_reliability"] = {"spearman_halves": 0.9, "spearman_brown": 0.947}
+    dist["goals"] = [{"goal": "penalty Spearman >= 0.8", "value": 0.91, "met": True}]
     rd_items = []
     for k, fam in enumerate(fams):
         rows = [{"bits": b, "gap_uniform_bits": 0.3 * b + k / 10, "gap_swept_bits": 0.3 * b + k / 10,
