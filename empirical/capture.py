@@ -154,16 +154,9 @@ def _power_sums(x, nchan):  # pragma: no cover - compiled
 @nb.njit(cache=True)
 def _above(x, tau, cap):  # pragma: no cover - compiled
     """Indices of the values with ``|x| > tau`` (at most ``cap``) and their count, or count -1
-    as soon as more than ``cap`` qualify: one read of ``x`` (NaN never passes)."""
-    out = np.empty(cap, np.int64)
-    cnt = 0
-    for i in range(x.size):
-        if abs(x[i]) > tau:
-            if cnt == cap:
-                return out, -1
-            out[cnt] = i
-            cnt += 1
-    return out, cnt
+    as soon as more than ``cap`` qualify: one read of ``x`` (NaN never passes). The whole of
+    ``x`` read as one channel by :func:`_above_in`."""
+    return _above_in(x, 1, np.zeros(1, np.int64), tau, cap)
 
 
 @nb.njit(cache=True)
