@@ -82,3 +82,15 @@ def test_one_capture_pass_feeds_every_model(monkeypatch):
     item = D.language_item(cfg, (model, tok, model_view(model)), corpus, "eng_Latn")
     assert len(calls) == 1  # 3 segments, one batch of up to 8
     assert all(r.get("excess") for r in item["rows"])
+
+
+def test_a_constant_site_is_reported_not_a_crash():
+    """A site whose values are all 0 (a dead channel set): validate.distributions' row carries a
+    models_error naming the problem, and the run goes on."""
+    import validate.distributions as D
+
+    st = StreamingStats(bins=16, reservoir_size=256, top_k=16, seed=0)
+    st.update(torch.zeros(200, 8))
+    cfg = D.Config(model="tiny-llama", languages=("eng_Latn", "heb_Hebr"), excess_bits=(4,), top_k=16)
+    row = D._site_models_row(st, cfg)
+    assert "models_error" in row and row["models_error"]

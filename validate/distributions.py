@@ -241,16 +241,27 @@ def _site_models_row(st, config: Config) -> dict[str, Any]:
     """Every site model (:func:`empirical.site_fit.fit_site_models`), its alpha* and extra MSE at
     each of ``excess_bits`` and, at ``bits``, its MSE curve and the measured one on the common
     grid (for the per-language penalties of the calibration mix, computed across languages)."""
-    from empirical.site_fit import excess_rows, fit_site_models, model_curve, reference_curve
+    from empirical.site_fit import excess_rows, fit_site_models
 
     try:
         models, info = fit_site_models(st, config.bits, "int", seed=config.seed, select_bits=config.bits)
     except (ValueError, RuntimeError) as exc:
         return {"models_error": f"{type(exc).__name__}: {exc}"}
-    out: dict[str, Any] = {"model_info": info,
-                           "excess": excess_rows(st, models, config.excess_bits, "int",
-                                                 detail_bits=config.bits)}
-    own = next((r["alpha_swept"] for r in out["excess"] if r["bits"] == config.bits), None)
+    out: dict[str, Any] = {"model_info": info}
+    try:
+        out["excess"] = excess_rows(st, models, config.excess_bits, "int", detail_bits=config.bits)
+        out.update(_curves(st, models, out["excess"], config))
+    except (ValueError, RuntimeError) as exc:  # a degenerate site (constant, too few values) is reported
+        out["models_error"] = f"{type(exc).__name__}: {exc}"
+    return out
+
+
+def _curves(st, models, excess: Sequence[dict], config: Config) -> dict[str, Any]:
+    """The measured curve, its two halves' and every model's, at ``bits`` on the common grid."""
+    from empirical.site_fit import model_curve, reference_curve
+
+    out: dict[str, Any] = {}
+    own = next((r["alpha_swept"] for r in excess if r["bits"] == config.bits), None)
     if own and own > 0:
         lo = math.floor((math.log10(own / CURVE_WINDOW)) / CURVE_STEP)
         hi = math.ceil((math.log10(own * CURVE_WINDOW)) / CURVE_STEP)
