@@ -52,6 +52,23 @@ def _channel_mixtures(st, z, seed: int) -> dict[str, Any]:
     return out
 
 
+def _unimodal(x, name: str, bits: int, grid: str, seed: int):
+    """``(FamilySite, family)`` of the best family by BIC (location 0) whose alpha* exists at
+    ``bits``: a Student-t with ``nu <= 2`` has none, and neither has a fit whose curve falls off
+    the scanned range."""
+    from empirical.fits import fit_all
+    from theory.site_models import FamilySite
+
+    for f in fit_all(x, seed=seed, fix_loc=True):
+        try:
+            m = FamilySite(f.to_theory(), name=name)
+            m.optimal_alpha(bits, grid)
+            return m, f.family
+        except (ValueError, RuntimeError):
+            continue
+    raise ValueError(f"no family fitted to the {name} values has a finite alpha*")
+
+
 def fit_site_models(st, bits: int, grid: str = "int", seed: int = 0,
                     select_bits: int | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """All site models of one site x language and the held-out selection.
@@ -60,9 +77,8 @@ def fit_site_models(st, bits: int, grid: str = "int", seed: int = 0,
     exception that stopped its fit (reported, never silently dropped); ``info`` has the
     selection's curve distances, the outlier channels and the fitted shapes.
     """
-    from empirical.fits import fit_all
     from empirical.optimal import stratified_mse, stratified_optimal_alpha
-    from theory.site_models import FamilySite, bulk_outlier_model, outlier_channels, select_site_model
+    from theory.site_models import bulk_outlier_model, outlier_channels, select_site_model
 
     select_bits = bits if select_bits is None else select_bits
     x = st.sample()
@@ -74,18 +90,7 @@ def fit_site_models(st, bits: int, grid: str = "int", seed: int = 0,
     info: dict[str, Any] = {}
     # unimodal: today's model, on the whole reservoir (as validate.distributions always did)
     try:
-        fits = fit_all(x, seed=seed, fix_loc=True)
-        for f in fits:
-            try:
-                m = FamilySite(f.to_theory(), name="unimodal")
-                m.optimal_alpha(bits, grid)
-                models["unimodal"] = m
-                info["unimodal_family"] = f.family
-                break
-            except (ValueError, RuntimeError):
-                continue
-        else:
-            models["unimodal"] = ValueError("no fitted family has a finite alpha*")
+        models["unimodal"], info["unimodal_family"] = _unimodal(x, "unimodal", bits, grid, seed)
     except Exception as exc:  # a failed fit is reported in the row, the other models go on
         models["unimodal"] = exc
     # channel mixtures: per-channel moments from the power sums, shape from the fit half
@@ -121,18 +126,7 @@ def fit_site_models(st, bits: int, grid: str = "int", seed: int = 0,
         info["outlier_share_of_energy"] = float(np.sum(st.channel_sumsq[out]) / np.sum(st.channel_sumsq)) \
             if out.size else 0.0
         try:
-            bulk_x = x[~np.isin(ch, out)]
-            bfits = fit_all(bulk_x, seed=seed, fix_loc=True)
-            bulk = None
-            for f in bfits:
-                try:
-                    bulk = FamilySite(f.to_theory(), name="bulk")
-                    bulk.optimal_alpha(bits, grid)
-                    break
-                except (ValueError, RuntimeError):
-                    bulk = None
-            if bulk is None:
-                raise ValueError("no bulk family has a finite alpha*")
+            bulk, _ = _unimodal(x[~np.isin(ch, out)], "bulk", bits, grid, seed)
             models["bulk_outlier"] = bulk_outlier_model(bulk, cm, out)
         except Exception as exc:
             models["bulk_outlier"] = exc

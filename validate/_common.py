@@ -111,6 +111,18 @@ def to_jsonable(obj: Any) -> Any:
     return obj
 
 
+def spearman(a: Sequence[float], b: Sequence[float]) -> float | None:
+    """Spearman correlation over the pairs where both are finite; None with fewer than three such
+    pairs or a constant side (no ranking to compare)."""
+    x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    ok = np.isfinite(x) & np.isfinite(y)
+    if np.count_nonzero(ok) < 3 or np.ptp(x[ok]) == 0 or np.ptp(y[ok]) == 0:
+        return None
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(x[ok], y[ok]).statistic)
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write ``data`` to ``path`` via a temporary file in the same folder and ``os.replace``."""
     path = Path(path)

@@ -69,7 +69,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from validate import _protocol as protocol
-from validate._common import save_figure, to_jsonable, use_agg, write_csv, write_json
+from validate._common import save_figure, spearman, to_jsonable, use_agg, write_csv, write_json
 from validate._latex import MacroSet, finite, median, tex_text, vmax, vmin, write_latex_table
 from validate._synthetic import family_label
 
@@ -426,16 +426,6 @@ def alpha_distance_summary(rows: Sequence[dict]) -> dict[str, dict[str, dict[str
     return out
 
 
-def _spearman(a: Sequence[float], b: Sequence[float]) -> float | None:
-    x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    ok = np.isfinite(x) & np.isfinite(y)
-    if np.count_nonzero(ok) < 3 or np.ptp(x[ok]) == 0 or np.ptp(y[ok]) == 0:
-        return None
-    from scipy.stats import spearmanr
-
-    return float(spearmanr(x[ok], y[ok]).statistic)
-
-
 def language_penalties(rows: Sequence[dict], weights: Mapping[str, float]) -> list[dict[str, Any]]:
     """Per site and model: the calibration-mix alpha (minimising the ``weights``-weighted sum of
     the languages' curves on the common grid) and each language's penalty under it,
@@ -522,9 +512,9 @@ def penalty_agreement(pen_rows: Sequence[dict]) -> dict[str, Any]:
                 sites += 1
                 same += max(ps, key=lambda p: p["penalty"])["language"] == \
                     max(ps, key=lambda p: meas[(site, p["language"])])["language"]
-        out[model] = {"spearman": _spearman(t, m), "n": len(mine),
+        out[model] = {"spearman": spearman(t, m), "n": len(mine),
                       "same_worst_language_share": same / sites if sites else None,
-                      "by_kind": {k: _spearman([a for a, p in zip(t, mine) if p["kind"] == k],
+                      "by_kind": {k: spearman([a for a, p in zip(t, mine) if p["kind"] == k],
                                                [b for b, p in zip(m, mine) if p["kind"] == k]) for k in kinds}}
     return out
 
@@ -542,7 +532,7 @@ def penalty_reliability(pen_rows: Sequence[dict]) -> dict[str, Any]:
         return {"spearman_halves": None, "spearman_brown": None, "n": len(keys), "by_kind": {}}
 
     def pair(ks):
-        r = _spearman([h1[k]["penalty"] for k in ks], [h2[k] for k in ks])
+        r = spearman([h1[k]["penalty"] for k in ks], [h2[k] for k in ks])
         return {"spearman_halves": r, "spearman_brown": None if r is None else 2 * r / (1 + r) if r > -1 else None,
                 "n": len(ks)}
 

@@ -39,7 +39,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from validate import _protocol as protocol
-from validate._common import ResultCache, atomic_write_bytes, save_figure, to_jsonable, use_agg, write_csv, write_json
+from validate._common import ResultCache, atomic_write_bytes, save_figure, spearman, to_jsonable, use_agg, write_csv, write_json
 from validate._latex import MacroSet, tex_text, write_latex_table
 
 EXPERIMENT = "language_alpha"
@@ -206,16 +206,6 @@ def analyse_site(samples: dict, counts: dict, config: Config) -> dict:
     }})
 
 
-def _spearman(a, b) -> float:
-    from scipy.stats import spearmanr
-
-    a, b = np.asarray(a, float), np.asarray(b, float)
-    ok = np.isfinite(a) & np.isfinite(b)
-    if ok.sum() < 3:
-        return float("nan")
-    return float(spearmanr(a[ok], b[ok]).statistic)
-
-
 def _model_meta(meta: dict) -> dict[str, Any]:
     return {k: v for k, v in meta.items() if isinstance(v, (str, int, float, bool, type(None)))}
 
@@ -287,7 +277,7 @@ def run(config: Config, cache: ResultCache | None = None) -> protocol.Result:
             [s["worst_penalty_mix_at_theory_alpha"] for s in sites])),
         "median_worst_penalty_minimax_at_theory_alpha": float(np.median(
             [s["worst_penalty_minimax_at_theory_alpha"] for s in sites])),
-        "spearman_penalty_mix": _spearman(theory_pen, meas_pen),
+        "spearman_penalty_mix": spearman(theory_pen, meas_pen),
         "median_abs_error_penalty_mix": float(np.nanmedian(np.abs(np.subtract(theory_pen, meas_pen)))),
         "worst_language_agreement": float(np.mean([s["worst_language_mix"] == s["worst_language_mix_measured"]
                                                    for s in sites])),
