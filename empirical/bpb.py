@@ -21,6 +21,11 @@ Counting conventions
 * The loss is computed at the scored positions only, from the last hidden state and the output
   embedding in chunks, so the vocabulary-sized logits (262k for Gemma) are never held for a
   whole batch (:class:`BpbEngine`).
+* Beside the NLL, :meth:`BpbEngine.score` returns, per segment, the KL divergence from the
+  recorded baseline's next-token distribution to the current one (summed over scored tokens,
+  nats) and the number of tokens whose argmax agrees with the baseline's, both from the same
+  vocabulary sweep (:mod:`empirical._head`, eq. (1)); ``KL / (ln 2 x bytes)`` is KL bits per
+  byte (docs/design.md, "KL bits per byte").
 
 :class:`BpbEngine` puts three parts together, each a module of its own: the layout of windows
 into packed rows and batches with the packing check (:mod:`empirical._packing`), the chunked
@@ -38,11 +43,11 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
-from empirical._head import ChunkedHead, logits_nll
+from empirical._head import ChunkedHead, HeadReference, logits_nll
 from empirical._packing import Batch, Layout, Window, packed_layout, packing_is_exact, padded_layout, segment_windows
 from empirical._replay import ResidualReplay
 
-__all__ = ["BpbEngine", "BpbResult", "bits_per_byte", "corpus_bits_per_byte", "segment_windows"]
+__all__ = ["BpbEngine", "BpbResult", "Scores", "bits_per_byte", "corpus_bits_per_byte", "segment_windows"]
 
 
 @dataclass
@@ -76,6 +81,26 @@ class BpbResult:
         """bpb over the segments ``idx`` (e.g. a bootstrap resample of sentence ids)."""
         idx = np.asarray(idx)
         return float(self.per_segment_nll[idx].sum() / (math.log(2) * self.per_segment_bytes[idx].sum()))
+
+
+@dataclass
+class Scores:
+    """Per-segment scores of one pass, per key (e.g. language), in input order.
+
+    Attributes
+    ----------
+    nll : dict str -> np.ndarray
+        NLL sum (nats) of each segment.
+    kl : dict str -> np.ndarray, or None
+        KL(baseline || current) summed over each segment's scored tokens (nats); None when the
+        engine holds no baseline reference (:attr:`BpbEngine.kl_unavailable` says why).
+    agree : dict str -> np.ndarray, or None
+        Scored tokens of each segment whose argmax equals the baseline's.
+    """
+
+    nll: dict[str, np.ndarray]
+    kl: dict[str, np.ndarray] | None = None
+    agree: dict[str, np.ndarray] | None = None
 
 
 def _start_id(tokenizer) -> int:
@@ -227,6 +252,8 @@ class BpbEngine:
         self._packing_exact: bool | None = None
         self._head_exact: bool | None = None
         self._replay_unavailable: str | None = None
+        self._reference: HeadReference | None = None
+        self._kl_unavailable: str | None = "record() has not been called"
 
     def _tokenize(self, tokenizer, texts, max_length: int, stride: int) -> list[Window]:
         bos = _start_id(tokenizer)
@@ -296,6 +323,17 @@ class BpbEngine:
         did or has not been called."""
         return self._replay_unavailable
 
+    @property
+    def kl_unavailable(self) -> str | None:
+        """Why :meth:`score` returns no KL and agreement (None when it does)."""
+        return self._kl_unavailable
+
+    @property
+    def tokens(self) -> dict[str, np.ndarray]:
+        """Scored tokens of every segment, per key."""
+        count = np.bincount(self._layout.owner, minlength=self.n_segments)
+        return {k: count[self._slices[k]].copy() for k in self.keys}
+
     def _check_first_use(self) -> None:
         """Packing check, then head check; each runs once."""
         if self._layout.packed and self._packing_exact is None:
@@ -318,10 +356,10 @@ class BpbEngine:
 
     # -- scoring -----------------------------------------------------------------------------
 
-    def _collect(self, nll: torch.Tensor) -> dict[str, np.ndarray]:
-        """Per-token NLL in batch order -> per-segment NLL per key."""
+    def _collect(self, per_token: torch.Tensor) -> dict[str, np.ndarray]:
+        """Per-token values in batch order -> per-segment sums per key."""
         seg = np.zeros(self.n_segments, dtype=np.float64)
-        np.add.at(seg, self._layout.owner, nll.double().cpu().numpy())
+        np.add.at(seg, self._layout.owner, per_token.double().cpu().numpy())
         return {k: seg[self._slices[k]].copy() for k in self.keys}
 
     def _targets(self) -> torch.Tensor:
@@ -329,12 +367,13 @@ class BpbEngine:
 
     @torch.no_grad()
     def record(self) -> dict[str, np.ndarray]:
-        """Score with the current (reference) weights and keep the residual stream entering every
-        block for :meth:`nll` to replay.
+        """Score with the current (reference) weights, keep the residual stream entering every
+        block for :meth:`nll` to replay, and keep the baseline's per-token head statistics that
+        :meth:`score` measures KL and top-1 agreement against.
 
         Returns the per-segment NLL (nats) per key, like :meth:`nll`. When replay is not possible
-        (:attr:`replay_unavailable` says why, and a warning is issued) nothing is kept and this is
-        :meth:`nll`.
+        (:attr:`replay_unavailable` says why, and a warning is issued) no stream is kept and
+        every later pass runs all blocks; the head statistics are kept all the same.
         """
         self._check_first_use()
         reason = self._replay.unsupported
@@ -350,9 +389,16 @@ class BpbEngine:
             reason = self._replay.verify(last, self.batches[last], finals[last])
             if reason is not None:
                 self._replay.forget()
-            nll = self._collect(self._head.nll(torch.cat(finals), self._targets()))
+        elif self._head_exact:
+            finals = [self._replay.model_pass(b)[0][b.rows, b.cols] for b in self.batches]
+            self.blocks_run += len(self.blocks) * len(self.batches)
+        if self._head_exact:
+            nll_tok, self._reference = self._head.reference(torch.cat(finals), self._targets())
+            self._kl_unavailable = None
+            nll = self._collect(nll_tok)
         else:
             nll = self.nll()
+            self._kl_unavailable = "the output layer is scored from the model's own logits"
         if reason is not None and reason != self._replay_unavailable:  # once, however often retried
             warnings.warn(f"{type(self.model).__name__}: no residual stream kept for replay ({reason}); "
                           "every pass will run all blocks", RuntimeWarning, stacklevel=3)
@@ -361,7 +407,14 @@ class BpbEngine:
 
     @torch.no_grad()
     def nll(self, start_block: int = 0) -> dict[str, np.ndarray]:
-        """Per-segment NLL (nats) per key under the current weights.
+        """Per-segment NLL (nats) per key under the current weights (:meth:`score` without the
+        KL and agreement)."""
+        return self.score(start_block, against_reference=False).nll
+
+    @torch.no_grad()
+    def score(self, start_block: int = 0, against_reference: bool = True) -> Scores:
+        """Per-segment NLL, and (after :meth:`record`) KL from the baseline and top-1 agreement
+        with it, per key, under the current weights.
 
         Parameters
         ----------
@@ -369,6 +422,10 @@ class BpbEngine:
             First block to run; blocks before it are replayed from what :meth:`record` kept. The
             caller promises they are unchanged since then, and it is checked. Without a recorded
             stream (:attr:`recorded` False) every block runs.
+        against_reference : bool
+            Also measure KL and agreement (when a reference is held and the output layer is
+            unchanged since :meth:`record`; else they are None and :attr:`kl_unavailable` says
+            why).
 
         Raises
         ------
@@ -384,13 +441,21 @@ class BpbEngine:
             start_block = 0
         self._replay.check_unchanged(start_block)
         self._check_first_use()
-        if self._head_exact:
-            h = [self._replay.final_hidden(i, b, start_block)[b.rows, b.cols] for i, b in enumerate(self.batches)]
-            nll = self._head.nll(torch.cat(h), self._targets())
-        else:
-            nll = torch.cat([logits_nll(self.model, b) for b in self.batches])
+        ref = self._reference if against_reference else None
+        if ref is not None:
+            if self._head.fingerprint() != ref.fingerprint:
+                self._kl_unavailable = "the output layer changed since record(); KL needs the baseline's"
+                ref = None
+            else:
+                self._kl_unavailable = None
         self.blocks_run += (len(self.blocks) - start_block) * len(self.batches)
-        return self._collect(nll)
+        if not self._head_exact:
+            return Scores(self._collect(torch.cat([logits_nll(self.model, b) for b in self.batches])))
+        h = [self._replay.final_hidden(i, b, start_block)[b.rows, b.cols] for i, b in enumerate(self.batches)]
+        s = self._head.scores(torch.cat(h), self._targets(), ref, check=False)
+        if ref is None:
+            return Scores(self._collect(s.nll))
+        return Scores(self._collect(s.nll), self._collect(s.kl), self._collect(s.agree))
 
     def result(self, key: str, nll: Mapping[str, np.ndarray]) -> BpbResult:
         """A :class:`BpbResult` for ``key`` from the output of :meth:`nll`."""

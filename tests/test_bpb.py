@@ -299,3 +299,76 @@ def test_engine_applies_softcapping_and_falls_back_on_unknown_heads(tiny_model):
         np.testing.assert_allclose(nll, direct, rtol=1e-4)
     finally:
         model.config.final_logit_softcapping = old
+
+
+def _direct_kl(model_p_logits, model, tok, text):
+    """Per-segment KL(p || q) and top-1 agreements from full logits: ``p`` given as the
+    baseline's logits of the segment, ``q`` from ``model`` now."""
+    ids = torch.tensor([[tok.bos_token_id] + tok.encode(text, add_special_tokens=False)])
+    with torch.no_grad():
+        lq = model(input_ids=ids).logits[0, :-1].double().log_softmax(-1)
+    lp = model_p_logits.log_softmax(-1)
+    kl = float((lp.exp() * (lp - lq)).sum())
+    return kl, int((lp.argmax(-1) == lq.argmax(-1)).sum())
+
+
+def _logits(model, tok, text):
+    ids = torch.tensor([[tok.bos_token_id] + tok.encode(text, add_special_tokens=False)])
+    with torch.no_grad():
+        return model(input_ids=ids).logits[0, :-1].double()
+
+
+@pytest.mark.parametrize("cap", [None, 3.0])
+def test_kl_bits_per_byte_equals_direct_computation_from_full_logits(tiny_llama, cap):
+    """The engine's per-segment KL from the recorded baseline (no logits kept) and its top-1
+    agreement equal those computed from both passes' full logits, for a pass replayed from a
+    later block and for a full pass, with and without soft-capping (tiny Llama's head ignores
+    the cap, so the capped case is run on Gemma)."""
+    from empirical.bpb import BpbEngine
+    from empirical.fakequant import FakeQuantizer, QuantConfig
+    from empirical.models import load_model, model_view
+
+    model, tok = tiny_llama if cap is None else load_model("tiny-gemma", seed=0)
+    if cap is not None:
+        model.config.final_logit_softcapping = cap
+    view = model_view(model)
+    texts = {"a": TEXTS[:3], "b": TEXTS[3:]}
+    eng = BpbEngine(model, tok, texts, head_chunk=5, head_rows=7)
+    eng.record()
+    base = {k: [_logits(model, tok, t) for t in v] for k, v in texts.items()}
+    zero = eng.score()
+    for k in texts:  # the baseline against itself: KL 0, every token agrees
+        np.testing.assert_allclose(zero.kl[k], 0.0, atol=1e-5)
+        np.testing.assert_array_equal(zero.agree[k], eng.tokens[k])
+    for start in (0, view.n_layers - 1):
+        lins = [q for q in view.linears if (q.block or 0) >= start]
+        fq = FakeQuantizer(lins, QuantConfig(bits=2, grid="int"))
+        with fq.quantized():
+            s = eng.score(start_block=start)
+            for k, segs in texts.items():
+                direct = [_direct_kl(lp, model, tok, t) for lp, t in zip(base[k], segs)]
+                kl = np.array([d[0] for d in direct])
+                assert kl.sum() > 1e-3  # the quantizer did change the distribution
+                np.testing.assert_allclose(s.kl[k], kl, rtol=1e-4, atol=1e-6)
+                np.testing.assert_array_equal(s.agree[k], [d[1] for d in direct])
+                np.testing.assert_allclose(s.nll[k], [_direct_nll(model, tok, t) for t in segs], rtol=1e-4)
+
+
+def test_kl_refused_when_the_output_layer_changed(tiny_llama):
+    """KL needs the baseline's output layer; a changed one gives no KL and says why."""
+    from empirical.bpb import BpbEngine
+
+    model, tok = tiny_llama
+    eng = BpbEngine(model, tok, {"x": TEXTS})
+    assert eng.score().kl is None and "record" in eng.kl_unavailable
+    eng.record()
+    w = model.get_output_embeddings().weight
+    old = w.detach().clone()
+    try:
+        with torch.no_grad():
+            w.mul_(1.01)
+        s = eng.score()
+        assert s.kl is None and "output layer changed" in eng.kl_unavailable
+    finally:
+        with torch.no_grad():
+            w.copy_(old)
