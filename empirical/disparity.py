@@ -21,6 +21,24 @@ resampled on its own. Intervals are 95% percentile intervals. All ``n_boot`` res
 evaluated at once: ``degradation`` accepts ``(n_boot, n)`` id arrays and ``disparity`` works
 elementwise on the resulting ``(n_boot,)`` arrays, so (1) and (2) are written once.
 
+Two estimators of the same degradation (:func:`metric_summary`)
+--------------------------------------------------------------
+* ``bpb``: (1) from the quantized pass's NLL of the text.
+* ``kl``: the quantized NLL replaced by ``nll_fp + KL``, with ``KL`` the per-sentence sum of
+  KL(baseline || quantized) over the scored tokens, so
+
+      d_l^KL = sum_s KL[l][s] / sum_s nll_fp[l][s]                                         (3)
+
+  the expected relative NLL increase if each next token were drawn from the baseline's own
+  distribution (KL bits per byte over baseline bits per byte). It averages over the next token
+  instead of sampling it, so it needs fewer tokens for the same interval; the two agree in
+  expectation only where the baseline's distribution is the text's.
+
+Both go through (1) and (2) with the same resamples, and :func:`metric_summary` reports each
+interval's width and its width times the square root of the scored tokens ("width per token":
+the width one scored token would give under the usual ``1/sqrt(n)`` law), so that the metrics can
+be compared for cost, and top-1 agreement with the baseline per language.
+
 Numpy only (no torch), so statistics can be recomputed from cached NLLs anywhere.
 """
 
@@ -28,9 +46,12 @@ from __future__ import annotations
 
 from typing import Mapping, Sequence
 
+import math
+
 import numpy as np
 
-__all__ = ["degradation", "disparity", "bootstrap_disparity", "bootstrap_degradation", "r_squared"]
+__all__ = ["degradation", "disparity", "bootstrap_disparity", "bootstrap_degradation", "r_squared",
+           "METRICS", "metric_nll", "metric_summary"]
 
 CI_QUANTILES = (0.025, 0.975)  # 95% percentile interval
 
@@ -219,3 +240,102 @@ def r_squared(pred: Sequence[float], meas: Sequence[float]) -> float:
     ss_res = np.sum((meas[ok] - pred[ok]) ** 2)
     ss_tot = np.sum((meas[ok] - meas[ok].mean()) ** 2)
     return float(1 - ss_res / ss_tot) if ss_tot > 0 else float("nan")
+
+
+# ---- metrics: bits per byte and KL bits per byte ------------------------------------------------
+
+METRICS = ("kl", "bpb")
+
+
+def metric_nll(metric: str, nll_q: Mapping[str, Sequence[float]], nll_fp: Mapping[str, Sequence[float]],
+               kl: Mapping[str, Sequence[float]] | None = None) -> dict[str, np.ndarray]:
+    """The per-sentence "quantized NLL" that (1) turns into the degradation of ``metric``:
+    ``nll_q`` for ``"bpb"``, ``nll_fp + kl`` for ``"kl"`` (eq. (3)).
+
+    Raises
+    ------
+    ValueError
+        Unknown metric; ``"kl"`` without KL values, or with negative, NaN or inf ones.
+    """
+    if metric == "bpb":
+        return {l: np.asarray(v, dtype=np.float64) for l, v in nll_q.items()}
+    if metric != "kl":
+        raise ValueError(f"unknown metric {metric!r}; known: {', '.join(METRICS)}")
+    if kl is None:
+        raise ValueError("metric 'kl' needs the per-sentence KL sums (the pass kept no baseline reference)")
+    if set(kl) != set(nll_fp):
+        raise ValueError(f"kl and nll_fp must name the same languages, got {sorted(kl)} and {sorted(nll_fp)}")
+    out = {}
+    for l, v in kl.items():
+        v = np.asarray(v, dtype=np.float64)
+        if not np.all(np.isfinite(v)):
+            raise ValueError(f"{l}: KL has NaN or inf")
+        # float rounding leaves KL of an unchanged distribution at about -1e-7 per token
+        if np.any(v < -1e-3):
+            raise ValueError(f"{l}: KL is negative ({v.min():.3g} nats) at sentence {int(np.argmin(v))}")
+        out[l] = np.asarray(nll_fp[l], dtype=np.float64) + np.maximum(v, 0.0)
+    return out
+
+
+def metric_summary(nll_q: Mapping[str, Sequence[float]], nll_fp: Mapping[str, Sequence[float]],
+                   kl: Mapping[str, Sequence[float]] | None, agree: Mapping[str, Sequence[float]] | None,
+                   tokens: Mapping[str, Sequence[float]], reference: str | Sequence[str], parallel: bool,
+                   n_boot: int = 1000, seed: int = 0) -> dict:
+    """Degradation and disparity by both metrics, with paired bootstrap intervals from the same
+    resamples, their widths per scored token, and top-1 agreement.
+
+    Parameters
+    ----------
+    nll_q, nll_fp : mapping language -> per-sentence NLL (nats)
+    kl : mapping language -> per-sentence KL sums (nats), or None (then only ``bpb``)
+    agree : mapping language -> per-sentence count of tokens whose argmax equals the baseline's, or None
+    tokens : mapping language -> per-sentence scored tokens
+    reference, parallel, n_boot, seed
+        As in :func:`bootstrap_disparity`.
+
+    Returns
+    -------
+    dict with, per metric (``"bpb"``, and ``"kl"`` when given), ``degradation`` and
+    ``degradation_ci`` per language, ``disparity`` and ``disparity_ci``, ``disparity_ci_width``,
+    ``width_per_token`` (the D interval's width times ``sqrt(scored tokens)``) and
+    ``relative_width`` (width over D) and ``resolved`` (the D interval excludes 1); ``top1_agreement`` and ``top1_agreement_ci`` per
+    language (when ``agree`` is given); ``scored_tokens``; and ``token_cost_ratio``,
+    ``(relative_width_bpb / relative_width_kl)^2``: how many times the scored tokens bits per
+    byte needs for the relative interval width KL has (``1/sqrt(n)`` law; relative widths, since
+    the two metrics' D need not be equal).
+    """
+    q, fp = _nll_arrays(nll_q, nll_fp)
+    ref = _reference_group(reference, list(fp))
+    n_tok = {l: np.asarray(tokens[l], dtype=np.float64) for l in fp}
+    for l in fp:
+        if n_tok[l].shape != fp[l].shape:
+            raise ValueError(f"{l}: {n_tok[l].size} token counts for {fp[l].size} sentences")
+    total = float(sum(v.sum() for v in n_tok.values()))
+    idx = _resampled_ids({l: v.size for l, v in fp.items()}, parallel, n_boot, seed)
+    out: dict = {"scored_tokens": int(total), "reference": ref}
+    for metric in (("kl", "bpb") if kl is not None else ("bpb",)):
+        mq = metric_nll(metric, q, fp, kl)
+        d = degradation(mq, fp)
+        d_boot = degradation(mq, fp, idx)
+        lo_hi = _percentile_interval(disparity(d_boot, ref), int(n_boot))
+        width = lo_hi[1] - lo_hi[0]
+        out[metric] = {
+            "degradation": d,
+            "degradation_ci": {l: _percentile_interval(np.asarray(v), int(n_boot)) for l, v in d_boot.items()},
+            "disparity": disparity(d, ref),
+            "disparity_ci": lo_hi,
+            "disparity_ci_width": width,
+            "width_per_token": width * math.sqrt(total),
+            "relative_width": width / abs(disparity(d, ref)) if disparity(d, ref) else float("nan"),
+            "resolved": bool(np.isfinite(width) and (lo_hi[0] > 1 or lo_hi[1] < 1)),
+        }
+    if agree is not None:
+        agr = {l: np.asarray(agree[l], dtype=np.float64) for l in fp}
+        out["top1_agreement"] = {l: float(agr[l].sum() / n_tok[l].sum()) for l in fp}
+        out["top1_agreement_ci"] = {
+            l: _percentile_interval(agr[l][idx[l]].sum(axis=-1) / n_tok[l][idx[l]].sum(axis=-1), int(n_boot))
+            for l in fp}
+    if kl is not None:
+        wb, wk = out["bpb"]["relative_width"], out["kl"]["relative_width"]
+        out["token_cost_ratio"] = float((wb / wk) ** 2) if wk > 0 and np.isfinite(wb / wk) else float("nan")
+    return out

@@ -130,3 +130,39 @@ def test_bad_inputs_are_named():
                             ["eng"], parallel=True)
     with pytest.raises(ValueError, match="n_boot"):
         bootstrap_degradation(Q, FP, parallel=True, n_boot=0)
+
+
+def test_metric_summary_kl_degradation_and_interval_widths():
+    """d^KL = sum KL / sum NLL_fp per language (eq. 3), both metrics share resamples, a metric
+    whose NLL carries sampling noise gets a wider interval, and top-1 agreement is the token-
+    weighted share."""
+    import math
+
+    from empirical.disparity import metric_nll, metric_summary
+
+    rng = np.random.default_rng(1)
+    n = 80
+    fp = {l: rng.uniform(20, 40, n) for l in ("eng", "heb", "jpn")}
+    kl = {"eng": rng.uniform(0.5, 1.5, n), "heb": rng.uniform(1.5, 2.5, n), "jpn": rng.uniform(1.0, 3.0, n)}
+    q = {l: fp[l] + kl[l] + rng.normal(0, 3, n) for l in fp}  # realised NLL: KL plus sampling noise
+    tok = {l: rng.integers(5, 15, n) for l in fp}
+    agree = {l: np.minimum(tok[l], rng.integers(3, 15, n)) for l in fp}
+    out = metric_summary(q, fp, kl, agree, tok, "eng", parallel=True, n_boot=400, seed=3)
+    for l in fp:
+        assert out["kl"]["degradation"][l] == pytest.approx(kl[l].sum() / fp[l].sum())
+        assert out["bpb"]["degradation"][l] == pytest.approx(q[l].sum() / fp[l].sum() - 1)
+        assert out["top1_agreement"][l] == pytest.approx(agree[l].sum() / tok[l].sum())
+    assert out["scored_tokens"] == sum(int(v.sum()) for v in tok.values())
+    k, b = out["kl"], out["bpb"]
+    assert k["disparity_ci_width"] < b["disparity_ci_width"]
+    assert k["width_per_token"] == pytest.approx(k["disparity_ci_width"] * math.sqrt(out["scored_tokens"]))
+    assert out["token_cost_ratio"] == pytest.approx((b["relative_width"] / k["relative_width"]) ** 2)
+    assert out["token_cost_ratio"] > 1
+    assert k["resolved"] == (k["disparity_ci"][0] > 1 or k["disparity_ci"][1] < 1)
+    with pytest.raises(ValueError, match="unknown metric"):
+        metric_nll("ppl", q, fp, kl)
+    with pytest.raises(ValueError, match="needs the per-sentence KL"):
+        metric_nll("kl", q, fp, None)
+    with pytest.raises(ValueError, match="negative"):
+        metric_nll("kl", q, fp, {**kl, "eng": -kl["eng"]})
+    assert "kl" not in metric_summary(q, fp, None, None, tok, "eng", True, n_boot=50)

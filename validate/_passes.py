@@ -1,0 +1,116 @@
+"""Cached scored passes shared by the experiments that quantize a model and score it.
+
+One forward pass gives, per language and sentence, the NLL, the KL divergence from the baseline's
+next-token distribution and the top-1 agreements with it (:meth:`empirical.bpb.BpbEngine.score`).
+:class:`ScoredPasses` runs a pass under a weight setting (a context manager that changes and
+restores the weights) once per configuration and caches its scores (``validate._common.ResultCache``,
+atomic writes), so a rerun performs no forward pass and an interrupted run resumes.
+
+The baseline is scored by :meth:`empirical.bpb.BpbEngine.record`, which also keeps the per-token
+head statistics KL is measured against (and the residual stream for replay). They are not cached
+on disk: a run whose every pass is cached never records; the first pass it has to compute records
+first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, ContextManager, Mapping
+
+import numpy as np
+
+from empirical.bpb import Scores
+from validate._common import ResultCache
+
+__all__ = ["ScoredPasses", "SCORES_VERSION"]
+
+SCORES_VERSION = 2  # cache entries hold {"nll", "kl", "agree"} per language (version 1: NLL only)
+
+
+class ScoredPasses:
+    """Scores of ``engine``'s texts under weight settings, one forward pass each, cached.
+
+    Parameters
+    ----------
+    engine : empirical.bpb.BpbEngine
+    cache : ResultCache or None
+    key : dict
+        What identifies the texts, model and anything else every pass shares; each pass adds its
+        own ``setting``.
+    """
+
+    def __init__(self, engine, cache: ResultCache | None, key: Mapping):
+        self.engine, self.cache = engine, cache
+        self.key = {**key, "scores_version": SCORES_VERSION}
+        self.sentences = {k: len(v) for k, v in engine.n_bytes.items()}
+        self.run_count = 0
+
+    def _check(self, doc) -> None:
+        """A cached pass holds finite per-sentence arrays of every language, of the right size."""
+        if not isinstance(doc, dict) or not {"nll", "kl", "agree"} <= set(doc):
+            raise ValueError("not a scores entry (nll, kl, agree)")
+        for part in ("nll", "kl", "agree"):
+            v = doc[part]
+            if v is None and part != "nll":
+                continue
+            if not isinstance(v, dict) or set(v) != set(self.sentences):
+                raise ValueError(f"{part}: languages {sorted(v) if isinstance(v, dict) else v!r}, "
+                                 f"expected {sorted(self.sentences)}")
+            for lang, n in self.sentences.items():
+                a = np.asarray(v[lang], dtype=float)
+                if a.shape != (n,):
+                    raise ValueError(f"{part} of {lang}: {a.size} values, expected {n}")
+                if not np.all(np.isfinite(a)):
+                    raise ValueError(f"{part} of {lang}: NaN or inf")
+
+    @staticmethod
+    def _from_doc(doc) -> Scores:
+        arr = lambda d: None if d is None else {k: np.asarray(v, dtype=float) for k, v in d.items()}  # noqa: E731
+        return Scores(arr(doc["nll"]), arr(doc["kl"]), arr(doc["agree"]))
+
+    def _ensure_reference(self) -> Scores | None:
+        """Record the baseline (and its head statistics) if the engine has not; returns its
+        scores when this call recorded it."""
+        if self.engine.kl_unavailable != "record() has not been called":
+            return None
+        nll = self.engine.record()
+        self.run_count += 1
+        if self.engine.kl_unavailable is None:
+            scores = Scores(nll, {k: np.zeros_like(v) for k, v in nll.items()}, self.engine.tokens)
+        else:
+            scores = Scores(nll)
+        self._put({}, scores)
+        return scores
+
+    def _put(self, setting: Mapping, scores: Scores) -> None:
+        if self.cache is not None:
+            tolist = lambda d: None if d is None else {k: np.asarray(v).tolist() for k, v in d.items()}  # noqa: E731
+            self.cache.put({**self.key, "setting": dict(setting)},
+                           {"nll": tolist(scores.nll), "kl": tolist(scores.kl), "agree": tolist(scores.agree)})
+
+    def get(self, setting: Mapping, apply: Callable[[], ContextManager] | None = None,
+            start_block: int = 0) -> Scores:
+        """Scores with the weights ``apply()`` sets (None: the baseline).
+
+        Parameters
+        ----------
+        setting : mapping
+            What distinguishes this pass in the cache (e.g. the quantized units). The baseline is
+            ``{}`` with ``apply=None``.
+        apply : callable returning a context manager, optional
+            Entered around the pass; it must restore the weights on exit.
+        start_block : int
+            First block the setting changes (earlier blocks are replayed).
+        """
+        config = {**self.key, "setting": dict(setting)}
+        hit = self.cache.get(config, check=self._check) if self.cache is not None else None
+        if hit is not None:
+            return self._from_doc(hit)
+        recorded = self._ensure_reference()
+        if apply is None and not setting and recorded is not None:
+            return recorded
+        with apply() if apply is not None else contextlib.nullcontext():
+            scores = self.engine.score(start_block)
+        self.run_count += 1
+        self._put(setting, scores)
+        return scores
