@@ -334,6 +334,27 @@ class BpbEngine:
         count = np.bincount(self._layout.owner, minlength=self.n_segments)
         return {k: count[self._slices[k]].copy() for k in self.keys}
 
+    def position_keys(self, batch: Batch) -> torch.Tensor:
+        """Index into :attr:`keys` of the text every token of ``batch`` belongs to.
+
+        A token's key is that of its window's segment (``batch.seg`` holds the window, -1 for
+        padding). Attention never crosses windows, so a token's hidden states, and the gradient
+        of the total NLL with respect to them, involve only its own window's text.
+
+        Returns
+        -------
+        torch.Tensor
+            ``(B, L)`` long, on the batch's device: the key index of each token, -1 for padding.
+        """
+        seg_key = np.full(self.n_segments, -1, dtype=np.int64)
+        for i, k in enumerate(self.keys):
+            seg_key[self._slices[k]] = i
+        win_key = torch.from_numpy(seg_key[[w.segment for w in self._windows]]).to(batch.seg.device)
+        out = torch.full_like(batch.seg, -1)
+        real = batch.seg >= 0
+        out[real] = win_key[batch.seg[real]]
+        return out
+
     def _check_first_use(self) -> None:
         """Packing check, then head check; each runs once."""
         if self._layout.packed and self._packing_exact is None:
