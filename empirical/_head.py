@@ -28,7 +28,7 @@ argmax; (1) adds one dot product per token. Under soft-capping ``z = cap tanh(u 
 linear in ``h`` and (1) does not hold: the reference then keeps ``h_b`` and the sweep recomputes
 the baseline's capped logits chunk by chunk to accumulate ``sum_v p_v z_q,v`` (twice the
 output-layer cost). Both need the output layer unchanged since the reference (checked by a
-float64 checksum; the quantizers here leave it alone by default).
+checksum; the quantizers here leave it alone by default).
 
 ``mu`` is also the gradient of the NLL with respect to the logits' input: d NLL / d h =
 ``mu(h) - w_target`` (no soft-capping), which :meth:`ChunkedHead.hidden_grad` returns for
@@ -65,7 +65,7 @@ class HeadReference(NamedTuple):
     c: torch.Tensor | None
     top1: torch.Tensor
     h: torch.Tensor | None
-    fingerprint: float
+    fingerprint: tuple
 
 
 class HeadScores(NamedTuple):
@@ -107,11 +107,13 @@ class ChunkedHead:
         cap = getattr(self.model.config, "final_logit_softcapping", None)
         return head.weight, getattr(head, "bias", None), (float(cap) if cap else None)
 
-    def fingerprint(self) -> float:
-        """Float64 checksum of the output layer's weight (and bias)."""
+    def fingerprint(self) -> tuple[float, ...]:
+        """Checksum of the output layer's weight (and bias): the sum and the sum of absolute
+        values, in the weight's own dtype (deterministic for the same tensor; about 20 times
+        cheaper than a float64 sum over Gemma's 262k x 640 embedding, a few percent of a pass)."""
         w, bias, _ = self._parts()
-        f = float(w.detach().sum(dtype=torch.float64))
-        return f + (float(bias.detach().sum(dtype=torch.float64)) if bias is not None else 0.0)
+        parts = [w.detach()] + ([bias.detach()] if bias is not None else [])
+        return tuple(float(x) for p in parts for x in (p.sum(), p.abs().sum()))
 
     def _sweep(self, rows: torch.Tensor, t: torch.Tensor, want_mu: bool, ref: HeadReference | None, r0: int):
         """One pass over the vocabulary for ``rows`` (n x d): log Z, the target's logit, the
@@ -209,7 +211,7 @@ class ChunkedHead:
             log_zs.append(log_z)
             tops.append(best)
             if cap:  # E_p[z_b] directly: sum_v p_v z_v, from a second sweep over the same rows
-                ref = HeadReference(log_z, None, None, best, rows, 0.0)
+                ref = HeadReference(log_z, None, None, best, rows, ())
                 cs.append(self._sweep(rows, t, False, ref, 0)[4])
             else:
                 mus.append(mu)
