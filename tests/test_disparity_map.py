@@ -74,3 +74,24 @@ def test_bad_flags_refused_with_one_line(argv, needle, capsys):
     assert dm.main([*ARGS, *argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and needle in err[0]
+
+
+def test_validate_all_passes_a_natural_corpus_to_the_map_in_full_runs_only(tmp_path):
+    from validate import all as va
+
+    assert va.natural_args("validate.disparity_map", tmp_path, quick=False) == [
+        "--corpus", "udhr", str(tmp_path), "--segments", str(dm.NATURAL_SEGMENTS)]
+    assert va.natural_args("validate.disparity_map", tmp_path, quick=True) == []
+    assert va.natural_args("validate.disparity_map", None, quick=False) == []
+    assert va.natural_args("validate.rate_distortion", tmp_path, quick=False) == []  # no hook
+    with pytest.raises(SystemExit):
+        va.parse_args(["--natural", str(tmp_path / "missing")], ["disparity_map"])
+
+
+def test_macros_define_both_corpora_even_when_one_was_not_run(tmp_path):
+    """The paper quotes the embedded and the natural corpus; a run without the latter leaves its
+    macros n/a instead of undefined."""
+    doc = _run(tmp_path / "m", ["--bits", "4", "--granularity", "channel", "--clipping", "absmax"])
+    ms = dm.macros(protocol.Result.from_json(doc))
+    assert ms["MapUdhrDeployedD"].available and not ms["MapNaturalDeployedD"].available
+    assert ms["MapUdhrDeployedD"].value == doc["disparity_map"]["udhr"]["cells"][0]["disparity"]

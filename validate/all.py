@@ -15,6 +15,8 @@ root:
   file this run wrote (path relative to the root, sha256, size, writer);
 * with ``--pdf``: ``paper/main.pdf``, built with latexmk or tectonic from a copy of ``paper/``
   that reads the root;
+* with ``--natural DIR`` (or ``$LANGQUANT_NTREX``) in a full run, experiments that define
+  ``natural_corpus_args(DIR)`` (``disparity_map``) also run on that natural-text corpus;
 * with ``--update-docs``: the README's snapshot ``docs/phase_transition.png``, copied from this
   run's headline figure (its sha256 in the manifest).
 
@@ -121,9 +123,20 @@ def run_macros(root: Path, outcomes: Sequence[Outcome], modules: Mapping[str, st
     return ms, sources
 
 
-def run_experiment(name: str, module: str, root: Path, quick: bool, env: Mapping[str, str]) -> Outcome:
+def natural_args(module: str, natural: Path | None, quick: bool) -> list[str]:
+    """The flags an experiment adds for a natural-text corpus (its ``natural_corpus_args``), in
+    full runs only."""
+    if natural is None or quick:
+        return []
+    hook = getattr(importlib.import_module(module), "natural_corpus_args", None)
+    return list(hook(natural)) if hook is not None else []
+
+
+def run_experiment(name: str, module: str, root: Path, quick: bool, env: Mapping[str, str],
+                   natural: Path | None = None) -> Outcome:
     out = root / name
-    cmd = [sys.executable, "-m", module, *(["--quick"] if quick else []), "--out", str(out)]
+    cmd = [sys.executable, "-m", module, *(["--quick"] if quick else []), *natural_args(module, natural, quick),
+           "--out", str(out)]
     shown = ["python", *cmd[1:]]
     before, t0 = _snapshot(out), time.perf_counter()
     try:
@@ -147,6 +160,9 @@ def parse_args(argv: Sequence[str] | None, names: Sequence[str]) -> argparse.Nam
     p.add_argument("--only", nargs="+", choices=list(names), default=None, metavar="EXP",
                    help=f"run only these ({', '.join(names)}); macros still read every result present")
     p.add_argument("--fail-fast", action="store_true", help="stop at the first failing experiment")
+    p.add_argument("--natural", type=Path, default=os.environ.get("LANGQUANT_NTREX") or None,
+                   help="a one-file-per-language folder of natural text (NTREX-128) that experiments able to "
+                        "read several corpora also run on, in full runs (default $LANGQUANT_NTREX, else none)")
     p.add_argument("--pdf", action="store_true", help="then build <root>/paper/main.pdf with latexmk or tectonic")
     p.add_argument("--update-docs", action="store_true",
                    help=f"then copy the headline figure to {DOCS_FIGURE.relative_to(ROOT)} (the README's snapshot; "
@@ -154,6 +170,8 @@ def parse_args(argv: Sequence[str] | None, names: Sequence[str]) -> argparse.Nam
     args = p.parse_args(argv)
     if args.update_docs and args.quick:
         p.error("--update-docs takes the paper's numbers: run without --quick")
+    if args.natural is not None and not Path(args.natural).is_dir():
+        p.error(f"--natural {args.natural}: not a folder (expected one text file per language, e.g. NTREX-128)")
     return args
 
 
@@ -184,7 +202,7 @@ def run_all(argv: Sequence[str] | None = None, experiments: Mapping[str, str] | 
             outcomes.append(Outcome(name, module, "not_run", reason="an earlier experiment failed (--fail-fast)"))
         else:
             say(f"({i}/{len(modules)}) {name}: python -m {module}{' --quick' if args.quick else ''}")
-            o = run_experiment(name, module, root, args.quick, env)
+            o = run_experiment(name, module, root, args.quick, env, args.natural)
             outcomes.append(o)
             say(f"({i}/{len(modules)}) {name}: " + (f"ok, {o.wall_seconds:.1f} s, {len(o.files)} files"
                 if o.status == "ok" else f"FAILED ({o.reason}); command: {' '.join(o.command)}"), o.status != "ok")

@@ -42,6 +42,7 @@ from validate._latex import MacroSet, Tex, tex_text, write_latex_table
 EXPERIMENT = "disparity_map"
 CELL_VERSION = 1
 GRANULARITIES = ("tensor", "channel", "group")
+NATURAL_SEGMENTS = 20  # sentences per language of a natural corpus in validate.all's full run
 CLIPPINGS = ("absmax", "sweep")
 
 
@@ -117,6 +118,12 @@ class Config:
                    bootstrap=200)
 
 
+def natural_corpus_args(path) -> list[str]:
+    """Flags ``validate.all`` adds in a full run with a natural-text corpus: the map on UDHR and
+    on that corpus, ``NATURAL_SEGMENTS`` sentences per language (UDHR has fewer, so all of it)."""
+    return ["--corpus", "udhr", str(path), "--segments", str(NATURAL_SEGMENTS)]
+
+
 def cells_of(c: Config) -> list[tuple[int, str, str]]:
     return [(b, g, k) for b in c.bits for g in c.granularity for k in c.clipping]
 
@@ -148,7 +155,7 @@ def run(config: Config, cache: ResultCache | None = None) -> protocol.Result:
         langs = corpus.languages
         engine = BpbEngine(model, tok, {l: corpus[l] for l in langs}, max_length=c.max_length, device=c.device)
         key = {"experiment": EXPERIMENT, "version": CELL_VERSION, "model": c.model, "corpus": spec,
-               "languages": langs, "segments": c.segments, "max_length": c.max_length, "seed": c.seed,
+               "languages": langs, "max_length": c.max_length, "seed": c.seed,
                "corpus_digest": protocol.corpus_digest(corpus)}
         passes = ScoredPasses(engine, cache, key)
         base = passes.get({})
@@ -396,41 +403,64 @@ def summary(result: protocol.Result) -> str:
 
 
 def macros(result: protocol.Result) -> MacroSet:
+    """Numbers of the embedded corpus (``MapUdhr...``) and of the natural-text corpus
+    (``MapNatural...``); each set is defined, as n/a, when that corpus was not run, so the paper
+    compiles from any run."""
     ms = MacroSet(f"{EXPERIMENT}.json")
     cfg = result.config_dict
     dep = cfg["deployed"]
+    maps = result.get("disparity_map", {})
     ms.add("MapMetric", result.get("metric"), "metric")
     ms.add("MapDeployedCell", dep, "provenance.config.deployed")
     ms.add("MapCells", len(cells_of_dict(cfg)), "cells per corpus")
-    for i, (spec, pc) in enumerate(result.get("disparity_map", {}).items()):
-        tag = "Udhr" if spec == "udhr" else "Natural" if spec == cfg.get("natural") else ["Corpus", i]
+    natural = cfg.get("natural")
+    ms.add("MapNaturalCorpus", _corpus_label(natural) if natural else None, "provenance.config.natural")
+    for tag, spec in (("Udhr", "udhr"), ("Natural", natural)):
+        pc = maps.get(spec) if spec else None
         where = f"disparity_map[{spec}]"
-        tag = tag if isinstance(tag, list) else [tag]
-        ms.add(["Map", *tag, "Tokens"], pc.get("scored_tokens_per_pass"), f"{where}.scored_tokens_per_pass")
-        ms.add(["Map", *tag, "Resolved"], sum(bool(x["resolved"]) for x in pc["cells"]), f"{where}.cells[].resolved")
-        r = _cell(pc["cells"], dep)
-        if r:
-            for name, key in (("D", "disparity"), ("Low", "ci_low"), ("High", "ci_high")):
-                ms.add(["Map", *tag, "Deployed", name], r[key], f"{where}.cells[{dep}].{key}")
-            for m in ("kl", "bpb"):
-                sm = r["summary"].get(m)
-                if sm:
-                    ms.add(["Map", *tag, "Deployed", m, "D"], sm["disparity"], f"{where}.cells[{dep}].summary.{m}.disparity")
-                    ms.add(["Map", *tag, "Deployed", m, "Low"], sm["disparity_ci"][0], f"... {m}.disparity_ci[0]")
-                    ms.add(["Map", *tag, "Deployed", m, "High"], sm["disparity_ci"][1], f"... {m}.disparity_ci[1]")
-        cost = (result.get("metric_cost") or {}).get(spec)
-        if cost:
-            ms.add(["Map", *tag, "TokenCostRatio"], cost["median_token_cost_ratio"], f"metric_cost[{spec}]")
-            for m in ("kl", "bpb"):
-                ms.add(["Map", *tag, "Resolved", m], cost["resolved_cells"][m], f"metric_cost[{spec}].resolved_cells.{m}")
+        pc = pc or {"cells": []}
+        ms.add(["Map", tag, "Tokens"], pc.get("scored_tokens_per_pass"), f"{where}.scored_tokens_per_pass")
+        ms.add(["Map", tag, "Resolved"], sum(bool(x["resolved"]) for x in pc["cells"]) if pc["cells"] else None,
+               f"{where}.cells[].resolved")
+        r = _cell(pc["cells"], dep) or {"summary": {}}
+        for name, key in (("D", "disparity"), ("Low", "ci_low"), ("High", "ci_high")):
+            ms.add(["Map", tag, "Deployed", name], r.get(key), f"{where}.cells[{dep}].{key}")
+        for m in ("kl", "bpb"):
+            sm = r["summary"].get(m) or {}
+            ci = sm.get("disparity_ci") or (None, None)
+            ms.add(["Map", tag, "Deployed", m, "D"], sm.get("disparity"), f"{where}.cells[{dep}].summary.{m}.disparity")
+            ms.add(["Map", tag, "Deployed", m, "Low"], ci[0], f"{where}.cells[{dep}].summary.{m}.disparity_ci[0]")
+            ms.add(["Map", tag, "Deployed", m, "High"], ci[1], f"{where}.cells[{dep}].summary.{m}.disparity_ci[1]")
+        d = r.get("degradation") or {}
+        ref = [l for l in cfg.get("reference") or [] if l in d]
+        rel = {l: v / np.mean([d[x] for x in ref]) for l, v in d.items() if l not in ref} if ref else {}
+        worst = max(rel, key=rel.get) if rel else None
+        best = min(rel, key=rel.get) if rel else None
+        ms.add(["Map", tag, "Deployed", "Reference", "Degradation"], np.mean([d[x] for x in ref]) if ref else None,
+               f"{where}.cells[{dep}].degradation[reference]", percent=True)
+        ms.add(["Map", tag, "Deployed", "Worst", "Language"], worst, f"argmax of d_l / d_ref at {dep}")
+        ms.add(["Map", tag, "Deployed", "Worst", "Ratio"], rel.get(worst), f"max of d_l / d_ref at {dep}")
+        ms.add(["Map", tag, "Deployed", "Least", "Language"], best, f"argmin of d_l / d_ref at {dep}")
+        ms.add(["Map", tag, "Deployed", "Least", "Ratio"], rel.get(best), f"min of d_l / d_ref at {dep}")
+        cost = (result.get("metric_cost") or {}).get(spec) or {}
+        ms.add(["Map", tag, "TokenCostRatio"], cost.get("median_token_cost_ratio"), f"metric_cost[{spec}]")
+        for m in ("kl", "bpb"):
+            ms.add(["Map", tag, "Resolved", m], (cost.get("resolved_cells") or {}).get(m),
+                   f"metric_cost[{spec}].resolved_cells.{m}")
     eff = result.get("corpus_effects") or {}
     ms.add("MapSpearmanFamiliarity", eff.get("spearman_degradation_vs_familiarity"),
            "corpus_effects.spearman_degradation_vs_familiarity")
     ms.add("MapSpearmanBaselineBpb", eff.get("spearman_degradation_vs_baseline_bpb"),
            "corpus_effects.spearman_degradation_vs_baseline_bpb")
-    for k, v in (eff.get("across_corpora_spearman") or {}).items():
-        ms.add("MapSpearmanAcrossCorpora", v, f"corpus_effects.across_corpora_spearman[{k}]")
-        break
+    across = eff.get("across_corpora_spearman") or {}
+    ms.add("MapSpearmanAcrossCorpora", next(iter(across.values()), None), "corpus_effects.across_corpora_spearman")
+    rows = {(r["corpus"], r["language"]): r for r in eff.get("rows", [])}
+    eng = next((l for l in (cfg.get("reference") or [])), None)
+    for tag, spec in (("Udhr", "udhr"), ("Natural", natural)):
+        r = rows.get((spec, eng), {})
+        ms.add(["Map", tag, "Reference", "Bpb"], r.get("baseline_bpb"), f"corpus_effects.rows[{spec}, {eng}].baseline_bpb")
+    fam = [r["familiarity"] for (spec, _), r in rows.items() if spec == "udhr" and r.get("familiarity") is not None]
+    ms.add("MapUdhrFamiliarityMedian", float(np.median(fam)) if fam else None, "median familiarity of UDHR")
     return ms
 
 
