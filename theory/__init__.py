@@ -41,6 +41,10 @@ from .optimal import (
     optimal_alpha,
     optimal_mse,
 )
+from .curve import (
+    CURVE_MODELS, CurveData, CurveModel, fit_curve_model, greedy_order, predict_curve,
+    r2_out_of_sample, select_curve_model,
+)
 from .protection import (
     DamageModel,
     disparity_bound,
@@ -98,6 +102,9 @@ __all__ = [
     # protection
     "DamageModel", "fit_sensitivities", "rank_layers", "disparity_curve", "critical_fraction",
     "sharpness_derivation",
+    # curve models: d_l(S) beyond first order, selected on training points, judged out of sample
+    "CURVE_MODELS", "CurveData", "CurveModel", "fit_curve_model", "select_curve_model", "predict_curve",
+    "greedy_order", "r2_out_of_sample",
     # site models (a whole tensor under one threshold) and tails
     "SiteModel", "FamilySite", "ChannelMixture", "Mixture", "bulk_outlier_model", "fit_unit_shape",
     "outlier_channels", "select_site_model", "unit_variance",
