@@ -190,6 +190,36 @@ def synthetic_results() -> dict[str, dict]:
           "disparity_bound": {"points": 4, "measured_above_bound_at_rate": 4, "median_shrink": 0.097},
           "passes_in_result": 24, "scored_tokens_per_pass": 538,
           "timing": {"wall_seconds": 122.05, "forward_passes_run": 0}}
+    # both metrics, the curve models out of sample, the measured rankings and the zero-pass predictor
+    from theory.curve import CURVE_MODELS
+
+    pt["provenance"]["config"]["ranking"] = "model"
+    pt.update({
+        "metric": "kl", "pstar_predicted_additive": 0.0611,
+        "kl_bpb": {"per_language": {l: {"kl_bpb": 0.05 + 0.01 * j, "ci_low": 0.04, "ci_high": 0.07}
+                                    for j, l in enumerate(pt_langs)},
+                   "metric_summary": {
+                       "kl": {"disparity": 1.594, "disparity_ci": [1.261, 2.065], "relative_width": 0.504,
+                              "resolved": True},
+                       "bpb": {"disparity": 1.337, "disparity_ci": [0.913, 7.93], "relative_width": 5.25,
+                               "resolved": False},
+                       "token_cost_ratio": 108.3, "top1_agreement": {l: 0.8 for l in pt_langs}}},
+        "r2_out_of_sample": {"selected": "second_order_calibrated", "held_out_points": 6,
+                             "held_out_points_all_curves": 30,
+                             "models": {m: {"disparity": 0.5 + 0.01 * i, "disparity_all_curves": 0.4,
+                                            "degradation_pooled": 0.9} for i, m in enumerate(CURVE_MODELS)}},
+        "pstar_steps": {"selected": "second_order_calibrated", "measured": 6,
+                        "models": {"second_order_calibrated": {"predicted": 7, "measured": 6, "within_one_unit": True}}},
+        "pairs": [{}] * 6, "training_sets": [{}] * 2,
+        "rankings": {"model": {"pstar_measured": 0.3136, "pstar_above": None},
+                     "excess": {"pstar_measured": 0.3216, "pstar_above": None},
+                     "position": {"pstar_measured": None, "pstar_above": 0.5},
+                     "kurtosis": {"pstar_measured": None, "pstar_above": 0.5},
+                     "size": {"pstar_measured": None, "pstar_above": 0.5, "same_as": "position"}},
+        "zero_pass": {"available": True, "variants": {
+            "theory": {"spearman": {"pooled": 0.849, "per_language": {l: 0.73 + 0.1 * j for j, l in enumerate(pt_langs)}}},
+            "factorized": {"spearman": {"pooled": 0.34, "per_language": {l: 0.3 for l in pt_langs}}}}},
+    })
     la = {"experiment": "language_alpha", "provenance": _prov(model="gemma-3-270m"), "bits": 4, "grid": "int",
           "languages": pt_langs, "sites": [{}] * 72,
           "agreement": {"spearman_penalty_mix": 0.23, "worst_language_agreement": 0.56,
@@ -298,6 +328,15 @@ def test_all_writes_well_formed_macros_from_results(standin_run):
     assert macros["PTInteractionMaxLanguage"] == r"jpn\_Jpan" and numbers["PTInteractionMin"] == pytest.approx(0.96)
     assert numbers["DisparityBoundAtRateNone"] == pytest.approx(0.47) and numbers["PTBoundAbove"] == 4
     assert numbers["PTBaselineBpbHebHebr"] == pytest.approx(1.1)
+    assert numbers["DisparityNoneKl"] == pytest.approx(1.59, rel=1e-2) and numbers["DisparityNoneBpbCIHigh"] == pytest.approx(7.93)
+    assert numbers["PTTokenCostRatio"] == pytest.approx(108) and macros["PTResolvedKl"] == "yes"
+    assert macros["PTSelectedModel"] == "second order calibrated" and numbers["PTHeldOutPoints"] == 6
+    assert numbers["RsqOOSSelected"] == pytest.approx(0.55) and numbers["RsqOOSAdditive"] == pytest.approx(0.5)
+    assert macros["PTCrossingWithinOne"] == "yes" and numbers["PTPairPasses"] == 6
+    assert macros["PTBestRanking"] == "model" and numbers["PTRankingPstarAbovePosition"] == pytest.approx(0.5)
+    assert macros["PTRankingPstarPosition"] == latex.NA
+    assert numbers["ZPSpearmanBest"] == pytest.approx(0.849) and macros["ZPBestVariant"] == "theory"
+    assert numbers["ZPSpearmanBestMinLanguage"] == pytest.approx(0.73) and macros["ZPSpearmanActual"] == latex.NA
     assert macros["RunMode"] == "quick"
     assert numbers["LASpearman"] == pytest.approx(0.23)
     assert numbers["LAAlphaStarRelErrorPct"] == pytest.approx(0.417)

@@ -1,28 +1,41 @@
 """Headline experiment: how much of a model must stay in high precision before quantization stops
-hurting other languages more than English, and does the additive theory predict it?
+hurting other languages more than English, and which model of the damage predicts it out of sample?
 
 ``python -m validate.phase_transition [--quick] [--model ...] [--languages ...] [--out DIR]``
 (``--help`` lists every flag with its default)
 
-Load -> run -> compare with theory -> write:
+Load -> measure -> fit -> predict -> measure the prediction -> write:
 
-1. Full-precision bits per byte per language (docs/design.md, "Bits per byte"), then one pass per *unit* (a decoder
-   block by default, or a single Linear with ``--unit linear``) with only that unit quantized:
-   the single-unit degradations ``d_{l,i}``.
-2. Theory (``theory.protection``): the additive model ``d_l(P) = sum_{i not in P} s_{l,i} eps_i``
-   with ``eps_i`` the quantization MSE theory predicts for the unit's weights (best-fit family per
-   Linear, ``theory.expected_mse``) and ``s_{l,i} = d_{l,i} / eps_i``; it ranks the units
-   (``--ranking``), predicts the disparity curve D(p) and the critical protected fraction p*.
-3. Measurement: protect units in ranked order, from none to all (or ``--stop-after`` steps past
-   the crossing), one pass each: the measured D(p) with paired bootstrap confidence intervals over
-   sentences (``empirical.disparity``), and the measured p*.
-4. Compare predicted and measured curves (R^2, p*) and write ``phase_transition.json``
-   (provenance included), ``curve.csv``, ``phase_transition_table.tex`` and
-   ``phase_transition.png`` under ``--out``.
+1. Full-precision scores per language (docs/design.md, "Bits per byte"), then one pass per *unit*
+   (a decoder block by default, or a single Linear with ``--unit linear``) with only that unit
+   quantized: the single-unit degradations ``d_{l,i}``. Every pass yields both metrics
+   (``empirical.disparity.metric_summary``): bits per byte (``d = NLL_q / NLL_fp - 1``) and KL
+   (``d = sum KL(baseline || quantized) / NLL_fp``, the expected NLL increase on the baseline's
+   own next-token distribution). ``--metric`` (default ``kl``) is the *primary* one: single-unit
+   damages, the curve D(p), p* and every model fit use it; the JSON keeps both everywhere.
+2. The all-quantized pass (the curve's first point) and pair passes among the top ``--pairs``
+   units of the additive model's ranking: the training points of the curve models
+   (``theory.curve``: additive, compounding, calibrated, second-order, power laws). One model is
+   selected by leave-one-out error on those training points only.
+3. The measured curve: protect units in the order ``--ranking`` gives (default ``model``: the
+   selected model's greedy ranking, ``theory.curve.greedy_order``), from none to all (or
+   ``--stop-after`` steps past the crossing of D = 1), one pass each, D(p) with paired bootstrap
+   confidence intervals over sentences, and the measured p*. Every curve point that is not a
+   training set is held out: ``r2_out_of_sample`` is each model's R^2 on those points only.
+4. With ``--compare-rankings`` the curves of the rankings by excess damage (additive model),
+   position, weight kurtosis and size are measured the same way: the measured p* of each.
+5. The zero-pass predictor (``empirical.sensitivity.zero_pass_damage``, one backward pass, no
+   quantized pass) against the measured single-unit damages: Spearman and R^2 per variant.
+6. Write ``phase_transition.json`` (provenance included), ``curve.csv``, ``rankings.csv``,
+   ``phase_transition_table.tex`` and ``phase_transition.png`` under ``--out``.
+
+Theory's per-unit quantization error ``eps_i`` (best-fit family per Linear,
+``theory.expected_mse``) still gives the additive model's disparity bounds
+(``theory.protection.disparity_bound``).
 
 Every forward result is cached under ``<out>/cache`` by its configuration (model, corpus,
-languages, segments, quantization, protected set), written atomically, so a rerun performs no
-forward pass and an interrupted run resumes where it stopped.
+languages, segments, quantization, quantized set; ``validate._passes.ScoredPasses``), written
+atomically, so a rerun performs no forward pass and an interrupted run resumes where it stopped.
 
 The embedded ``gemma-3-270m`` ships as a Q4_K_M GGUF: its "full precision" baseline is the
 dequantized GGUF, already quantized to about 4-5 bits. The JSON and the figure say so.
@@ -31,22 +44,27 @@ dequantized GGUF, already quantized to about 4-5 bits. The JSON and the figure s
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from empirical.disparity import bootstrap_disparity, degradation, disparity, r_squared
+from empirical.disparity import METRICS, degradation, metric_nll, metric_summary, r_squared
 from validate import _protocol as protocol
-from validate._common import ResultCache, save_figure, use_agg, write_csv, write_json
-from validate._latex import MacroSet, Tex, finite, tex_text, write_latex_table
+from validate._common import ResultCache, save_figure, spearman, use_agg, write_csv, write_json
+from validate._latex import MacroSet, Tex, finite, format_number, tex_text, write_latex_table
 
 EXPERIMENT = "phase_transition"
+RESULT_VERSION = 2  # 2: both metrics, curve models out of sample, rankings measured, zero-pass predictor
 PREQUANTIZED_NOTE = ("baseline is the dequantized Q4_K_M GGUF (weights already quantized to about "
                      "4-5 bits before this experiment)")
+#: Rankings whose measured curves ``--compare-rankings`` adds (``theory.protection.rank_layers``).
+COMPARED_RANKINGS = ("excess", "position", "kurtosis", "size")
 
 
 @dataclass(frozen=True)
@@ -67,11 +85,24 @@ class Config:
                                    choices=("absmax", "theory", "sweep"))
     unit: str = protocol.param("block", "what is protected together: a decoder block or one Linear",
                                choices=("block", "linear"))
-    ranking: str = protocol.param("excess", "protection order",
-                                  choices=("excess", "position", "reverse_position", "kurtosis", "size"))
+    metric: str = protocol.param("kl", "primary degradation metric: KL from the baseline over its NLL, or "
+                                 "bits per byte (both are always reported)", choices=METRICS)
+    ranking: str = protocol.param("model", "protection order of the main curve: 'model' is the selected "
+                                  "curve model's greedy ranking",
+                                  choices=("model", "excess", "position", "reverse_position", "kurtosis", "size"))
+    pairs: int = protocol.param(4, "pair passes among the top K units of the additive ranking "
+                                "(K(K-1)/2 passes; 0: none)")
+    train_sets: int = protocol.param(2, "training passes with a random set of units quantized (sizes 2n/3, "
+                                     "n/3 for 2): points between the pairs and the all-quantized one")
+    compare_rankings: bool = protocol.param(True, "also measure the curves of the rankings by excess damage, "
+                                            "position, kurtosis and size")
+    compare_steps: int | None = protocol.param(None, "most points of a compared ranking's curve (none: as many "
+                                               "as the main curve measured)")
+    zero_pass: bool = protocol.param(True, "predict single-unit damages with no quantized pass "
+                                     "(empirical.sensitivity; one backward pass)")
     segments: int | None = protocol.param(None, "segments per language (none: all)")
     max_length: int = protocol.param(512, "token window for bits per byte")
-    stop_after: int = protocol.param(3, "stop the measured curve this many steps past the crossing "
+    stop_after: int = protocol.param(3, "stop each measured curve this many steps past the crossing "
                                      "(negative: measure the whole curve)")
     bootstrap: int = protocol.param(1000, "bootstrap resamples for the confidence intervals")
     device: str = protocol.param("cpu", "cpu, cuda or cuda:N")
@@ -89,6 +120,11 @@ class Config:
         protocol.check_positive("segments", self.segments, optional=True)
         protocol.check_positive("max_length", self.max_length)
         protocol.check_positive("bootstrap", self.bootstrap)
+        protocol.check_positive("pairs", self.pairs, allow_zero=True)
+        protocol.check_positive("train_sets", self.train_sets, allow_zero=True)
+        protocol.check_positive("compare_steps", self.compare_steps, optional=True)
+        if self.pairs == 1:
+            raise protocol.ConfigError("--pairs 1 gives no pair; use 0 (no pair passes) or at least 2")
         if self.granularity == "group" and self.group_size < 2:
             raise protocol.ConfigError(f"--group-size must be >= 2, got {self.group_size}")
         protocol.check_device(self.device)
@@ -97,8 +133,10 @@ class Config:
     @classmethod
     def quick(cls) -> "Config":
         # A gemma-3-270m pass costs milliseconds per token on two CPU cores (about half of it the
-        # 262k-way output layer), so the quick run keeps to a few hundred tokens per pass.
-        return cls(languages=("en", "he", "ja"), segments=4, max_length=128, stop_after=1, bootstrap=200)
+        # 262k-way output layer), so the quick run keeps to a few hundred tokens per pass; three
+        # pairs, and no compared rankings (their curves would double its passes).
+        return cls(languages=("en", "he", "ja"), segments=4, max_length=128, stop_after=1, bootstrap=200,
+                   pairs=3, compare_rankings=False)
 
 
 # ---- units and passes ---------------------------------------------------------------------------
@@ -115,57 +153,45 @@ def units_of(view, unit: str) -> tuple[list[str], list[list]]:
 
 
 class Passes:
-    """Per-language per-segment NLL of the model with a set of units quantized, one forward pass
-    each, cached by configuration (``<out>/cache``) so that a rerun runs none.
+    """Scores (NLL, KL from the baseline, top-1 agreement; ``empirical.bpb.Scores``) of the model
+    with a set of units quantized, one forward pass each, cached by configuration
+    (``validate._passes.ScoredPasses``) so that a rerun runs none.
 
-    The first pass run records the full-precision residual stream; a pass whose first quantized
-    unit sits in block b replays blocks 0..b-1 from that record (``BpbEngine.nll(start_block)``).
+    The first pass computed records the baseline (its residual stream and head statistics); a pass
+    whose first quantized unit sits in block b replays blocks 0..b-1 from that record.
     """
 
-    def __init__(self, engine, quantizer, names, unit_linears, cache: ResultCache | None, key: dict,
-                 sentences: dict[str, int]):
-        self.engine, self.fq = engine, quantizer
+    def __init__(self, engine, quantizer, names, unit_linears, cache: ResultCache | None, key: dict):
+        from validate._passes import ScoredPasses
+
+        self.scored = ScoredPasses(engine, cache, key)
+        self.fq = quantizer
         self.names, self.unit_linears = names, unit_linears
-        self.cache, self.key = cache, key
-        self.sentences = sentences  # sentences per language: the shape every cached pass must have
         # first decoder block each unit touches (a unit outside the blocks forces a full pass)
         self.first_block = [min((q.block if q.block is not None else 0) for q in lins) for lins in unit_linears]
-        self.run_count = 0
 
-    def nll(self, quantized: Sequence[int]) -> dict[str, np.ndarray]:
-        config = {**self.key, "quantized": sorted(self.names[i] for i in quantized)}
-        hit = self.cache.get(config, check=self._check) if self.cache is not None else None
-        if hit is not None:
-            return {k: np.asarray(v, dtype=float) for k, v in hit.items()}
-        nll = self._forward(set(quantized))
-        self.run_count += 1
-        if self.cache is not None:
-            self.cache.put(config, {k: v.tolist() for k, v in nll.items()})
-        return nll
+    @property
+    def run_count(self) -> int:
+        """Forward passes computed (not read from the cache), the baseline's recording included."""
+        return self.scored.run_count
 
-    def _check(self, nll: dict) -> None:
-        """A cached pass holds one finite NLL per sentence of every language."""
-        if not isinstance(nll, dict) or set(nll) != set(self.sentences):
-            raise ValueError(f"languages {sorted(nll) if isinstance(nll, dict) else nll!r}, expected "
-                             f"{sorted(self.sentences)}")
-        for lang, n in self.sentences.items():
-            v = np.asarray(nll[lang], dtype=float)
-            if v.shape != (n,):
-                raise ValueError(f"{lang}: {v.size} sentence NLLs, expected {n}")
-            if not np.all(np.isfinite(v)):
-                raise ValueError(f"{lang}: NaN or inf NLL")
-
-    def _forward(self, qset: set[int]) -> dict[str, np.ndarray]:
-        import torch
-
-        if not self.engine.recorded and not self.engine.replay_unavailable:
-            reference = self.engine.record()  # also on a resumed run: later passes replay it
-            if not qset:
-                return reference
+    def scores(self, quantized: Sequence[int]):
+        """Scores with the units ``quantized`` quantized and every other unit in full precision."""
+        qset = sorted({int(i) for i in quantized})
+        if not qset:
+            return self.scored.get({})
         protect = {q.name for i, lins in enumerate(self.unit_linears) if i not in qset for q in lins}
-        start = min((self.first_block[i] for i in qset), default=0)
-        with torch.no_grad(), self.fq.quantized(protect=protect):
-            return self.engine.nll(start_block=start)
+        setting = {"quantized": sorted(self.names[i] for i in qset)}
+        start = min(self.first_block[i] for i in qset)
+        return self.scored.get(setting, lambda: self.fq.quantized(protect=protect), start)
+
+
+def degradations(scores, base) -> dict[str, dict[str, float]]:
+    """``{metric: {language: d_l}}`` of one pass against the baseline, for every metric it has."""
+    out = {"bpb": degradation(scores.nll, base.nll)}
+    if scores.kl is not None:
+        out["kl"] = degradation(metric_nll("kl", scores.nll, base.nll, scores.kl), base.nll)
+    return out
 
 
 # ---- theory's per-unit eps ----------------------------------------------------------------------
@@ -233,15 +259,17 @@ def predicted_eps(unit_linears, fits: dict[str, dict], bits: int, grid: str):
 
 
 
+
 # ---- the experiment -----------------------------------------------------------------------------
 
 def run(config: Config, cache: ResultCache | None = None) -> protocol.Result:
-    """Single-unit damages, theory's prediction, the measured curve, and their comparison."""
+    """Single-unit and pair damages, the curve models, the measured curves, and their comparison."""
     import torch
 
     from empirical.bpb import BpbEngine
     from empirical.fakequant import FakeQuantizer, QuantConfig
     from empirical.models import cache_dir, load_model, model_view
+    from theory.curve import CurveData, fit_curve_model, greedy_order, select_curve_model
     from theory.protection import DamageModel, critical_fraction, disparity_curve, rank_layers
 
     c = config
@@ -249,6 +277,7 @@ def run(config: Config, cache: ResultCache | None = None) -> protocol.Result:
     model, tok, meta = load_model(c.model, device=c.device, seed=c.seed, return_metadata=True)
     corpus = protocol.load_corpus(c.corpus, c.languages, c.segments)
     langs, reference = corpus.languages, list(c.reference)
+    ref_mask = np.array([l in reference for l in langs])
     view = model_view(model)
     qcfg = QuantConfig(bits=c.bits, grid=c.grid, granularity=c.granularity, group_size=c.group_size,
                        clipping=c.clipping)
@@ -259,109 +288,376 @@ def run(config: Config, cache: ResultCache | None = None) -> protocol.Result:
     key = {"model": c.model, "corpus": c.corpus, "languages": langs, "segments": c.segments,
            "max_length": c.max_length, "quant": qcfg.key(), "unit": c.unit, "seed": c.seed,
            "corpus_digest": protocol.corpus_digest(corpus)}
-    passes = Passes(engine, FakeQuantizer(all_lins, qcfg, seed=c.seed), names, unit_lins, cache, key,
-                    {l: len(corpus[l]) for l in langs})
+    passes = Passes(engine, FakeQuantizer(all_lins, qcfg, seed=c.seed), names, unit_lins, cache, key)
     n = len(names)
-    bar = protocol.progress(total=2 + 2 * n, desc="forward passes", unit="pass")
+    tokens = engine.tokens
+    bar = protocol.progress(total=2 + n, desc="passes and curve points", unit="pass")
 
-    # 1. single-unit damages d_{l,i}
-    nll_fp = passes.nll([])
+    # 1. baseline and single-unit damages d_{l,i}, both metrics
+    base = passes.scores([])
     bar.update()
-    single = []
+    single_scores = []
     for i in range(n):
-        single.append(degradation(passes.nll([i]), nll_fp))
+        single_scores.append(degradations(passes.scores([i]), base))
         bar.update()
-    damage = np.array([[single[i][l] for i in range(n)] for l in langs])
+    if c.metric not in single_scores[0]:
+        raise RuntimeError(f"--metric {c.metric}: the passes carry no KL ({engine.kl_unavailable}); "
+                           "run with --metric bpb")
+    metrics = [m for m in METRICS if m in single_scores[0]]
+    single = {m: np.array([[single_scores[i][m][l] for i in range(n)] for l in langs]) for m in metrics}
+    damage = single[c.metric]
 
-    # 2. theory: eps_i from the weights' fitted families, the additive model, its ranking and curve
+    # 2. the all-quantized pass: KL bits per byte and both metrics' statistics
+    all_scores = passes.scores(range(n))
+    bar.update()
+    kl_bpb = kl_bpb_report(all_scores, base, engine.n_bytes, tokens, reference, corpus.parallel, c)
+
+    # theory: eps_i from the weights' fitted families, the additive model and its bounds
     fits = weight_fits(all_lins, c.seed, ResultCache(cache_dir() / "weight_fits"))
     eps, slb, fit_rows = predicted_eps(unit_lins, fits, c.bits, c.grid)
     dm = DamageModel.from_sensitivities(damage / eps[None, :], eps, n_params, langs, reference)
     kurt = np.array([np.mean([r["excess_kurtosis"] for r in fit_rows if r["layer"] in {q.name for q in lins}])
                      for lins in unit_lins])
-    order = rank_layers(dm, c.ranking, kurtosis=kurt)
-    p_pred, d_pred, per_pred = disparity_curve(dm, order)
-
-    # 3. the measured curve: protect the first k units of the ranking
-    # lowest disparity reachable (additive model) by quantizers between the per-layer Shannon bound
-    # at the same rate and the one in use
     shrink = np.clip(slb / eps, 0.0, 1.0)
-    curve = measure_curve(passes, nll_fp, order, n_params, dm, shrink, d_pred, reference,
-                          corpus.parallel, c, bar)
+
+    # 3. pair passes among the additive ranking's top units, then the curve models
+    top = sorted(int(i) for i in rank_layers(dm, "excess")[: min(c.pairs, n)])
+    pair_sets = list(itertools.combinations(top, 2))
+    bar.total += len(pair_sets)
+    pair_d = {}
+    for ij in pair_sets:
+        pair_d[ij] = degradations(passes.scores(ij), base)
+        bar.update()
+    everything = tuple(range(n))
+    train_sets = random_sets(n, c.train_sets, c.seed, exclude={everything, *pair_sets})
+    bar.total += len(train_sets)
+    train_d = {}
+    for s in train_sets:
+        train_d[s] = degradations(passes.scores(s), base)
+        bar.update()
+    if n >= 2 and everything not in pair_d:
+        train_d[everything] = degradations(all_scores, base)
+    pairs = {ij: np.array([v[c.metric][l] for l in langs]) for ij, v in pair_d.items()}
+    data = CurveData(damage, pairs, {frozenset(s): np.array([v[c.metric][l] for l in langs])
+                                     for s, v in train_d.items()})
+    selected, loo = select_curve_model(data)
+    models, model_errors = {}, {}
+    for name in loo:
+        try:
+            models[name] = fit_curve_model(name, data)
+        except ValueError as exc:  # e.g. compounding with a single damage <= -1
+            model_errors[name] = str(exc)
+    if selected not in models:
+        selected = "additive"
+
+    # 4. the main curve, in the order the ranking gives
+    orders = {r: rank_layers(dm, r, kurtosis=kurt) for r in ("excess", "position", "reverse_position",
+                                                             "kurtosis", "size")}
+    orders["model"] = greedy_order(models[selected], n_params, ref_mask)
+    order = orders[c.ranking]
+    bar.total += n + 1
+    curve = measure_curve(passes, base, order, n_params, tokens, reference, corpus.parallel, c, bar)
+    add_theory(curve, dm, order, shrink, n)
+
+    # 5. the compared rankings (cached passes are shared: an identical set costs nothing)
+    rankings = {}
+    measured_sets: dict[frozenset, np.ndarray] = {}
+    compared = [r for r in COMPARED_RANKINGS if r != c.ranking] if c.compare_rankings else []
+    for r in [c.ranking, *compared]:
+        o = orders[r]
+        same = next((q for q, v in rankings.items() if v["order"] == [names[i] for i in o]), None)
+        if r == c.ranking:
+            pts = curve
+        elif same is not None:
+            pts = rankings[same]["_points"]
+        else:
+            bar.total += n + 1
+            pts = measure_curve(passes, base, o, n_params, tokens, reference, corpus.parallel, c, bar,
+                                max_points=c.compare_steps or len(curve))
+        rankings[r] = {"order": [names[i] for i in o], "same_as": same, "_points": pts}
+        for m in pts:
+            measured_sets.setdefault(frozenset(int(i) for i in o[m["k"]:]),
+                                     np.array([m[f"d_{l}"] for l in langs]))
     bar.close()
 
-    # 4. compare
+    # 6. predictions against measurements, on held-out points only
+    prediction = compare_models(models, selected, data, order, curve, measured_sets, rankings, orders,
+                                n_params, langs, ref_mask)
+
+    # 7. the zero-pass predictor against the measured single-unit damages
+    zero = (zero_pass_report(engine, unit_lins, qcfg, fits, base.nll, single, c.metric, names, n_params, langs,
+                             reference, cache, key, c.seed) if c.zero_pass else {"available": False,
+                                                                                 "reason": "--no-zero-pass"})
+
     p_meas = np.array([m["protected_fraction"] for m in curve])
     d_meas = np.array([m["disparity"] for m in curve])
+    p_add, d_add, per_add = disparity_curve(dm, order)
     gamma, d_cal = calibrated_curve(damage, curve[0], langs, reference, n_params, order)
     for m in curve:
         m["predicted_calibrated"] = float(d_cal[m["k"]])
-    data = {
+    nonref = [x for x in langs if x not in reference]
+    data_out = {
+        "result_version": RESULT_VERSION,
+        "metric": c.metric,
+        "metrics": metrics,
         "model_metadata": {k: v for k, v in meta.items() if isinstance(v, (str, int, float, bool, type(None)))},
         "baseline_note": PREQUANTIZED_NOTE if meta.get("prequantized") else "baseline is the model's own weights",
         "units": [{"name": nm, "n_params": int(n_params[i]), "predicted_eps": float(eps[i]),
                    "shannon_lower_bound": float(slb[i]), "excess_damage": float(dm.excess_damage()[i]),
-                   "single_unit_degradation": {l: single[i][l] for l in langs}} for i, nm in enumerate(names)],
-        "baseline_bpb": {l: float(nll_fp[l].sum() / (math.log(2) * sum(len(s.encode()) for s in corpus[l])))
-                         for l in langs},
+                   "excess_kurtosis": float(kurt[i]),
+                   "single_unit_degradation": single_scores[i][c.metric],
+                   "single_unit_degradation_by_metric": single_scores[i]} for i, nm in enumerate(names)],
+        "baseline_bpb": {l: float(base.nll[l].sum() / (math.log(2) * engine.n_bytes[l].sum())) for l in langs},
+        "kl_bpb": kl_bpb,
+        "pairs": [{"units": [names[i] for i in ij], "degradation_by_metric": pair_d[ij],
+                   "interaction": {l: pair_d[ij][c.metric][l] - sum(single_scores[i][c.metric][l] for i in ij)
+                                   for l in langs}} for ij in pair_sets],
+        "training_sets": [{"units": [names[i] for i in s], "degradation_by_metric": train_d[s]}
+                          for s in train_sets],
         "order": [names[i] for i in order],
         "curve": curve,
-        "predicted_curve": {"protected_fraction": p_pred.tolist(), "disparity": d_pred.tolist(),
-                            "per_language": {l: per_pred[:, j].tolist()
-                                             for j, l in enumerate([x for x in langs if x not in reference])}},
-        "pstar_predicted": critical_fraction(p_pred, d_pred),
+        "curve_models": {"selected": selected, "loo_score": loo, "errors": model_errors,
+                         "params": {k: m.params for k, m in models.items()},
+                         "n_fitted": {k: m.n_fitted for k, m in models.items()},
+                         "training_sets": ["all units" if len(s) == n else [names[i] for i in sorted(s)]
+                                           for s, _ in data.multi()],
+                         "selection": "least leave-one-out error over the multi-unit training sets "
+                                      "(pairs and the all-quantized point); held-out curve points never used"},
+        "predicted_curves": prediction["curves"],
+        "r2_out_of_sample": prediction["r2"],
+        "pstar_predicted": prediction["curves"][selected]["pstar"],
+        "pstar_predicted_by_model": {k: v["pstar"] for k, v in prediction["curves"].items()},
         "pstar_measured": critical_fraction(p_meas, d_meas),  # nan when a stopped curve never crossed
-        "r2_curve": r_squared(d_pred[: len(curve)], d_meas),
+        "pstar_steps": prediction["steps"],
+        "rankings": {r: {k: v for k, v in info.items() if k != "_points"} for r, info in rankings.items()},
+        "zero_pass": zero,
+        "zero_pass_spearman": zero.get("spearman"),
+        # the additive model of theory.protection along the measured order (R^2 over every point)
+        "predicted_curve": {"protected_fraction": p_add.tolist(), "disparity": d_add.tolist(),
+                            "per_language": {l: per_add[:, j].tolist() for j, l in enumerate(nonref)}},
+        "pstar_predicted_additive": critical_fraction(p_add, d_add),
+        "r2_curve": r_squared(d_add[: len(curve)], d_meas),
         "interaction_factor": dict(zip(langs, gamma.tolist())),
-        # the calibrated model uses the k = 0 point, so its R^2 is taken over k >= 1 only
+        # the one-factor calibration uses the k = 0 point, so its R^2 is taken over k >= 1 only
         "r2_curve_calibrated": r_squared(d_cal[1: len(curve)], d_meas[1:]),
-        "pstar_predicted_calibrated": critical_fraction(p_pred, d_cal),
+        "pstar_predicted_calibrated": critical_fraction(p_add, d_cal),
         "disparity_bound": bound_check(curve, shrink),
         "fits": fit_rows,
-        # distinct forward passes this result consists of: the baseline, one per unit, and one per
-        # curve point with two or more units quantized (k = n - 1 is a single-unit pass, k = n the
-        # baseline)
-        "passes_in_result": 1 + n + sum(1 for m in curve if m["k"] < n - 1),
+        "passes_in_result": 1 + len({s for s in measured_sets if s} | {frozenset([i]) for i in range(n)}
+                                    | {frozenset(ij) for ij in pair_sets} | {frozenset(s) for s in train_sets}
+                                    | {frozenset(everything)}),
         "scored_tokens_per_pass": engine.n_tokens,
         "padding_fraction": engine.padding_fraction,
     }
-    return protocol.Result(EXPERIMENT, config, data,
+    for r, info in data_out["rankings"].items():
+        pts = rankings[r]["_points"]
+        info["pstar_measured"] = critical_fraction([m["protected_fraction"] for m in pts],
+                                                   [m["disparity"] for m in pts])
+        # a curve stopped before crossing: p* lies beyond its last measured point
+        info["pstar_above"] = (pts[-1]["protected_fraction"] if not np.isfinite(info["pstar_measured"])
+                               else None)
+        info["pstar_predicted"] = prediction["ranking_pstar"][r]
+        info["steps_measured"] = len(pts)
+        info["curve"] = [{k: m.get(k) for k in ("k", "protected_fraction", "disparity", "ci_low", "ci_high",
+                                                "disparity_other_metric")} for m in pts]
+    return protocol.Result(EXPERIMENT, config, data_out,
                            timing={"forward_passes_run": passes.run_count,
-                                   "packed": engine.packed if passes.run_count else None})
+                                   "packed": engine.packed if passes.run_count else None,
+                                   "zero_pass_seconds": zero.get("seconds")})
 
 
-def measure_curve(passes: Passes, nll_fp, order, n_params, dm, shrink, d_pred, reference, parallel: bool,
-                  c: Config, bar) -> list[dict]:
-    """D(p) with bootstrap CIs and the additive model's bounds at every step k (the first k units
-    of ``order`` protected), stopping ``c.stop_after`` steps past the first crossing of D = 1."""
-    from theory.protection import disparity_bound
+def kl_bpb_report(scores, base, n_bytes, tokens, reference, parallel: bool, c: Config) -> dict:
+    """KL bits per byte of a pass per language, ``sum_s KL_s / (ln 2 x sum_s bytes_s)``, with its
+    95% bootstrap interval over sentences (the same ids in every language when ``parallel``), and
+    ``empirical.disparity.metric_summary`` of the pass (both metrics, from the same resamples)."""
+    summary = metric_summary(scores.nll, base.nll, scores.kl, scores.agree, tokens, reference, parallel,
+                             c.bootstrap, c.seed)
+    if scores.kl is None:
+        return {"per_language": None, "metric_summary": summary}
+    rng = np.random.default_rng(c.seed)
+    langs = list(base.nll)
+    sizes = {l: len(base.nll[l]) for l in langs}
+    if parallel and len(set(sizes.values())) == 1:
+        shared = rng.integers(0, sizes[langs[0]], (c.bootstrap, sizes[langs[0]]))
+        idx = {l: shared for l in langs}
+    else:
+        idx = {l: rng.integers(0, sizes[l], (c.bootstrap, sizes[l])) for l in langs}
+    per = {}
+    for l in langs:
+        kl, nb = np.clip(np.asarray(scores.kl[l], float), 0.0, None), np.asarray(n_bytes[l], float)
+        boot = kl[idx[l]].sum(axis=1) / (math.log(2) * nb[idx[l]].sum(axis=1))
+        lo, hi = np.quantile(boot, (0.025, 0.975))
+        per[l] = {"kl_bpb": float(kl.sum() / (math.log(2) * nb.sum())), "ci_low": float(lo), "ci_high": float(hi),
+                  "bpb_increase": float((np.sum(scores.nll[l]) - np.sum(base.nll[l])) / (math.log(2) * nb.sum()))}
+    return {"per_language": per, "metric_summary": summary}
 
+
+def random_sets(n: int, count: int, seed: int, exclude=()) -> list[tuple[int, ...]]:
+    """``count`` seeded random sets of units of sizes ``round(n (1 - m / (count + 1)))``, m = 1..count
+    (2n/3 and n/3 for two), each of three or more units and fewer than ``n``; sets in ``exclude``
+    and repeats are skipped."""
+    rng = np.random.default_rng([seed, 15])
+    out: list[tuple[int, ...]] = []
+    for m in range(1, count + 1):
+        size = int(round(n * (1 - m / (count + 1))))
+        if not 3 <= size < n:
+            continue
+        s = tuple(sorted(int(i) for i in rng.choice(n, size, replace=False)))
+        if s not in out and s not in set(exclude):
+            out.append(s)
+    return out
+
+
+def measure_curve(passes: Passes, base, order, n_params, tokens, reference, parallel: bool, c: Config,
+                  bar, max_points: int | None = None) -> list[dict]:
+    """D(p) of the primary metric with bootstrap CIs (and the other metric's beside it) at every
+    step k (the first k units of ``order`` protected), stopping ``c.stop_after`` steps past the
+    first crossing of D = 1, or after ``max_points`` points."""
     n, total = len(order), n_params.sum()
+    other = [m for m in METRICS if m != c.metric][0]
     curve, crossed_at = [], None
     for k in range(n + 1):
         quantized = [int(i) for i in order[k:]]
-        nll_q = passes.nll(quantized) if quantized else nll_fp
-        bar.update()
-        d = degradation(nll_q, nll_fp)
+        point = {"k": k, "protected_fraction": float(n_params[order[:k]].sum() / total),
+                 "protected_unit": passes.names[order[k - 1]] if k else None, "quantized_units": len(quantized)}
         if quantized:
-            D = disparity(d, reference)
-            lo, hi = bootstrap_disparity(nll_q, nll_fp, reference, parallel, c.bootstrap, c.seed + k)
+            s = passes.scores(quantized)
+            ms = metric_summary(s.nll, base.nll, s.kl, s.agree, tokens, reference, parallel, c.bootstrap,
+                                c.seed + k)
+            prim = ms[c.metric]
+            point.update({"disparity": prim["disparity"], "ci_low": prim["disparity_ci"][0],
+                          "ci_high": prim["disparity_ci"][1], "resolved": prim["resolved"],
+                          **{f"d_{l}": v for l, v in prim["degradation"].items()}})
+            if other in ms:
+                point.update({"disparity_other_metric": ms[other]["disparity"],
+                              "ci_low_other_metric": ms[other]["disparity_ci"][0],
+                              "ci_high_other_metric": ms[other]["disparity_ci"][1]})
+            point["by_metric"] = {m: {"disparity": ms[m]["disparity"], "disparity_ci": ms[m]["disparity_ci"],
+                                      "degradation": ms[m]["degradation"],
+                                      "degradation_ci": ms[m]["degradation_ci"]} for m in METRICS if m in ms}
+            point["top1_agreement"] = ms.get("top1_agreement")
         else:
-            D = lo = hi = float("nan")
-        mask = np.zeros(n, dtype=bool)
-        mask[order[:k]] = True
-        curve.append({"k": k, "protected_fraction": n_params[order[:k]].sum() / total,
-                      "disparity": D, "ci_low": lo, "ci_high": hi, "predicted": float(d_pred[k]),
-                      "bound_any_quantizer": disparity_bound(dm, mask),
-                      "bound_at_rate": disparity_bound(dm, mask, shrink),
-                      "protected_unit": passes.names[order[k - 1]] if k else None,
-                      **{f"d_{l}": d[l] for l in d}})
+            nan = float("nan")
+            point.update({"disparity": nan, "ci_low": nan, "ci_high": nan, "resolved": False,
+                          **{f"d_{l}": 0.0 for l in base.nll}, "disparity_other_metric": nan})
+        bar.update()
+        curve.append(point)
+        D = point["disparity"]
         if crossed_at is None and np.isfinite(D) and D <= 1:
             crossed_at = k
         if c.stop_after >= 0 and crossed_at is not None and k >= crossed_at + c.stop_after:
             break
-    bar.update(bar.total - bar.n)  # passes skipped past the crossing
+        if max_points is not None and len(curve) >= max_points:
+            break
+    bar.update(n + 1 - len(curve))  # points skipped past the crossing
     return curve
+
+
+def add_theory(curve: list[dict], dm, order, shrink, n: int) -> None:
+    """The additive model's prediction and disparity bounds at every measured step."""
+    from theory.protection import disparity_bound, disparity_curve
+
+    _, d_pred, _ = disparity_curve(dm, order)
+    for m in curve:
+        mask = np.zeros(n, dtype=bool)
+        mask[order[: m["k"]]] = True
+        m.update({"predicted": float(d_pred[m["k"]]), "bound_any_quantizer": disparity_bound(dm, mask),
+                  "bound_at_rate": disparity_bound(dm, mask, shrink)})
+
+
+def compare_models(models: dict, selected: str, data, order, curve, measured_sets, rankings, orders,
+                   n_params, langs, ref_mask) -> dict:
+    """Each curve model's predicted curve along ``order``, its p*, and its R^2 against the
+    measured curve over the held-out points (every measured set that is not a training set),
+    on the main curve and pooled over every measured curve; the selected model's predicted p*
+    along each compared ranking."""
+    from theory.curve import first_crossing, held_out_mask, predict_curve, r2_out_of_sample
+
+    sets = [frozenset(int(i) for i in order[m["k"]:]) for m in curve]
+    held = held_out_mask(sets, data)
+    meas = np.array([[m[f"d_{l}"] for l in langs] for m in curve])
+    for m, h in zip(curve, held):
+        m["held_out"] = bool(h)
+    all_sets = list(measured_sets)
+    all_held = held_out_mask(all_sets, data)
+    all_meas = np.array([measured_sets[s] for s in all_sets])
+    k_meas = first_crossing([m["disparity"] for m in curve])
+    curves, r2, steps = {}, {}, {}
+    for name, model in models.items():
+        pc = predict_curve(model, order, n_params, ref_mask)
+        curves[name] = {"p": pc["p"].tolist(), "disparity": pc["D"].tolist(), "pstar": pc["pstar"],
+                        "per_language": {l: pc["d"][:, j].tolist() for j, l in enumerate(langs)}}
+        for m in curve:
+            m.setdefault("predicted_by_model", {})[name] = float(pc["D"][m["k"]])
+        main = r2_out_of_sample(model.predict(sets), meas, ref_mask, held)
+        pooled = r2_out_of_sample(model.predict(all_sets), all_meas, ref_mask, all_held)
+        r2[name] = {"disparity": main["disparity"], "degradation": dict(zip(langs, main["degradation"])),
+                    "degradation_pooled": main["degradation_pooled"], "n_points": main["n_points"],
+                    "disparity_all_curves": pooled["disparity"],
+                    "degradation_pooled_all_curves": pooled["degradation_pooled"],
+                    "n_points_all_curves": pooled["n_points"]}
+        k_pred = first_crossing(pc["D"])
+        steps[name] = {"predicted": k_pred, "measured": k_meas,
+                       "within_one_unit": (k_pred is not None and k_meas is not None and abs(k_pred - k_meas) <= 1)}
+    ranking_pstar = {r: predict_curve(models[selected], orders[r], n_params, ref_mask)["pstar"] for r in rankings}
+    return {"curves": curves, "ranking_pstar": ranking_pstar,
+            "r2": {"selected": selected, "held_out_points": int(held.sum()),
+                   "held_out_points_all_curves": int(all_held.sum()), "models": r2},
+            "steps": {"selected": selected, "measured": k_meas, "models": steps}}
+
+
+def zero_pass_report(engine, unit_lins, qcfg, fits, nll_fp, single, metric, names, n_params, langs, reference,
+                     cache: ResultCache | None, key: dict, seed: int) -> dict:
+    """Single-unit damages predicted with no quantized pass (``empirical.sensitivity``), once per
+    configuration (cached), against the measured ones of the primary metric: Spearman pooled over
+    (language, unit) and per language, R^2 of the raw prediction, and the protection ranking the
+    prediction implies (excess damage per parameter, ``theory.protection.rank_layers``).
+
+    This is the integration point of the zero-pass predictor: ``{"available": False, "reason"}``
+    when ``empirical.sensitivity.zero_pass_damage`` is missing or fails.
+    """
+    from theory.protection import DamageModel, rank_layers
+
+    config = {**key, "zero_pass": 1, "n_units": len(unit_lins)}
+    hit = cache.get(config) if cache is not None else None
+    seconds = None
+    if hit is None:
+        try:
+            from empirical.sensitivity import zero_pass_damage
+        except ImportError as exc:
+            return {"available": False, "reason": f"empirical.sensitivity.zero_pass_damage: {exc}"}
+        t0 = time.perf_counter()
+        try:
+            z = zero_pass_damage(engine, unit_lins, qcfg, fits, nll_fp, seed=seed)
+        except (ValueError, RuntimeError) as exc:
+            return {"available": False, "reason": f"zero_pass_damage failed: {exc}"}
+        seconds = time.perf_counter() - t0
+        variants = getattr(z, "variants", z)
+        order_keys = list(getattr(z, "keys", langs))
+        hit = {"variants": {v: {l: np.asarray(a)[order_keys.index(l)].tolist() for l in langs}
+                            for v, a in variants.items()},
+               "timing": {**getattr(z, "timing", {}), "seconds": seconds}}
+        if cache is not None:
+            cache.put(config, hit)
+    measured = single[metric]
+    out = {"available": True, "metric": metric, "variants": {}, "timing": hit.get("timing"),
+           "seconds": seconds}
+    rho_all = {}
+    for v, per in hit["variants"].items():
+        pred = np.array([per[l] for l in langs], dtype=float)
+        if pred.shape != measured.shape or not np.all(np.isfinite(pred)):
+            out["variants"][v] = {"error": f"prediction of shape {pred.shape} with non-finite values"}
+            continue
+        dm = DamageModel(pred, n_params, langs, reference)
+        rho = {"pooled": spearman(pred.ravel(), measured.ravel()),
+               "per_language": {l: spearman(pred[j], measured[j]) for j, l in enumerate(langs)}}
+        rho_all[v] = rho
+        out["variants"][v] = {"spearman": rho, "r2": r_squared(pred.ravel(), measured.ravel()),
+                              "r2_per_language": {l: r_squared(pred[j], measured[j]) for j, l in enumerate(langs)},
+                              "ranking": [names[i] for i in rank_layers(dm, "excess")],
+                              "predicted": {l: pred[j].tolist() for j, l in enumerate(langs)}}
+    out["spearman"] = rho_all
+    return out
 
 
 def calibrated_curve(damage, first, langs, reference, n_params, order):
@@ -392,59 +688,131 @@ def bound_check(curve: list[dict], shrink: np.ndarray) -> dict:
     }
 
 
+# ---- writing ------------------------------------------------------------------------------------
+
+METRIC_WORDS = {"kl": "KL", "bpb": "bits per byte"}
+
+
+def _num(v):
+    return float("nan") if v is None else float(v)
+
+
+def table_rows(res) -> list[dict]:
+    """The table's rows: quantity, value and (where there is one) its 95% interval."""
+    metric = res.get("metric", "bpb")
+    summ = (res.get("kl_bpb") or {}).get("metric_summary") or {}
+    rows = [{"quantity": "primary metric", "value": METRIC_WORDS.get(metric, metric)}]
+    for m in METRICS:
+        if m in summ:
+            ci = summ[m]["disparity_ci"]
+            rows.append({"quantity": f"disparity, nothing protected ({METRIC_WORDS[m]})",
+                         "value": summ[m]["disparity"], "low": ci[0], "high": ci[1]})
+    if summ.get("token_cost_ratio") is not None:
+        rows.append({"quantity": "tokens bits per byte needs for KL's relative interval width",
+                     "value": summ["token_cost_ratio"]})
+    r2 = res.get("r2_out_of_sample") or {}
+    sel = r2.get("selected")
+    rows.append({"quantity": "curve model selected on training points", "value": sel})
+    for name, v in (r2.get("models") or {}).items():
+        rows.append({"quantity": Tex(rf"$R^2$ out of sample, {tex_text(name)} ({r2.get('held_out_points')} points)"),
+                     "value": v["disparity"]})
+    rows.append({"quantity": Tex(r"$p^\ast$ measured"), "value": res.get("pstar_measured")})
+    rows.append({"quantity": Tex(rf"$p^\ast$ predicted ({tex_text(sel)})"), "value": res.get("pstar_predicted")})
+    rows.append({"quantity": Tex(r"$p^\ast$ predicted (additive)"), "value": res.get("pstar_predicted_additive")})
+    for r, info in (res.get("rankings") or {}).items():
+        v, above = info.get("pstar_measured"), info.get("pstar_above")
+        if (v is None or not np.isfinite(v)) and above is not None:
+            v = Tex(rf"$> {format_number(above)}$")
+        rows.append({"quantity": Tex(rf"$p^\ast$ measured, ranking {tex_text(r)}"), "value": v})
+    zp = (res.get("zero_pass") or {})
+    for v, info in (zp.get("variants") or {}).items():
+        if "spearman" in info:
+            rows.append({"quantity": f"zero-pass Spearman, {v} (pooled)", "value": info["spearman"]["pooled"]})
+    return rows
+
+
 def write(result: protocol.Result, out: Path) -> list[Path]:
     use_agg()
     import matplotlib.pyplot as plt
 
     res, cfg = result, result.config_dict
     langs, reference = list(res["baseline_bpb"]), list(cfg["reference"])
-    files = [write_csv(out / "curve.csv", res["curve"],
-                       ["k", "protected_fraction", "disparity", "ci_low", "ci_high", "predicted",
-                        "predicted_calibrated", "bound_at_rate", "bound_any_quantizer", "protected_unit",
-                        *[f"d_{l}" for l in langs]])]
-    bound = res["disparity_bound"]
-    rows = [(Tex(r"$p^\ast$ measured"), res["pstar_measured"]),
-            (Tex(r"$p^\ast$ predicted"), res["pstar_predicted"]),
-            (Tex(r"$R^2$ of the predicted against the measured $D(p)$"), res["r2_curve"]),
-            (Tex(r"$p^\ast$ predicted, calibrated (one factor per language)"), res["pstar_predicted_calibrated"]),
-            (Tex(r"$R^2$ of the calibrated prediction ($k \ge 1$)"), res["r2_curve_calibrated"]),
-            ("disparity, nothing protected", res["curve"][0]["disparity"]),
-            ("its 95% confidence interval, low end", res["curve"][0]["ci_low"]),
-            ("its 95% confidence interval, high end", res["curve"][0]["ci_high"]),
-            ("lowest reachable disparity at this rate, nothing protected", res["curve"][0]["bound_at_rate"]),
-            ("share of measured points above that bound",
-             bound["measured_above_bound_at_rate"] / max(bound["points"], 1))]
+    metric = res.get("metric", "bpb")
+    models = list((res.get("predicted_curves") or {}))
+    files = [write_csv(out / "curve.csv", [{**m, **{f"predicted_{k}": v for k, v in
+                                                    (m.get("predicted_by_model") or {}).items()}}
+                                           for m in res["curve"]],
+                       ["k", "protected_fraction", "protected_unit", "held_out", "disparity", "ci_low", "ci_high",
+                        "disparity_other_metric", "ci_low_other_metric", "ci_high_other_metric", "predicted",
+                        "predicted_calibrated", *[f"predicted_{k}" for k in models], "bound_at_rate",
+                        "bound_any_quantizer", *[f"d_{l}" for l in langs]])]
+    rank_rows = [{"ranking": r, "same_as": info.get("same_as"), "pstar_measured": info.get("pstar_measured"),
+                  "pstar_predicted": info.get("pstar_predicted"), **m}
+                 for r, info in (res.get("rankings") or {}).items() for m in info.get("curve", [])]
+    files.append(write_csv(out / "rankings.csv", rank_rows,
+                           ["ranking", "same_as", "k", "protected_fraction", "disparity", "ci_low", "ci_high",
+                            "disparity_other_metric", "pstar_measured", "pstar_predicted"]))
     files.append(write_latex_table(
-        out / f"{EXPERIMENT}_table.tex", [{"quantity": q, "value": v} for q, v in rows],
-        ["quantity", "value"], ["Quantity", "Value"],
+        out / f"{EXPERIMENT}_table.tex", table_rows(res), ["quantity", "value", "low", "high"],
+        ["Quantity", "Value", "95\\% CI low", "high"],
         caption=f"Phase transition of disparity with the protected fraction ({tex_text(cfg['model'])}, "
-                f"{cfg['bits']} bits).", label="tab:phase-transition"))
-    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
+                f"{cfg['bits']} bits, primary metric {METRIC_WORDS.get(metric, metric)}; $R^2$ over curve points "
+                "no model was fitted on).", label="tab:phase-transition"))
+
+    fig, ax = plt.subplots(1, 3, figsize=(16, 4.4))
     c = res["curve"]
-    p = [m["protected_fraction"] for m in c]
-    col = lambda key: [np.nan if m.get(key) is None else m[key] for m in c]  # noqa: E731
-    ax[0].fill_between(p, col("ci_low"), col("ci_high"), alpha=0.25, label="measured 95% CI")
-    ax[0].plot(p, col("disparity"), "o-", label="measured")
-    pc = res["predicted_curve"]
-    ax[0].plot(pc["protected_fraction"], pc["disparity"], "--", label="predicted (additive model)")
-    ax[0].plot(p, col("predicted_calibrated"), "-.", color="C2", label="predicted, calibrated at p = 0")
-    ax[0].plot(p, col("bound_at_rate"), ":", color="C3", label="lowest reachable at this rate (Shannon bound per layer)")
-    ax[0].plot(p, col("bound_any_quantizer"), ":", color="C4", label="lowest reachable by any quantizer")
+    p = np.array([m["protected_fraction"] for m in c])
+    col = lambda key, pts=c: np.array([_num(m.get(key)) for m in pts])  # noqa: E731
+    ax[0].fill_between(p, col("ci_low"), col("ci_high"), alpha=0.2, color="C0", label=f"measured 95% CI ({metric})")
+    ax[0].plot(p, col("disparity"), "-", color="C0")
+    held = np.array([bool(m.get("held_out")) for m in c])
+    ax[0].plot(p[held], col("disparity")[held], "o", color="C0", label="measured, held out")
+    ax[0].plot(p[~held], col("disparity")[~held], "o", mfc="white", color="C0", label="measured, training point")
+    if np.any(np.isfinite(col("disparity_other_metric"))):
+        other = [m for m in METRICS if m != metric][0]
+        ax[0].plot(p, col("disparity_other_metric"), "s:", color="grey", ms=3, label=f"measured ({other})")
+    sel = (res.get("r2_out_of_sample") or {}).get("selected")
+    r2m = (res.get("r2_out_of_sample") or {}).get("models") or {}
+    for j, (name, pc) in enumerate((res.get("predicted_curves") or {}).items()):
+        r2v = (r2m.get(name) or {}).get("disparity")
+        lab = f"{name} (R² {r2v:.2f})" if r2v is not None and np.isfinite(_num(r2v)) else name
+        ax[0].plot(pc["p"], [_num(v) for v in pc["disparity"]], "-" if name == sel else "--",
+                   lw=2.2 if name == sel else 0.9, color=f"C{j + 1}", label=lab)
     ax[0].axhline(1.0, color="k", lw=0.8)
-    for v, ls in ((res["pstar_measured"], "-"), (res["pstar_predicted"], "--")):
+    for v, ls in ((res.get("pstar_measured"), "-"), (res.get("pstar_predicted"), "--")):
         if v is not None and np.isfinite(v):
             ax[0].axvline(v, color="grey", ls=ls, lw=0.8)
+    finite_d = col("disparity")[np.isfinite(col("disparity"))]
+    if finite_d.size:
+        hi = max(2.0, float(np.nanmax(col("ci_high"))) if np.any(np.isfinite(col("ci_high"))) else 2.0)
+        ax[0].set_ylim(0, min(hi * 1.1, 5 * float(np.max(finite_d))))
     ax[0].set_xlabel("protected fraction p")
-    ax[0].set_ylabel("disparity D(p)")
-    ax[0].legend(fontsize=8)
+    ax[0].set_ylabel(f"disparity D(p), {metric}")
+    ax[0].set_title(f"ranking {cfg.get('ranking')}; models fitted on singles, pairs and p = 0", fontsize=8)
+    ax[0].legend(fontsize=6)
     ref = np.array([np.mean([m[f"d_{r}"] for r in reference]) for m in c])
     for l in langs:
         if l not in reference:
-            ax[1].plot(p, np.array(col(f"d_{l}")) / np.where(ref > 0, ref, np.nan), ".-", label=l)
+            ax[1].plot(p, col(f"d_{l}") / np.where(ref > 0, ref, np.nan), ".-", label=l)
     ax[1].axhline(1.0, color="k", lw=0.8)
     ax[1].set_xlabel("protected fraction p")
-    ax[1].set_ylabel(f"d_l / d_ref ({', '.join(reference)})")
+    ax[1].set_ylabel(f"d_l / d_ref ({', '.join(reference)}), {metric}")
     ax[1].legend(fontsize=7, ncol=2)
+    for j, (r, info) in enumerate((res.get("rankings") or {}).items()):
+        pts = info.get("curve") or []
+        pr = [m["protected_fraction"] for m in pts]
+        d = np.array([_num(m["disparity"]) for m in pts])
+        lo, hi_ = np.array([_num(m["ci_low"]) for m in pts]), np.array([_num(m["ci_high"]) for m in pts])
+        ps, above = info.get("pstar_measured"), info.get("pstar_above")
+        lab = (f"{r}: p* {ps:.3f}" if ps is not None and np.isfinite(_num(ps))
+               else f"{r}: p* > {above:.2f}" if above is not None else f"{r}: no crossing measured")
+        ax[2].errorbar(pr, d, yerr=[d - lo, hi_ - d], fmt="o-", ms=3, capsize=2, color=f"C{j}", label=lab,
+                       alpha=0.8)
+    ax[2].axhline(1.0, color="k", lw=0.8)
+    ax[2].set_xlabel("protected fraction p")
+    ax[2].set_ylabel(f"measured D(p), {metric}")
+    ax[2].set_title("rankings, each measured to its crossing + stop-after", fontsize=8)
+    ax[2].legend(fontsize=7)
     fig.suptitle(f"{cfg['model']}: {res['baseline_note']}", fontsize=8)
     files.append(save_figure(fig, out / f"{EXPERIMENT}.png"))
     plt.close(fig)
@@ -454,10 +822,16 @@ def write(result: protocol.Result, out: Path) -> list[Path]:
 
 def summary(result: protocol.Result) -> str:
     r, c0 = result, result["curve"][0]
-    return (f"D(0) {c0['disparity']:.3f} [95% CI {c0['ci_low']:.3f}, {c0['ci_high']:.3f}]; p* measured "
-            f"{r['pstar_measured']:.3f}, predicted {r['pstar_predicted']:.3f} (calibrated "
-            f"{r['pstar_predicted_calibrated']:.3f}); R^2 {r['r2_curve']:.3f} (calibrated "
-            f"{r['r2_curve_calibrated']:.3f}); {result.timing.get('forward_passes_run', 0)} forward passes run")
+    r2 = (r.get("r2_out_of_sample") or {})
+    sel = r2.get("selected")
+    r2sel = ((r2.get("models") or {}).get(sel) or {}).get("disparity")
+    zp = r.get("zero_pass") or {}
+    zs = ", ".join(f"{v} {i['spearman']['pooled']:.2f}" for v, i in (zp.get("variants") or {}).items()
+                   if "spearman" in i and i["spearman"]["pooled"] is not None)
+    return (f"D(0) {c0['disparity']:.3f} [95% CI {c0['ci_low']:.3f}, {c0['ci_high']:.3f}] ({r.get('metric')}); "
+            f"p* measured {_num(r['pstar_measured']):.3f}, predicted {_num(r['pstar_predicted']):.3f} ({sel}, "
+            f"R^2 out of sample {_num(r2sel):.3f}); zero-pass Spearman {zs or 'n/a'}; "
+            f"{result.timing.get('forward_passes_run', 0)} forward passes run")
 
 
 def macros(result: protocol.Result) -> MacroSet:
@@ -467,12 +841,86 @@ def macros(result: protocol.Result) -> MacroSet:
     first = curve[0] if curve else {}
     pm, pp = r.get("pstar_measured"), r.get("pstar_predicted")
     ms.add("PstarMeasured", pm, "pstar_measured")
-    ms.add("PstarPredicted", pp, "pstar_predicted")
+    ms.add("PstarPredicted", pp, "pstar_predicted (the selected curve model)")
     ms.add("PstarAbsDiff", abs(pm - pp) if finite([pm]) and finite([pp]) else None,
            "|pstar_measured - pstar_predicted|")
-    ms.add("RsqCurve", r.get("r2_curve"), "r2_curve")
+    ms.add("PstarPredictedAdditive", r.get("pstar_predicted_additive"), "pstar_predicted_additive")
+    ms.add("RsqCurve", r.get("r2_curve"), "r2_curve (additive model, every measured point)")
     ms.add("RsqCurveCalibrated", r.get("r2_curve_calibrated"), "r2_curve_calibrated")
     ms.add("PstarPredictedCalibrated", r.get("pstar_predicted_calibrated"), "pstar_predicted_calibrated")
+    # the primary metric and both metrics' disparity with nothing protected
+    metric = r.get("metric")
+    ms.add("PTMetric", METRIC_WORDS.get(metric, metric), "metric")
+    summ = (r.get("kl_bpb") or {}).get("metric_summary") or {}
+    for m in METRICS:
+        s = summ.get(m) or {}
+        ci = s.get("disparity_ci") or (None, None)
+        tag = "Kl" if m == "kl" else "Bpb"
+        ms.add(f"DisparityNone{tag}", s.get("disparity"), f"kl_bpb.metric_summary.{m}.disparity")
+        ms.add(f"DisparityNone{tag}CILow", ci[0], f"kl_bpb.metric_summary.{m}.disparity_ci[0]")
+        ms.add(f"DisparityNone{tag}CIHigh", ci[1], f"kl_bpb.metric_summary.{m}.disparity_ci[1]")
+        ms.add(f"PTRelativeWidth{tag}", s.get("relative_width"), f"kl_bpb.metric_summary.{m}.relative_width")
+        ms.add(f"PTResolved{tag}", None if not s else ("yes" if s.get("resolved") else "no"),
+               f"kl_bpb.metric_summary.{m}.resolved")
+    ms.add("PTTokenCostRatio", summ.get("token_cost_ratio"), "kl_bpb.metric_summary.token_cost_ratio")
+    for lang, v in ((r.get("kl_bpb") or {}).get("per_language") or {}).items():
+        ms.add(["PTKlBpb", lang], v.get("kl_bpb"), f"kl_bpb.per_language.{lang}.kl_bpb")
+    for lang, v in (summ.get("top1_agreement") or {}).items():
+        ms.add_pct(["PTTopOneAgreement", lang], v, f"kl_bpb.metric_summary.top1_agreement.{lang}")
+    # curve models, out of sample
+    r2 = r.get("r2_out_of_sample") or {}
+    sel = r2.get("selected")
+    ms.add("PTSelectedModel", sel.replace("_", " ") if isinstance(sel, str) else None, "r2_out_of_sample.selected")
+    ms.add("PTHeldOutPoints", r2.get("held_out_points"), "r2_out_of_sample.held_out_points")
+    ms.add("PTHeldOutPointsAll", r2.get("held_out_points_all_curves"), "r2_out_of_sample.held_out_points_all_curves")
+    from theory.curve import CURVE_MODELS
+
+    models = r2.get("models") or {}
+    for name in CURVE_MODELS:
+        v = models.get(name) or {}
+        ms.add(["RsqOOS", name], v.get("disparity"), f"r2_out_of_sample.models.{name}.disparity")
+        ms.add(["RsqOOSAll", name], v.get("disparity_all_curves"),
+               f"r2_out_of_sample.models.{name}.disparity_all_curves")
+    ms.add("RsqOOSSelected", (models.get(sel) or {}).get("disparity"), "r2_out_of_sample.models[selected].disparity")
+    ms.add("RsqOOSSelectedAll", (models.get(sel) or {}).get("disparity_all_curves"),
+           "r2_out_of_sample.models[selected].disparity_all_curves")
+    ms.add("RsqOOSSelectedDegradation", (models.get(sel) or {}).get("degradation_pooled"),
+           "r2_out_of_sample.models[selected].degradation_pooled")
+    steps = r.get("pstar_steps") or {}
+    sm = ((steps.get("models") or {}).get(sel) or {})
+    ms.add("PTCrossingStepMeasured", steps.get("measured"), "pstar_steps.measured")
+    ms.add("PTCrossingStepPredicted", sm.get("predicted"), "pstar_steps.models[selected].predicted")
+    ms.add("PTCrossingWithinOne", None if not sm else ("yes" if sm.get("within_one_unit") else "no"),
+           "pstar_steps.models[selected].within_one_unit")
+    ms.add("PTPairPasses", len(r.get("pairs") or []), "len(pairs)")
+    ms.add("PTTrainingSets", len(r.get("training_sets") or []), "len(training_sets)")
+    # the rankings, measured
+    rk = r.get("rankings") or {}
+    for name in ("model", *COMPARED_RANKINGS):
+        info = rk.get(name) or {}
+        ms.add(["PTRankingPstar", name], info.get("pstar_measured"), f"rankings.{name}.pstar_measured")
+        ms.add(["PTRankingPstarAbove", name], info.get("pstar_above"), f"rankings.{name}.pstar_above")
+    crossing = {k: v["pstar_measured"] for k, v in rk.items() if finite([v.get("pstar_measured")])}
+    best = min(crossing, key=crossing.get) if crossing else None
+    ms.add("PTBestRanking", best.replace("_", " ") if best else None, "argmin rankings.*.pstar_measured")
+    ms.add("PTRankingsCompared", len(rk), "len(rankings)")
+    # the zero-pass predictor
+    zp = r.get("zero_pass") or {}
+    rho = {v: i["spearman"]["pooled"] for v, i in (zp.get("variants") or {}).items()
+           if "spearman" in i and finite([i["spearman"]["pooled"]])}
+    for v in ("theory", "factorized", "actual", "actual_second_order"):
+        ms.add(["ZPSpearman", v], rho.get(v), f"zero_pass.variants.{v}.spearman.pooled")
+    zbest = max(rho, key=rho.get) if rho else None
+    ms.add("ZPSpearmanBest", rho.get(zbest) if zbest else None, "max zero_pass.variants.*.spearman.pooled")
+    ms.add("ZPBestVariant", zbest.replace("_", " ") if zbest else None, "argmax zero_pass.variants.*.spearman.pooled")
+    if zbest:
+        per = zp["variants"][zbest]["spearman"]["per_language"]
+        vals = [v for v in per.values() if finite([v])]
+        ms.add("ZPSpearmanBestMinLanguage", min(vals) if vals else None,
+               "min zero_pass.variants[best].spearman.per_language")
+    else:
+        ms.add("ZPSpearmanBestMinLanguage", None, "min zero_pass.variants[best].spearman.per_language")
+    # the earlier quantities
     gamma = {k: v for k, v in (r.get("interaction_factor") or {}).items() if finite([v])}
     for lang, g in gamma.items():
         ms.add(["PTInteraction", lang], g, f"interaction_factor.{lang}")
