@@ -229,7 +229,33 @@ def synthetic_results() -> dict[str, dict]:
           "per_language": [{"language": l, "median_penalty_mix_measured": 0.07 - 0.02 * j,
                             "median_penalty_minimax_measured": 0.042, "worst_in_layers_mix": 42 - 10 * j}
                            for j, l in enumerate(pt_langs)]}
-    return {"optimal_alpha": oa, "distributions": dist, "rate_distortion": rd,
+    nat = "/data/ntrex128"
+
+    def map_cell(b, scale):
+        d = {l: 0.2 * scale * (1 + j / 2) for j, l in enumerate(pt_langs)}
+        ci = {l: [0.9 * v, 1.1 * v] for l, v in d.items()}
+        summ = {m: {"disparity": 1.5 * scale, "disparity_ci": [1.2, 1.9], "degradation": d, "degradation_ci": ci,
+                    "relative_width": 0.4, "width_per_token": 20.0, "resolved": True} for m in ("kl", "bpb")}
+        return {"cell": f"{b}/channel/absmax", "bits": b, "granularity": "channel", "clipping": "absmax",
+                "metric": "kl", "disparity": 1.5 * scale, "ci_low": 1.2, "ci_high": 1.9, "resolved": True,
+                "degradation": d, "degradation_ci": ci, "summary": {**summ, "token_cost_ratio": 2.7}}
+
+    dmap = {"experiment": "disparity_map", "metric": "kl",
+            "provenance": _prov(model="gemma-3-270m", corpus=["udhr", nat], languages=pt_langs, reference=["eng_Latn"],
+                                bits=[3, 4], granularity=["channel"], clipping=["absmax"], deployed="4/channel/absmax",
+                                natural=nat),
+            "disparity_map": {c: {"languages": pt_langs, "scored_tokens_per_pass": 538 * (1 + k),
+                                  "baseline_bpb": {l: 1.0 + k / 4 for l in pt_langs},
+                                  "cells": [map_cell(3, 1.0 + k), map_cell(4, 1.2 + k)]}
+                              for k, c in enumerate(("udhr", nat))},
+            "metric_cost": {c: {"median_token_cost_ratio": 2.7, "resolved_cells": {"kl": 2, "bpb": 1}} for c in ("udhr", nat)},
+            "corpus_effects": {"rows": [{"corpus": c, "language": l, "baseline_bpb": 1.0 + k / 4,
+                                         "familiarity": 0.8 if c == "udhr" else 1.0}
+                                        for k, c in enumerate(("udhr", nat)) for l in pt_langs],
+                               "spearman_degradation_vs_familiarity": -0.4, "spearman_degradation_vs_baseline_bpb": 0.2,
+                               "across_corpora_spearman": {f"udhr vs {nat}": 0.5}},
+            "strongest": {"udhr": ["4/channel/absmax"], nat: ["4/channel/absmax"]}, "timing": {"wall_seconds": 60.0}}
+    return {"optimal_alpha": oa, "distributions": dist, "rate_distortion": rd, "disparity_map": dmap,
             "phase_transition": pt, "language_alpha": la}
 
 
@@ -353,7 +379,7 @@ def test_manifest_lists_exactly_the_files_this_run_wrote(standin_run):
     man = read_json(root / "manifest.json")
     assert man["quick"] is True and man["run_id"] and man["started_utc"]
     assert "git_commit" in man
-    assert [e["status"] for e in man["experiments"]] == ["ok"] * 5
+    assert [e["status"] for e in man["experiments"]] == ["ok"] * len(synthetic_results())
     paths = {f["path"] for f in man["files"]}
     for exp in synthetic_results():
         assert f"{exp}/{exp}.json" in paths and f"{exp}/figure.png" in paths
@@ -391,7 +417,7 @@ def test_a_failing_experiment_fails_the_run_by_name(standins, tmp_path, capfd, m
     man = read_json(root / "manifest.json")
     status = {e["name"]: e["status"] for e in man["experiments"]}
     assert status == {"optimal_alpha": "ok", "distributions": "failed", "rate_distortion": "ok",
-                      "phase_transition": "ok", "language_alpha": "failed"}
+                      "disparity_map": "ok", "phase_transition": "ok", "language_alpha": "failed"}
     assert man["quick"] is False
     macros = parse_macros((root / "macros.tex").read_text())
     assert "PstarMeasured" in macros and not any(k.startswith(("Dist", "LA")) for k in macros)

@@ -128,7 +128,10 @@ def natural_args(module: str, natural: Path | None, quick: bool) -> list[str]:
     full runs only."""
     if natural is None or quick:
         return []
-    hook = getattr(importlib.import_module(module), "natural_corpus_args", None)
+    try:
+        hook = getattr(importlib.import_module(module), "natural_corpus_args", None)
+    except ImportError:  # the experiment's own run reports the missing module
+        return []
     return list(hook(natural)) if hook is not None else []
 
 
