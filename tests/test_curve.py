@@ -178,6 +178,13 @@ def test_loo_refits_without_the_left_out_set():
     np.testing.assert_allclose(err, [[0.3 - 0.6, 0.3 - 0.3, 0.6 - 0.6]], atol=1e-15)
 
 
+def test_a_model_that_cannot_fit_is_never_selected():
+    d = np.array([[0.1, -1.0, 0.1], [0.1, 0.1, 0.1]])  # compounding needs every damage > -1
+    data = cv.CurveData(d, points={frozenset({0, 1, 2}): [-0.8, 0.3]})
+    best, scores = cv.select_curve_model(data, ["compounding", "additive"])
+    assert np.isnan(scores["compounding"]) and best == "additive"
+
+
 def test_selection_without_multi_unit_points_is_additive():
     best, scores = cv.select_curve_model(cv.CurveData(np.ones((3, 4)) * 0.1))
     assert best == "additive" and all(np.isnan(v) for v in scores.values())

@@ -463,8 +463,9 @@ def select_curve_model(data: CurveData, names: Sequence[str] = CURVE_MODELS
     """The model with the least leave-one-out error on the training points.
 
     Score of a model: ``mean_S sum_l (predicted - measured)^2`` over the multi-unit training
-    sets (:func:`loo_errors`). Ties go to the earlier name. Without multi-unit training sets
-    nothing can be checked and ``additive`` (no fitted parameter) is returned with NaN scores.
+    sets (:func:`loo_errors`). Ties go to the earlier name; a model that cannot be fitted to the
+    data scores NaN and is never selected. Without multi-unit training sets nothing can be checked
+    and ``additive`` (no fitted parameter) is returned with NaN scores.
 
     Returns ``(name, {name: score})``.
     """
@@ -475,7 +476,11 @@ def select_curve_model(data: CurveData, names: Sequence[str] = CURVE_MODELS
         return "additive", {n: float("nan") for n in names}
     scores = {}
     for n in names:
-        _, e = loo_errors(n, data)
+        try:
+            _, e = loo_errors(n, data)
+        except ValueError:  # the model cannot be fitted to this data (e.g. compounding, a damage <= -1)
+            scores[n] = float("nan")
+            continue
         scores[n] = float(np.mean(np.sum(e * e, axis=1)))
     finite = [n for n in names if np.isfinite(scores[n])]
     best = min(finite, key=lambda n: (scores[n], names.index(n))) if finite else "additive"
