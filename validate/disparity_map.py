@@ -442,6 +442,10 @@ def macros(result: protocol.Result) -> MacroSet:
         ms.add(["Map", tag, "Deployed", "Worst", "Ratio"], rel.get(worst), f"max of d_l / d_ref at {dep}")
         ms.add(["Map", tag, "Deployed", "Least", "Language"], best, f"argmin of d_l / d_ref at {dep}")
         ms.add(["Map", tag, "Deployed", "Least", "Ratio"], rel.get(best), f"min of d_l / d_ref at {dep}")
+        for b, g, k in cells_of_dict(cfg):  # every cell's D, e.g. \MapNaturalCellFourChannelSweepD
+            rc = _cell(pc["cells"], f"{b}/{g}/{k}") or {}
+            for name, key in (("D", "disparity"), ("Low", "ci_low"), ("High", "ci_high")):
+                ms.add(["Map", tag, "Cell", b, g, k, name], rc.get(key), f"{where}.cells[{b}/{g}/{k}].{key}")
         cost = (result.get("metric_cost") or {}).get(spec) or {}
         ms.add(["Map", tag, "TokenCostRatio"], cost.get("median_token_cost_ratio"), f"metric_cost[{spec}]")
         for m in ("kl", "bpb"):
@@ -459,6 +463,8 @@ def macros(result: protocol.Result) -> MacroSet:
     for tag, spec in (("Udhr", "udhr"), ("Natural", natural)):
         r = rows.get((spec, eng), {})
         ms.add(["Map", tag, "Reference", "Bpb"], r.get("baseline_bpb"), f"corpus_effects.rows[{spec}, {eng}].baseline_bpb")
+        ms.add(["Map", tag, "Reference", "Familiarity"], r.get("familiarity"),
+               f"corpus_effects.rows[{spec}, {eng}].familiarity")
     fam = [r["familiarity"] for (spec, _), r in rows.items() if spec == "udhr" and r.get("familiarity") is not None]
     ms.add("MapUdhrFamiliarityMedian", float(np.median(fam)) if fam else None, "median familiarity of UDHR")
     return ms
