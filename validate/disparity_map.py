@@ -42,6 +42,7 @@ from validate._latex import MacroSet, Tex, tex_text, write_latex_table
 EXPERIMENT = "disparity_map"
 CELL_VERSION = 1
 GRANULARITIES = ("tensor", "channel", "group")
+DEFAULT_BITS = (2, 3, 4, 8)
 NATURAL_SEGMENTS = 20  # sentences per language of a natural corpus in validate.all's full run
 CLIPPINGS = ("absmax", "sweep")
 
@@ -55,7 +56,7 @@ class Config:
     languages: tuple[str, ...] = protocol.param(("en", "he", "ar", "ja", "hi", "ru", "zh", "fr"),
                                                 "languages (FLORES, ISO 639-1 or 639-3 codes)")
     reference: tuple[str, ...] | None = protocol.param(None, "reference group (none: the first language)")
-    bits: tuple[int, ...] = protocol.param((2, 3, 4, 8), "weight bit widths")
+    bits: tuple[int, ...] = protocol.param(DEFAULT_BITS, "weight bit widths")
     granularity: tuple[str, ...] = protocol.param(GRANULARITIES, "one alpha per tensor, output channel or "
                                                   "group of --group-size weights")
     clipping: tuple[str, ...] = protocol.param(CLIPPINGS, "absmax, or the MSE sweep of each row's alpha")
@@ -442,7 +443,11 @@ def macros(result: protocol.Result) -> MacroSet:
         ms.add(["Map", tag, "Deployed", "Worst", "Ratio"], rel.get(worst), f"max of d_l / d_ref at {dep}")
         ms.add(["Map", tag, "Deployed", "Least", "Language"], best, f"argmin of d_l / d_ref at {dep}")
         ms.add(["Map", tag, "Deployed", "Least", "Ratio"], rel.get(best), f"min of d_l / d_ref at {dep}")
-        for b, g, k in cells_of_dict(cfg):  # every cell's D, e.g. \MapNaturalCellFourChannelSweepD
+        # every cell's D, e.g. \MapNaturalCellFourChannelSweepD; the default grid's cells always
+        # (n/a when a run left them out), so the paper compiles from a quick run too
+        grid = dict.fromkeys([*cells_of_dict({"bits": DEFAULT_BITS, "granularity": GRANULARITIES,
+                                               "clipping": CLIPPINGS}), *map(tuple, cells_of_dict(cfg))])
+        for b, g, k in grid:
             rc = _cell(pc["cells"], f"{b}/{g}/{k}") or {}
             for name, key in (("D", "disparity"), ("Low", "ci_low"), ("High", "ci_high")):
                 ms.add(["Map", tag, "Cell", b, g, k, name], rc.get(key), f"{where}.cells[{b}/{g}/{k}].{key}")
