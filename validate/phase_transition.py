@@ -691,6 +691,10 @@ def bound_check(curve: list[dict], shrink: np.ndarray) -> dict:
 # ---- writing ------------------------------------------------------------------------------------
 
 METRIC_WORDS = {"kl": "KL", "bpb": "bits per byte"}
+RANKING_WORDS = {"model": "the selected model's greedy ranking",
+                 "excess": "the additive model's ranking by excess damage", "position": "the ranking by position",
+                 "reverse_position": "the ranking by reverse position",
+                 "kurtosis": "the ranking by weight kurtosis", "size": "the ranking by size"}
 
 
 def _num(v):
@@ -773,22 +777,28 @@ def write(result: protocol.Result, out: Path) -> list[Path]:
         ax[0].plot(p, col("disparity_other_metric"), "s:", color="grey", ms=3, label=f"measured ({other})")
     sel = (res.get("r2_out_of_sample") or {}).get("selected")
     r2m = (res.get("r2_out_of_sample") or {}).get("models") or {}
-    for j, (name, pc) in enumerate((res.get("predicted_curves") or {}).items()):
+    colors = iter(["C1", "C2", "C3", "C4", "C5", "C6", "C8", "C9", "C1", "C2"])
+    for name, pc in (res.get("predicted_curves") or {}).items():
         r2v = (r2m.get(name) or {}).get("disparity")
         lab = f"{name} (R² {r2v:.2f})" if r2v is not None and np.isfinite(_num(r2v)) else name
+        lab += ", selected" if name == sel else ""
         ax[0].plot(pc["p"], [_num(v) for v in pc["disparity"]], "-" if name == sel else "--",
-                   lw=2.2 if name == sel else 0.9, color=f"C{j + 1}", label=lab)
+                   lw=2.2 if name == sel else 0.9, color="k" if name == sel else next(colors), label=lab)
     ax[0].axhline(1.0, color="k", lw=0.8)
     for v, ls in ((res.get("pstar_measured"), "-"), (res.get("pstar_predicted"), "--")):
         if v is not None and np.isfinite(v):
             ax[0].axvline(v, color="grey", ls=ls, lw=0.8)
+    right = max([p.max(), *[v for v in (res.get("pstar_measured"), res.get("pstar_predicted")) if v is not None
+                            and np.isfinite(v)]])
+    ax[0].set_xlim(-0.01, min(1.0, right + 0.15))
     finite_d = col("disparity")[np.isfinite(col("disparity"))]
     if finite_d.size:
         hi = max(2.0, float(np.nanmax(col("ci_high"))) if np.any(np.isfinite(col("ci_high"))) else 2.0)
         ax[0].set_ylim(0, min(hi * 1.1, 5 * float(np.max(finite_d))))
     ax[0].set_xlabel("protected fraction p")
     ax[0].set_ylabel(f"disparity D(p), {metric}")
-    ax[0].set_title(f"ranking {cfg.get('ranking')}; models fitted on singles, pairs and p = 0", fontsize=8)
+    ax[0].set_title(f"ranking {cfg.get('ranking')}; models fitted on singles, pairs, random sets and p = 0; "
+                    "R² over held-out points", fontsize=7)
     ax[0].legend(fontsize=6)
     ref = np.array([np.mean([m[f"d_{r}"] for r in reference]) for m in c])
     for l in langs:
@@ -902,7 +912,7 @@ def macros(result: protocol.Result) -> MacroSet:
         ms.add(["PTRankingPstarAbove", name], info.get("pstar_above"), f"rankings.{name}.pstar_above")
     crossing = {k: v["pstar_measured"] for k, v in rk.items() if finite([v.get("pstar_measured")])}
     best = min(crossing, key=crossing.get) if crossing else None
-    ms.add("PTBestRanking", best.replace("_", " ") if best else None, "argmin rankings.*.pstar_measured")
+    ms.add("PTBestRanking", RANKING_WORDS.get(best, best) if best else None, "argmin rankings.*.pstar_measured")
     ms.add("PTRankingsCompared", len(rk), "len(rankings)")
     # the zero-pass predictor
     zp = r.get("zero_pass") or {}
