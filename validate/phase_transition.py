@@ -953,6 +953,10 @@ def macros(result: protocol.Result) -> MacroSet:
         ms.add("DisparityLastMeasured", curve[-1].get("disparity"), "curve[-1].disparity")
         ms.add_pct("PTLastProtectedFraction", curve[-1].get("protected_fraction"), "curve[-1].protected_fraction")
     ms.add("PTStepsMeasured", len(curve), "len(curve)")
+    lo_hi = [(m.get("ci_low"), m.get("ci_high")) for m in curve]
+    ms.add("PTCurvePointsResolved", sum(1 for lo, hi in lo_hi if lo is not None and hi is not None
+                                        and math.isfinite(lo) and math.isfinite(hi) and (lo > 1 or hi < 1)),
+           "curve points whose interval excludes 1")
     ms.add("PTNumUnits", len(r.get("units", [])), "len(units)")
     order = r.get("order", [])
     ms.add("PTFirstProtected", order[0] if order else None, "order[0]")
