@@ -204,7 +204,9 @@ def run_all(argv: Sequence[str] | None = None, experiments: Mapping[str, str] | 
         elif any(o.status == "failed" for o in outcomes) and args.fail_fast:
             outcomes.append(Outcome(name, module, "not_run", reason="an earlier experiment failed (--fail-fast)"))
         else:
-            say(f"({i}/{len(modules)}) {name}: python -m {module}{' --quick' if args.quick else ''}")
+            extra = " ".join(natural_args(module, args.natural, args.quick))
+            say(f"({i}/{len(modules)}) {name}: python -m {module}{' --quick' if args.quick else ''}"
+                f"{' ' + extra if extra else ''}")
             o = run_experiment(name, module, root, args.quick, env, args.natural)
             outcomes.append(o)
             say(f"({i}/{len(modules)}) {name}: " + (f"ok, {o.wall_seconds:.1f} s, {len(o.files)} files"
