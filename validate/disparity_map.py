@@ -367,11 +367,15 @@ def plot(result: protocol.Result, out: Path) -> list[Path]:
     plt.close(fig)
 
     # per-language degradations of the deployed and the strongest cells
-    panels = [(spec, name) for spec, pc in maps.items()
-              for name in dict.fromkeys([cfg["deployed"], *result["strongest"].get(spec, [])])
-              if _cell(pc["cells"], name)]
-    fig, axes = plt.subplots(1, len(panels), figsize=(2.6 * len(panels) + 0.6, 2.8), squeeze=False)
-    for ax, (spec, name) in zip(axes[0], panels):
+    # one row per corpus: the deployed cell, then the strongest cells
+    rows = [[(spec, name) for name in dict.fromkeys([cfg["deployed"], *result["strongest"].get(spec, [])])
+             if _cell(pc["cells"], name)] for spec, pc in maps.items()]
+    ncol = max(len(r) for r in rows)
+    fig, axes = plt.subplots(len(rows), ncol, figsize=(2.3 * ncol + 0.4, 2.5 * len(rows)), squeeze=False)
+    for ax in axes.ravel()[:]:
+        ax.set_visible(False)
+    for ax, (spec, name) in ((axes[i][j], p) for i, r in enumerate(rows) for j, p in enumerate(r)):
+        ax.set_visible(True)
         r = _cell(maps[spec]["cells"], name)
         langs = list(r["degradation"])
         d = np.array([r["degradation"][l] for l in langs])
