@@ -39,7 +39,7 @@ from validate._common import ResultCache, default_out_dir, provenance, read_json
 
 __all__ = [
     "EXPERIMENTS", "Result", "param", "main_of", "entry_point", "build_parser", "parse_config",
-    "check_model", "check_corpus", "check_languages", "check_sources", "check_device", "check_bits_grid",
+    "check_model", "check_corpus", "check_languages", "check_sources", "check_reference", "check_device", "check_bits_grid",
     "check_positive", "load_corpus", "corpus_digest", "frozen_set", "experiment_module", "progress",
     "ConfigError",
 ]
@@ -315,6 +315,18 @@ def check_sources(model: str, corpus: str, languages: Sequence[str]) -> tuple[st
     check_model(model)
     check_corpus(corpus)
     return check_languages(languages)
+
+
+def check_reference(reference: Sequence[str] | None, languages: Sequence[str]) -> tuple[str, ...]:
+    """The reference group (default: the first language), normalised; each member among
+    ``languages`` and at least one language outside it."""
+    ref = check_languages(reference or tuple(languages)[:1], flag="--reference")
+    if missing := [r for r in ref if r not in languages]:
+        raise ConfigError(f"--reference: {', '.join(missing)} not among --languages")
+    if len(ref) == len(languages):
+        raise ConfigError("--languages: every language is in the reference group; give at "
+                          "least one non-reference language")
+    return ref
 
 
 def check_device(device: str) -> None:

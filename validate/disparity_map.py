@@ -81,12 +81,7 @@ class Config:
         if len(set(self.corpus)) != len(self.corpus):
             raise protocol.ConfigError("--corpus: a corpus is given twice")
         langs = protocol.check_sources(self.model, self.corpus[0], self.languages)
-        ref = protocol.check_languages(self.reference or langs[:1], flag="--reference")
-        if missing := [r for r in ref if r not in langs]:
-            raise protocol.ConfigError(f"--reference: {', '.join(missing)} not among --languages")
-        if len(ref) == len(langs):
-            raise protocol.ConfigError("--languages: every language is in the reference group; give at "
-                                       "least one non-reference language")
+        ref = protocol.check_reference(self.reference, langs)
         grid = protocol.check_bits_grid(tuple(self.bits), self.grid, signed="weights")
         for name, vals, known in (("granularity", self.granularity, GRANULARITIES),
                                   ("clipping", self.clipping, CLIPPINGS)):

@@ -110,12 +110,7 @@ class Config:
 
     def __post_init__(self):
         langs = protocol.check_sources(self.model, self.corpus, self.languages)
-        ref = protocol.check_languages(self.reference or langs[:1], flag="--reference")
-        if missing := [r for r in ref if r not in langs]:
-            raise protocol.ConfigError(f"--reference: {', '.join(missing)} not among --languages")
-        if len(ref) == len(langs):
-            raise protocol.ConfigError("--languages: every language is in the reference group; give at "
-                                       "least one non-reference language")
+        ref = protocol.check_reference(self.reference, langs)
         grid = protocol.check_bits_grid(self.bits, self.grid, signed="weights")
         protocol.check_positive("segments", self.segments, optional=True)
         protocol.check_positive("max_length", self.max_length)
