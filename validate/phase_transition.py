@@ -608,8 +608,8 @@ def zero_pass_report(engine, unit_lins, qcfg, fits, nll_fp, single, metric, name
     (language, unit) and per language, R^2 of the raw prediction, and the protection ranking the
     prediction implies (excess damage per parameter, ``theory.protection.rank_layers``).
 
-    This is the integration point of the zero-pass predictor: ``{"available": False, "reason"}``
-    when ``empirical.sensitivity.zero_pass_damage`` is missing or fails.
+    ``{"available": False, "reason"}`` when the predictor refuses the model (e.g. a unit it cannot
+    map), so that the measured curve is still reported.
     """
     from theory.protection import DamageModel, rank_layers
 
@@ -617,21 +617,17 @@ def zero_pass_report(engine, unit_lins, qcfg, fits, nll_fp, single, metric, name
     hit = cache.get(config) if cache is not None else None
     seconds = None
     if hit is None:
-        try:
-            from empirical.sensitivity import zero_pass_damage
-        except ImportError as exc:
-            return {"available": False, "reason": f"empirical.sensitivity.zero_pass_damage: {exc}"}
+        from empirical.sensitivity import zero_pass_damage
+
         t0 = time.perf_counter()
         try:
             z = zero_pass_damage(engine, unit_lins, qcfg, fits, nll_fp, seed=seed)
         except (ValueError, RuntimeError) as exc:
             return {"available": False, "reason": f"zero_pass_damage failed: {exc}"}
         seconds = time.perf_counter() - t0
-        variants = getattr(z, "variants", z)
-        order_keys = list(getattr(z, "keys", langs))
-        hit = {"variants": {v: {l: np.asarray(a)[order_keys.index(l)].tolist() for l in langs}
-                            for v, a in variants.items()},
-               "timing": {**getattr(z, "timing", {}), "seconds": seconds}}
+        hit = {"variants": {v: {l: np.asarray(a)[z.keys.index(l)].tolist() for l in langs}
+                            for v, a in z.variants.items()},
+               "timing": {**z.timing, "seconds": seconds}}
         if cache is not None:
             cache.put(config, hit)
     measured = single[metric]
