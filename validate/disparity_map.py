@@ -410,7 +410,7 @@ def macros(result: protocol.Result) -> MacroSet:
     cfg = result.config_dict
     dep = cfg["deployed"]
     maps = result.get("disparity_map", {})
-    ms.add("MapMetric", result.get("metric"), "metric")
+    ms.add("MapMetric", {"kl": "KL", "bpb": "bits per byte"}.get(result.get("metric")), "metric")
     ms.add("MapDeployedCell", dep, "provenance.config.deployed")
     ms.add("MapCells", len(cells_of_dict(cfg)), "cells per corpus")
     natural = cfg.get("natural")
