@@ -37,6 +37,7 @@ from theory import (
     uniform_gap_bits,
     uniform_mse,
 )
+from theory import strategies as lst
 from theory._symbolic import lambdify
 from theory.rate_distortion import RATE, SCALE, pdf_cube_root_integral_expr
 
@@ -308,15 +309,12 @@ def test_gap_numbers_gaussian():
 SHAPE_RANGES = {"beta": (0.4, 6.0), "nu": (2.5, 100.0), "sigma": (0.2, 1.5)}
 
 
-@st.composite
-def distributions(draw):
-    cls = FAMILIES[draw(st.sampled_from(sorted(FAMILIES)))]
-    shape = tuple(draw(st.floats(*SHAPE_RANGES[n])) for n in cls.shape_names)
-    return cls.from_scipy(shape, draw(st.floats(1e-3, 1e3)))
+def distributions():
+    return lst.distributions(shapes=SHAPE_RANGES, scales=(1e-3, 1e3))
 
 
 @HYP
-@given(dist=distributions(), bits=st.integers(1, 8))
+@given(dist=distributions(), bits=lst.bits(max_bits=8))
 def test_slb_le_lloyd_max_le_uniform(dist, bits):
     slb = shannon_lower_bound(dist, bits)
     lm = lloyd_max(dist, bits).mse
@@ -326,7 +324,7 @@ def test_slb_le_lloyd_max_le_uniform(dist, bits):
 
 
 @HYP
-@given(dist=distributions(), bits=st.integers(1, 8), c=st.floats(1e-2, 1e2))
+@given(dist=distributions(), bits=lst.bits(max_bits=8), c=st.floats(1e-2, 1e2))
 def test_everything_scales_as_scale_squared(dist, bits, c):
     d2 = dist.with_scale(np.asarray(dist.scale) * c)
     r1, r2 = lloyd_max(dist, bits), lloyd_max(d2, bits)
