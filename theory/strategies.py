@@ -136,10 +136,14 @@ def distributions(families=None, scales: tuple[float, float] = SCALE_RANGE,
                 ranges[k] = v
         shape_sts = [_shape_strategy(n, *_range(*ranges[n], what=f"{cls.name} {n}"))
                      for n in cls.shape_names]
-        per_family.append(st.builds(
-            lambda shape, scale, cls=cls: cls.from_scipy(tuple(shape), scale),
-            st.tuples(*shape_sts), _log_uniform(s_lo, s_hi)))
+        per_family.append(_family_draws(cls, st.tuples(*shape_sts), _log_uniform(s_lo, s_hi)))
     return st.one_of(*per_family)
+
+
+@st.composite
+def _family_draws(draw, cls, shape_st, scale_st):
+    # a composite (not st.builds) so that hypothesis reports the drawn distribution's repr
+    return cls.from_scipy(tuple(draw(shape_st)), draw(scale_st))
 
 
 def _grid_names(family_or_dist) -> list[str]:
@@ -233,8 +237,13 @@ def samples(dist: Distribution, min_size: int = 1, max_size: int = 10_000) -> st
         raise ValueError(f"need 1 <= min_size <= max_size, got {min_size}, {max_size}")
     if np.ndim(dist.scale):
         raise ValueError("samples needs a distribution with a scalar scale")
-    return st.builds(lambda seed, n: _draw(dist, n, seed), st.integers(0, 2**32 - 1),
-                     st.integers(min_size, max_size))
+    return _sample_draws(dist, min_size, max_size)
+
+
+@st.composite
+def _sample_draws(draw, dist, min_size, max_size):
+    seed = draw(st.integers(0, 2**32 - 1))
+    return _draw(dist, draw(st.integers(min_size, max_size)), seed)
 
 
 # --------------------------------------------------------------------------------------------
