@@ -254,6 +254,7 @@ class BpbEngine:
         self._replay_unavailable: str | None = None
         self._reference: HeadReference | None = None
         self._kl_unavailable: str | None = "record() has not been called"
+        self._baseline_recorded = False
 
     def _tokenize(self, tokenizer, texts, max_length: int, stride: int) -> list[Window]:
         bos = _start_id(tokenizer)
@@ -322,6 +323,12 @@ class BpbEngine:
         """Why :meth:`record` kept nothing to replay (every pass then runs in full); None when it
         did or has not been called."""
         return self._replay_unavailable
+
+    @property
+    def baseline_recorded(self) -> bool:
+        """Whether :meth:`record` has run (so :meth:`score` has a baseline to measure KL against,
+        unless :attr:`kl_unavailable` says otherwise)."""
+        return self._baseline_recorded
 
     @property
     def kl_unavailable(self) -> str | None:
@@ -420,6 +427,7 @@ class BpbEngine:
         else:
             nll = self.nll()
             self._kl_unavailable = "the output layer is scored from the model's own logits"
+        self._baseline_recorded = True
         if reason is not None and reason != self._replay_unavailable:  # once, however often retried
             warnings.warn(f"{type(self.model).__name__}: no residual stream kept for replay ({reason}); "
                           "every pass will run all blocks", RuntimeWarning, stacklevel=3)

@@ -71,7 +71,7 @@ class ScoredPasses:
     def _ensure_reference(self) -> Scores | None:
         """Record the baseline (and its head statistics) if the engine has not; returns its
         scores when this call recorded it."""
-        if self.engine.kl_unavailable != "record() has not been called":
+        if self.engine.baseline_recorded:
             return None
         nll = self.engine.record()
         self.run_count += 1
