@@ -280,7 +280,8 @@ def metric_nll(metric: str, nll_q: Mapping[str, Sequence[float]], nll_fp: Mappin
 def metric_summary(nll_q: Mapping[str, Sequence[float]], nll_fp: Mapping[str, Sequence[float]],
                    kl: Mapping[str, Sequence[float]] | None, agree: Mapping[str, Sequence[float]] | None,
                    tokens: Mapping[str, Sequence[float]], reference: str | Sequence[str], parallel: bool,
-                   n_boot: int = 1000, seed: int = 0) -> dict:
+                   n_boot: int = 1000, seed: int = 0,
+                   n_bytes: Mapping[str, Sequence[float]] | None = None) -> dict:
     """Degradation and disparity by both metrics, with paired bootstrap intervals from the same
     resamples, their widths per scored token, and top-1 agreement.
 
@@ -292,6 +293,9 @@ def metric_summary(nll_q: Mapping[str, Sequence[float]], nll_fp: Mapping[str, Se
     tokens : mapping language -> per-sentence scored tokens
     reference, parallel, n_boot, seed
         As in :func:`bootstrap_disparity`.
+    n_bytes : mapping language -> per-sentence UTF-8 bytes, optional
+        With ``kl``: also each language's KL bits per byte, ``sum_s KL_s / (ln 2 x sum_s bytes_s)``,
+        with its interval from the same resamples.
 
     Returns
     -------
@@ -302,7 +306,8 @@ def metric_summary(nll_q: Mapping[str, Sequence[float]], nll_fp: Mapping[str, Se
     language (when ``agree`` is given); ``scored_tokens``; and ``token_cost_ratio``,
     ``(relative_width_bpb / relative_width_kl)^2``: how many times the scored tokens bits per
     byte needs for the relative interval width KL has (``1/sqrt(n)`` law; relative widths, since
-    the two metrics' D need not be equal).
+    the two metrics' D need not be equal). With ``n_bytes``, ``kl_bpb``: per language ``kl_bpb``,
+    ``ci_low``, ``ci_high`` and ``bpb_increase`` (the realised bits-per-byte increase).
     """
     q, fp = _nll_arrays(nll_q, nll_fp)
     ref = _reference_group(reference, list(fp))
@@ -335,6 +340,17 @@ def metric_summary(nll_q: Mapping[str, Sequence[float]], nll_fp: Mapping[str, Se
         out["top1_agreement_ci"] = {
             l: _percentile_interval(agr[l][idx[l]].sum(axis=-1) / n_tok[l][idx[l]].sum(axis=-1), int(n_boot))
             for l in fp}
+    if kl is not None and n_bytes is not None:
+        out["kl_bpb"] = {}
+        for l in fp:
+            k = metric_nll("kl", q, fp, kl)[l] - fp[l]  # KL, tiny negative rounding set to 0
+            nb = np.asarray(n_bytes[l], dtype=np.float64)
+            if nb.shape != fp[l].shape:
+                raise ValueError(f"{l}: {nb.size} byte counts for {fp[l].size} sentences")
+            boot = k[idx[l]].sum(axis=-1) / (math.log(2) * nb[idx[l]].sum(axis=-1))
+            lo, hi = _percentile_interval(boot, int(n_boot))
+            out["kl_bpb"][l] = {"kl_bpb": float(k.sum() / (math.log(2) * nb.sum())), "ci_low": lo, "ci_high": hi,
+                                "bpb_increase": float((q[l].sum() - fp[l].sum()) / (math.log(2) * nb.sum()))}
     if kl is not None:
         wb, wk = out["bpb"]["relative_width"], out["kl"]["relative_width"]
         out["token_cost_ratio"] = float((wb / wk) ** 2) if wk > 0 and np.isfinite(wb / wk) else float("nan")

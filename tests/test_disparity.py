@@ -166,3 +166,11 @@ def test_metric_summary_kl_degradation_and_interval_widths():
     with pytest.raises(ValueError, match="negative"):
         metric_nll("kl", q, fp, {**kl, "eng": -kl["eng"]})
     assert "kl" not in metric_summary(q, fp, None, None, tok, "eng", True, n_boot=50)
+    nb = {l: rng.integers(20, 80, n) for l in fp}
+    with_bytes = metric_summary(q, fp, kl, agree, tok, "eng", parallel=True, n_boot=400, seed=3, n_bytes=nb)
+    assert with_bytes["kl"] == out["kl"]  # the same resamples
+    for l in fp:
+        r = with_bytes["kl_bpb"][l]
+        assert r["kl_bpb"] == pytest.approx(kl[l].sum() / (math.log(2) * nb[l].sum()))
+        assert r["bpb_increase"] == pytest.approx((q[l].sum() - fp[l].sum()) / (math.log(2) * nb[l].sum()))
+        assert r["ci_low"] < r["kl_bpb"] < r["ci_high"]

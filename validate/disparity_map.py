@@ -197,7 +197,8 @@ def cell_stats(cell, quant_key: str, s, base, tokens, n_bytes, reference, parall
     agreement, and the primary metric's numbers at the top level."""
     from empirical.disparity import metric_summary
 
-    summ = metric_summary(s.nll, base.nll, s.kl, s.agree, tokens, reference, parallel, c.bootstrap, c.seed)
+    summ = metric_summary(s.nll, base.nll, s.kl, s.agree, tokens, reference, parallel, c.bootstrap, c.seed,
+                          n_bytes=n_bytes)
     primary = summ[c.metric] if c.metric in summ else summ["bpb"]
     out = {"bits": cell[0], "granularity": cell[1], "clipping": cell[2], "cell": cell_name(cell),
            "quant": quant_key, "metric": c.metric if c.metric in summ else "bpb",
@@ -205,8 +206,8 @@ def cell_stats(cell, quant_key: str, s, base, tokens, n_bytes, reference, parall
            "ci_high": primary["disparity_ci"][1], "resolved": primary["resolved"],
            "degradation": primary["degradation"], "degradation_ci": primary["degradation_ci"],
            "summary": summ}
-    if s.kl is not None:
-        out["kl_bpb"] = {l: float(s.kl[l].sum() / (math.log(2) * n_bytes[l].sum())) for l in s.kl}
+    if "kl_bpb" in summ:
+        out["kl_bpb"] = {l: v["kl_bpb"] for l, v in summ["kl_bpb"].items()}
     return out
 
 

@@ -463,28 +463,11 @@ def run(config: Config, cache: ResultCache | None = None) -> protocol.Result:
 
 def kl_bpb_report(scores, base, n_bytes, tokens, reference, parallel: bool, c: Config) -> dict:
     """KL bits per byte of a pass per language, ``sum_s KL_s / (ln 2 x sum_s bytes_s)``, with its
-    95% bootstrap interval over sentences (the same ids in every language when ``parallel``), and
-    ``empirical.disparity.metric_summary`` of the pass (both metrics, from the same resamples)."""
+    95% bootstrap interval over sentences, and ``empirical.disparity.metric_summary`` of the pass
+    (both metrics, from the same resamples)."""
     summary = metric_summary(scores.nll, base.nll, scores.kl, scores.agree, tokens, reference, parallel,
-                             c.bootstrap, c.seed)
-    if scores.kl is None:
-        return {"per_language": None, "metric_summary": summary}
-    rng = np.random.default_rng(c.seed)
-    langs = list(base.nll)
-    sizes = {l: len(base.nll[l]) for l in langs}
-    if parallel and len(set(sizes.values())) == 1:
-        shared = rng.integers(0, sizes[langs[0]], (c.bootstrap, sizes[langs[0]]))
-        idx = {l: shared for l in langs}
-    else:
-        idx = {l: rng.integers(0, sizes[l], (c.bootstrap, sizes[l])) for l in langs}
-    per = {}
-    for l in langs:
-        kl, nb = np.clip(np.asarray(scores.kl[l], float), 0.0, None), np.asarray(n_bytes[l], float)
-        boot = kl[idx[l]].sum(axis=1) / (math.log(2) * nb[idx[l]].sum(axis=1))
-        lo, hi = np.quantile(boot, (0.025, 0.975))
-        per[l] = {"kl_bpb": float(kl.sum() / (math.log(2) * nb.sum())), "ci_low": float(lo), "ci_high": float(hi),
-                  "bpb_increase": float((np.sum(scores.nll[l]) - np.sum(base.nll[l])) / (math.log(2) * nb.sum()))}
-    return {"per_language": per, "metric_summary": summary}
+                             c.bootstrap, c.seed, n_bytes=n_bytes)
+    return {"per_language": summary.pop("kl_bpb", None), "metric_summary": summary}
 
 
 def random_sets(n: int, count: int, seed: int, exclude=()) -> list[tuple[int, ...]]:
