@@ -120,8 +120,9 @@ def natural_corpus_args(path) -> list[str]:
     return ["--corpus", "udhr", str(path), "--segments", str(NATURAL_SEGMENTS)]
 
 
-def cells_of(c: Config) -> list[tuple[int, str, str]]:
-    return [(b, g, k) for b in c.bits for g in c.granularity for k in c.clipping]
+def cells_of(bits, granularity, clipping) -> list[tuple[int, str, str]]:
+    """Every (bits, granularity, clipping) cell of the map, bits outermost."""
+    return [(int(b), g, k) for b in bits for g in granularity for k in clipping]
 
 
 def cell_name(cell) -> str:
@@ -143,7 +144,7 @@ def run(config: Config, cache: ResultCache | None = None) -> protocol.Result:
     torch.manual_seed(c.seed)
     model, tok, meta = load_model(c.model, device=c.device, seed=c.seed, return_metadata=True)
     lins = model_view(model).linears
-    cells = cells_of(c)
+    cells = cells_of(c.bits, c.granularity, c.clipping)
     bar = protocol.progress(total=len(c.corpus) * (1 + len(cells)), desc="forward passes", unit="pass")
     per_corpus, run_count, tokens_per_pass = {}, 0, {}
     for spec in c.corpus:
@@ -413,7 +414,8 @@ def macros(result: protocol.Result) -> MacroSet:
     maps = result.get("disparity_map", {})
     ms.add("MapMetric", {"kl": "KL", "bpb": "bits per byte"}.get(result.get("metric")), "metric")
     ms.add("MapDeployedCell", dep, "provenance.config.deployed")
-    ms.add("MapCells", len(cells_of_dict(cfg)), "cells per corpus")
+    run_cells = cells_of(cfg["bits"], cfg["granularity"], cfg["clipping"])
+    ms.add("MapCells", len(run_cells), "cells per corpus")
     natural = cfg.get("natural")
     ms.add("MapNaturalCorpus", _corpus_label(natural) if natural else None, "provenance.config.natural")
     for tag, spec in (("Udhr", "udhr"), ("Natural", natural)):
@@ -445,8 +447,7 @@ def macros(result: protocol.Result) -> MacroSet:
         ms.add(["Map", tag, "Deployed", "Least", "Ratio"], rel.get(best), f"min of d_l / d_ref at {dep}")
         # every cell's D, e.g. \MapNaturalCellFourChannelSweepD; the default grid's cells always
         # (n/a when a run left them out), so the paper compiles from a quick run too
-        grid = dict.fromkeys([*cells_of_dict({"bits": DEFAULT_BITS, "granularity": GRANULARITIES,
-                                               "clipping": CLIPPINGS}), *map(tuple, cells_of_dict(cfg))])
+        grid = dict.fromkeys([*cells_of(DEFAULT_BITS, GRANULARITIES, CLIPPINGS), *run_cells])
         for b, g, k in grid:
             rc = _cell(pc["cells"], f"{b}/{g}/{k}") or {}
             for name, key in (("D", "disparity"), ("Low", "ci_low"), ("High", "ci_high")):
@@ -473,10 +474,6 @@ def macros(result: protocol.Result) -> MacroSet:
     fam = [r["familiarity"] for (spec, _), r in rows.items() if spec == "udhr" and r.get("familiarity") is not None]
     ms.add("MapUdhrFamiliarityMedian", float(np.median(fam)) if fam else None, "median familiarity of UDHR")
     return ms
-
-
-def cells_of_dict(cfg: dict) -> list:
-    return [(b, g, k) for b in cfg["bits"] for g in cfg["granularity"] for k in cfg["clipping"]]
 
 
 main = protocol.entry_point(__name__)
