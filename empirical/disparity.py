@@ -51,7 +51,7 @@ import math
 import numpy as np
 
 __all__ = ["degradation", "disparity", "bootstrap_disparity", "bootstrap_degradation", "r_squared",
-           "METRICS", "metric_nll", "metric_summary"]
+           "METRICS", "metric_nll", "metric_summary", "paired_difference"]
 
 CI_QUANTILES = (0.025, 0.975)  # 95% percentile interval
 
@@ -355,3 +355,51 @@ def metric_summary(nll_q: Mapping[str, Sequence[float]], nll_fp: Mapping[str, Se
         wb, wk = out["bpb"]["relative_width"], out["kl"]["relative_width"]
         out["token_cost_ratio"] = float((wb / wk) ** 2) if wk > 0 and np.isfinite(wb / wk) else float("nan")
     return out
+
+
+def paired_difference(a: tuple, b: tuple, nll_fp: Mapping[str, Sequence[float]], metric: str, parallel: bool,
+                      n_boot: int = 1000, seed: int = 0, worst_over: Sequence[str] | None = None) -> dict:
+    """Two quantized settings scored on the same sentences, compared by paired bootstrap.
+
+    Parameters
+    ----------
+    a, b : (nll_q, kl)
+        Each setting's per-sentence NLL and KL sums (``kl`` may be None for ``metric="bpb"``).
+    nll_fp : mapping language -> per-sentence baseline NLL
+    metric : "kl" or "bpb"
+    parallel, n_boot, seed
+        As in :func:`metric_summary`: the same ``seed`` draws the same resamples, so the intervals
+        here describe the resamples of the settings' own intervals there.
+    worst_over : sequence of str, optional
+        The languages the worst is taken over (default all; e.g. the languages a held-out
+        calibration never saw).
+
+    Returns
+    -------
+    dict
+        ``worst``: the worst language's degradation ``max_l d_l`` of ``a`` and of ``b``, their
+        difference ``a - b`` with its 95% interval (each resample takes the maximum of its own
+        ``d_l``, whichever language that is) and ``resolved`` (the interval excludes 0); and
+        ``language``: the same for every language's own ``d_l``.
+    """
+    fp = {l: np.asarray(v, dtype=np.float64) for l, v in nll_fp.items()}
+    qa = metric_nll(metric, a[0], fp, a[1])
+    qb = metric_nll(metric, b[0], fp, b[1])
+    idx = _resampled_ids({l: v.size for l, v in fp.items()}, parallel, n_boot, seed)
+    da, db = degradation(qa, fp), degradation(qb, fp)
+    ba, bb = degradation(qa, fp, idx), degradation(qb, fp, idx)
+
+    def entry(x, y, xs, ys):
+        lo, hi = _percentile_interval(np.asarray(xs) - np.asarray(ys), int(n_boot))
+        return {"a": float(x), "b": float(y), "diff": float(x - y), "ci": (lo, hi),
+                "resolved": bool(np.isfinite(lo) and (lo > 0 or hi < 0))}
+
+    over = list(fp) if worst_over is None else list(worst_over)
+    if not over or any(l not in fp for l in over):
+        raise ValueError(f"worst_over must name some of {sorted(fp)}, got {over}")
+    worst = entry(max(da[l] for l in over), max(db[l] for l in over), np.max([ba[l] for l in over], axis=0),
+                  np.max([bb[l] for l in over], axis=0))
+    worst["language_a"] = max(over, key=da.get)
+    worst["language_b"] = max(over, key=db.get)
+    worst["over"] = over
+    return {"worst": worst, "language": {l: entry(da[l], db[l], ba[l], bb[l]) for l in fp}}
