@@ -10,8 +10,8 @@ What quanto 0.2.7 does (read from its source, checked by ``tests/test_baselines.
 * **Weights** (``freeze``): per output channel; int8 symmetric absmax,
   ``s_r = max_j |w_rj| / 127``, ``q = round(w / s_r)``; int4 affine min-max over groups of
   ``g`` consecutive input weights of a row (``g = 128``, lowered by 32 down to 32 until it divides
-  ``in_features``; no groups when ``in_features <= 128``), ``s = (max - min) / 15``, 16 levels
-  per group.
+  ``in_features``; the whole row when ``in_features <= 128`` or none divides), ``s = (max - min) / 15``,
+  16 levels per group.
 * **Activations** (``activations=qint8``): every quantized Linear's *input* is quantized per
   tensor, symmetric, with a static scale ``s``: ``x_q = s * clamp(round(x / s), -128, 127)``,
   i.e. clipping threshold ``alpha = 127 s``.

@@ -335,3 +335,25 @@ def test_tiny_gemma_runs_and_keeps_the_tied_head(quanto):
     prov = lq.provenance()
     assert prov["activations"]["n_outputs_quantized"] == 0  # every output feeds a float-only op
     assert prov["n_calibration_batches"] == 3
+
+
+def test_scored_by_the_engine_recorded_on_the_float_model(llama, quanto):
+    """The design constraint: one BpbEngine, baseline recorded on the float model, scores the
+    quantized model (same object) and the float model again, exactly, afterwards."""
+    from empirical.bpb import BpbEngine
+    from empirical.models import ByteTokenizer
+
+    texts = ["Hello world.", "Une phrase en français, avec des accents.", "שלום עולם", "日本語の文です。"]
+    eng = BpbEngine(llama, ByteTokenizer(), {"x": texts}, max_batch_tokens=40, pack_length=30)
+    base = eng.record()
+    lq = LibraryQuantizer(llama, "quanto", weight_bits=4, act_bits=8)
+    lq.calibrate([b.inputs() for b in eng.batches])  # packed rows: input_ids + position_ids
+    with lq.quantized():
+        s = eng.score()
+        assert not np.allclose(s.nll["x"], base["x"])
+        assert bool((s.kl["x"] > 0).all())
+        with pytest.raises(RuntimeError, match="block 0 changed"):
+            eng.score(start_block=1)  # the swap is visible to the engine's replay check
+    after = eng.score()
+    np.testing.assert_array_equal(after.nll["x"], base["x"])
+    np.testing.assert_array_equal(after.kl["x"], np.zeros(len(texts)))
