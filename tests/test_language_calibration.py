@@ -35,7 +35,9 @@ def test_config_refuses_what_it_cannot_run():
     with pytest.raises(protocol.ConfigError, match="bits"):
         lc.Config(settings=("a0-tensor",))
     c = lc.Config(languages=("en", "he", "ja", "ru"))
-    assert c.heldout == ("eng_Latn", "heb_Hebr") and c.reference == ("eng_Latn",)
+    assert c.held == ("eng_Latn", "heb_Hebr") and c.reference == ("eng_Latn",)
+    import dataclasses
+    assert dataclasses.replace(c, languages=("en", "ja")).held == ("eng_Latn",)  # the default follows --languages
     assert lc.Setting.parse("w4a8-channel") == lc.Setting(8, "channel", 4)
     assert lc.Setting.parse("a6-tensor").name == "a6-tensor"
 
@@ -121,7 +123,13 @@ def test_end_to_end_cells_exports_and_a_rerun_without_passes(tmp_path):
     names = [c["name"] for c in doc["cells"]]
     assert "a4-tensor/entropy/en" in names and "w4a8-channel/entropy/en" not in names
     assert "w4/imatrix_minimax/per_language" in names and "w4/imatrix_minimax/heldout" in names
-    assert doc["timing"]["forward_passes_run"] == 1 + len(names)
+    # one pass per distinct quantizer: max on the mix and max per language have equal thresholds
+    by = {c["name"]: c for c in doc["cells"]}
+    assert by["a4-tensor/max/mix"]["thresholds_digest"] == by["a4-tensor/max/per_language"]["thresholds_digest"]
+    assert by["a4-tensor/max/mix"]["degradation"] == by["a4-tensor/max/per_language"]["degradation"]
+    assert by["a4-tensor/max/en"]["thresholds_digest"] != by["a4-tensor/max/mix"]["thresholds_digest"]
+    distinct = {(c["setting"], c.get("thresholds_digest") or c["name"]) for c in doc["cells"]}
+    assert doc["timing"]["forward_passes_run"] == 1 + len(distinct) < 1 + len(names)
     for c in doc["cells"]:
         d = c["degradation"]
         assert c["worst"] == max(d.values()) and c["worst_language"] == max(d, key=d.get)
@@ -149,3 +157,26 @@ def test_end_to_end_cells_exports_and_a_rerun_without_passes(tmp_path):
     assert again["cells"] == doc["cells"]
     ms = lc.macros(protocol.Result.from_json(doc))
     assert "CalibMinimaxWorst" in ms and "CalibImatrixWorst" in ms and "CalibLibrary" in ms
+
+
+def test_library_cells_run_the_library_and_leave_the_model_as_it_was(tmp_path):
+    pytest.importorskip("optimum.quanto")
+    from empirical.baselines import available
+
+    if available("quanto") is not None:
+        pytest.skip(available("quanto"))
+    args = ["--model", "tiny-llama", "--languages", "en", "he", "ja", "--calib-segments", "2", "--max-length", "64",
+            "--settings", "w8a8-tensor", "a6-tensor", "--calibrators", "max", "minimax", "--calibration-sets", "en",
+            "mix", "per_language", "--weight-bits", "0", "--libraries", "quanto", "--bootstrap", "50",
+            "--out", str(tmp_path / "r")]
+    assert lc.main(args) == 0
+    doc = json.loads((tmp_path / "r" / "language_calibration.json").read_text())
+    lib = [c for c in doc["cells"] if c["kind"] == "library"]
+    assert {c["name"] for c in lib} == {"w8a8-tensor/quanto/en", "w8a8-tensor/quanto/mix"}
+    info = doc["libraries"]
+    assert info["w8a8-tensor/quanto/mix"]["library"] == "quanto" and info["w8a8-tensor/quanto/mix"]["n_calibration_batches"] >= 1
+    assert "alone" in info["a6-tensor/quanto/en"] or "int8" in info["a6-tensor/quanto/en"]
+    # the two calibrations differ, and both quantize something
+    assert doc["cells"][[c["name"] for c in doc["cells"]].index("w8a8-tensor/quanto/en")]["worst"] > 0
+    # the library's pass sits among the comparisons of its setting
+    assert any(r["baseline"] == "w8a8-tensor/quanto/en" for r in doc["comparisons"])

@@ -257,8 +257,33 @@ def synthetic_results() -> dict[str, dict]:
                                "spearman_degradation_vs_familiarity": -0.4, "spearman_degradation_vs_baseline_bpb": 0.2,
                                "across_corpora_spearman": {f"udhr vs {nat}": 0.5}},
             "strongest": {"udhr": ["4/channel/absmax"], nat: ["4/channel/absmax"]}, "timing": {"wall_seconds": 60.0}}
+    def calib_cell(name, kind, worst, ref):
+        setting, cal, cs = name.split("/")
+        d = {l: ref if l == "eng_Latn" else worst * (0.5 + j / 8) for j, l in enumerate(pt_langs)}
+        d[pt_langs[-1]] = worst
+        return {"name": name, "kind": kind, "setting": setting, "calibrator": cal, "set": cs, "metric": "kl",
+                "degradation": d, "degradation_ci": {l: [0.9 * v, 1.1 * v] for l, v in d.items()},
+                "disparity": 1.3, "disparity_ci": [1.1, 1.5], "resolved": True, "worst_language": pt_langs[-1],
+                "worst": worst, "worst_ci": [0.9 * worst, 1.1 * worst], "worst_unseen": worst,
+                "reference_degradation": ref}
+
+    lcal = {"experiment": "language_calibration", "metric": "kl",
+            "provenance": _prov(model="gemma-3-270m", corpus=nat, settings=["a8-tensor", "a4-channel"], weight_bits=4),
+            "heldout": pt_langs[:2], "scored_tokens_per_pass": 6100,
+            "segments": {"calibration": {l: 16 for l in pt_langs}},
+            "cells": [calib_cell("a8-tensor/max/en", "activation", 0.21, 0.1),
+                      calib_cell("a8-tensor/mse/en", "activation", 0.15, 0.08),
+                      calib_cell("a8-tensor/minimax/per_language", "activation", 0.12, 0.09),
+                      calib_cell("a8-tensor/minimax/heldout", "activation", 0.13, 0.09),
+                      calib_cell("a8-tensor/quanto/en", "library", 0.3, 0.12),
+                      calib_cell("w4/imatrix_minimax/per_language", "weight", 0.4, 0.3)],
+            "libraries": {"a8-tensor/quanto/en": {"library": "optimum-quanto", "version": "0.2.7"}},
+            "verdict": {"a8-tensor/minimax/per_language": {
+                "lower": ["a8-tensor/max/en"], "not_resolved": ["a8-tensor/mse/en"], "higher": [], "baselines": 2,
+                "best_english_baseline": {"name": "a8-tensor/mse/en", "worst": 0.15, "diff": -0.03,
+                                          "ci": [-0.05, 0.004], "reference_diff": 0.01, "reference_ci": [0.002, 0.02]}}}}
     return {"optimal_alpha": oa, "distributions": dist, "rate_distortion": rd, "disparity_map": dmap,
-            "phase_transition": pt, "language_alpha": la}
+            "phase_transition": pt, "language_alpha": la, "language_calibration": lcal}
 
 
 @pytest.fixture(scope="module")
@@ -372,6 +397,10 @@ def test_all_writes_well_formed_macros_from_results(standin_run):
     assert macros["LAMostPenalised"] == r"eng\_Latn" and numbers["LAMostPenalisedMixPct"] == pytest.approx(0.07)
     assert numbers["LAWorstLayersHebHebr"] == 32
     assert macros["LAWorstMixTheory"] == latex.NA
+    assert macros["CalibHeadlineSetting"] == "a8-tensor" and macros["CalibMinimaxWorstLanguage"] == "jpn"
+    assert numbers["CalibMinimaxLower"] == 1 and numbers["CalibMinimaxBaselines"] == 2
+    assert macros["CalibMinimaxBestBaseline"] == "a8-tensor/mse/en" and macros["CalibLibrary"] == "optimum-quanto"
+    assert macros["CalibWeightedWorst"] == latex.NA
     # every timing of this run is a finite number of seconds
     for exp in synthetic_results():
         assert numbers[latex.macro_name("Time", exp)] >= 0

@@ -47,6 +47,7 @@ __all__ = [
 #: The experiments ``validate.all`` regenerates, in order (modules ``validate.<name>``).
 EXPERIMENTS: tuple[str, ...] = (
     "optimal_alpha", "distributions", "rate_distortion", "disparity_map", "phase_transition", "language_alpha",
+    "language_calibration",
 )
 
 

@@ -103,7 +103,7 @@ class Config:
     segments: int | None = protocol.param(None, "evaluation segments per language (none: all but the "
                                           "calibration ones)")
     calib_segments: int = protocol.param(3, "calibration segments per language, after the evaluation ones")
-    settings: tuple[str, ...] = protocol.param(("a8-tensor", "a6-tensor", "a4-channel", "w4a8-tensor"),
+    settings: tuple[str, ...] = protocol.param(("w8a8-tensor", "a6-tensor", "a4-channel"),
                                                "activation settings: a<bits>-tensor|channel, w<bits>a<bits>-...")
     calibrators: tuple[str, ...] | None = protocol.param(None, "activation calibrators (none: all of "
                                                          "empirical.calibrate.CALIBRATORS)")
@@ -162,16 +162,25 @@ class Config:
         protocol.check_positive("bootstrap", self.bootstrap)
         protocol.check_device(self.device)
         libs = () if tuple(self.libraries) == ("none",) else tuple(self.libraries)
-        protocol.frozen_set(self, languages=langs, reference=ref, calibrators=cals, heldout=held, libraries=libs,
+        if self.heldout is not None:
+            protocol.frozen_set(self, heldout=held)
+        protocol.frozen_set(self, languages=langs, reference=ref, calibrators=cals, libraries=libs,
                             settings=tuple(s.name for s in settings), weight_bits=self.weight_bits or None)
+
+    @property
+    def held(self) -> tuple[str, ...]:
+        """The held-out split's calibration languages (``--heldout``, default the first half of
+        ``--languages``; computed, not stored, so that changing ``--languages`` moves it)."""
+        return self.heldout if self.heldout is not None else self.languages[: max(1, len(self.languages) // 2)]
 
     @classmethod
     def quick(cls) -> "Config":
-        # three languages, four short evaluation segments, one setting, three calibrators, the weight
-        # cells and the library: about a dozen passes of a few hundred tokens
+        # three languages, four short evaluation segments, one setting, three calibrators, absmax
+        # weights and the library: about a dozen passes of a few hundred tokens (activation-weighted
+        # weight clipping costs about a second per Linear, so the quick run leaves it to the tests)
         return cls(languages=("en", "he", "ja"), segments=4, calib_segments=2, max_length=128, settings=("a6-tensor",),
                    calibrators=("max", "mse", "minimax"), heldout=("en", "he"), heldout_calibrators=("minimax",),
-                   weight_methods=("absmax", "imatrix_minimax"), bootstrap=200)
+                   weight_methods=("absmax",), bootstrap=200)
 
 
 def natural_corpus_args(path) -> list[str]:
@@ -228,7 +237,7 @@ def set_languages(cs: str, c: Config) -> list[str]:
     if cs == "en":
         return list(c.reference)
     if cs == "heldout":
-        return list(c.heldout)
+        return list(c.held)
     return list(c.languages)
 
 
@@ -267,6 +276,16 @@ def site_thresholds(samples, calibrator: str, bits: int, granularity: str, cs: s
     return out
 
 
+def _calibrators_source() -> str:
+    """Hash of :mod:`empirical.calibrate`'s source: part of each cached threshold's key, so a
+    changed calibrator recomputes its thresholds (and, through their digest, its passes)."""
+    import hashlib
+
+    import empirical.calibrate as mod
+
+    return hashlib.sha256(Path(mod.__file__).read_bytes()).hexdigest()[:16]
+
+
 class Calibration:
     """The calibration samples (captured once, when first needed) and the thresholds, each cached as
     a safetensors file keyed by its configuration."""
@@ -292,7 +311,8 @@ class Calibration:
         from empirical.actquant import linear_thresholds, load_thresholds, save_thresholds
 
         meta = {**self.key, "calibrator": calibrator, "bits": bits, "granularity": granularity, "set": cs,
-                "calibration_languages": set_languages(cs, self.c), "grid": self.c.grid}
+                "calibration_languages": set_languages(cs, self.c), "grid": self.c.grid,
+                "calibrators_source": _calibrators_source()}
         path = None if self.folder is None else self.folder / f"{config_key(meta)}.safetensors"
         if path is not None and path.exists():
             try:
@@ -326,7 +346,7 @@ class Calibration:
 def run(config: Config, cache: ResultCache | None = None) -> protocol.Result:
     import torch
 
-    from empirical.actquant import ActivationQuantizer, ActQuantConfig, calibration_batches, combined
+    from empirical.actquant import ActivationQuantizer, ActQuantConfig, combined
     from empirical.bpb import BpbEngine
     from empirical.fakequant import FakeQuantizer, QuantConfig
     from empirical.models import load_model, model_view
@@ -359,11 +379,16 @@ def run(config: Config, cache: ResultCache | None = None) -> protocol.Result:
         apply = None
         if cell["kind"] == "activation":
             s = Setting.parse(cell["setting"])
+            th, path = calib.thresholds(cell["calibrator"], s.act_bits, s.granularity, cell["set"])
+            if cell["calibrator"] in ("minimax", "weighted") and path is not None:
+                exported[cell["name"]] = path
+            # a pass is named by what it quantizes with: cells whose thresholds are equal (max on
+            # the mix and max per language, say) share one pass
+            setting = {"act": ActQuantConfig(s.act_bits, c.grid, s.granularity).key(), "thresholds": digest_of(th),
+                       "weight_bits": s.weight_bits}
+            cell["thresholds_digest"] = setting["thresholds"]
 
-            def apply(cell=cell, s=s):
-                th, path = calib.thresholds(cell["calibrator"], s.act_bits, s.granularity, cell["set"])
-                if cell["calibrator"] in ("minimax", "weighted") and path is not None:
-                    exported[cell["name"]] = path
+            def apply(th=th, s=s):
                 aq = ActivationQuantizer(lins, th, ActQuantConfig(s.act_bits, c.grid, s.granularity))
                 managers = [aq.quantized()]
                 if s.weight_bits:
@@ -383,20 +408,20 @@ def run(config: Config, cache: ResultCache | None = None) -> protocol.Result:
         else:  # library
             from empirical.baselines import available
 
-            why = available(cell["calibrator"])
             s = Setting.parse(cell["setting"])
-            support = _library_support(cell["calibrator"], s) if why is None else why
-            if support is not None:
-                library_info[cell["name"]] = support
+            why = _library_support(cell["calibrator"], s) or available(cell["calibrator"])
+            if why is not None:
+                library_info[cell["name"]] = why
                 bar.update()
                 continue
+            library_info[cell["name"]] = {"library": cell["calibrator"], "version": _library_version(cell["calibrator"]),
+                                          "note": "pass read from the cache"}
 
             def apply(cell=cell, s=s):
                 from empirical.baselines import LibraryQuantizer
 
                 lq = LibraryQuantizer(model, cell["calibrator"], weight_bits=s.weight_bits, act_bits=s.act_bits)
-                texts = [t for l in set_languages(cell["set"], c) for t in cal[l]]
-                lq.calibrate(list(calibration_batches(tok, texts, max_length=c.max_length, device=c.device)))
+                lq.calibrate(library_batches(tok, cal, set_languages(cell["set"], c), c.max_length, c.device))
                 library_info[cell["name"]] = lq.provenance()
                 return lq.quantized()
         scores = passes.get(setting, apply)
@@ -412,8 +437,8 @@ def run(config: Config, cache: ResultCache | None = None) -> protocol.Result:
         "baseline_note": ("baseline is the dequantized Q4_K_M GGUF (weights already quantized to about 4-5 "
                           "bits before this experiment)") if meta.get("prequantized") else
                          "baseline is the model's own weights",
-        "metric": c.metric, "languages": langs, "reference": list(c.reference), "heldout": list(c.heldout),
-        "unseen": [l for l in langs if l not in c.heldout],
+        "metric": c.metric, "languages": langs, "reference": list(c.reference), "heldout": list(c.held),
+        "unseen": [l for l in langs if l not in c.held],
         "segments": {"evaluation": {l: len(ev[l]) for l in langs}, "calibration": {l: len(cal[l]) for l in langs},
                      "text_overlap": overlap},
         "calibration_tokens": calib._samples.tokens if calib._samples is not None else None,
@@ -426,11 +451,51 @@ def run(config: Config, cache: ResultCache | None = None) -> protocol.Result:
                            timing={"forward_passes_run": passes.run_count, "thresholds_computed": calib.computed})
 
 
-def _library_support(library: str, s: Setting) -> str | None:
-    """None when ``library`` can run setting ``s``, else why not."""
-    from empirical.baselines import supports
+def _library_version(library: str) -> str | None:
+    import importlib.metadata
 
-    return supports(library, weight_bits=s.weight_bits, act_bits=s.act_bits, granularity=s.granularity)
+    from empirical.baselines import _DISTRIBUTIONS
+
+    try:
+        return importlib.metadata.version(_DISTRIBUTIONS[library][0])
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def digest_of(thresholds: dict) -> str:
+    """sha256 of a ``Linear name -> threshold`` mapping's exact float64 bytes, names sorted."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for k in sorted(thresholds):
+        a = np.asarray(thresholds[k], dtype=np.float64)
+        h.update(k.encode() + b"\0" + str(a.shape).encode() + a.tobytes())
+    return h.hexdigest()[:24]
+
+
+def _library_support(library: str, s: Setting) -> str | None:
+    """None when ``library`` can run setting ``s``, else why not (quanto 0.2.7: static int8
+    per-tensor activations, int4/int8 weights, never activations alone)."""
+    if s.act_bits != 8 or s.granularity != "tensor":
+        return f"{library} quantizes activations to static int8 per tensor only"
+    if s.weight_bits not in (4, 8):
+        return f"{library} 0.2.7 cannot quantize activations alone (its W8A8 is the comparable setting)"
+    return None
+
+
+LIBRARY_BATCH = 8  # calibration segments per batch of the library's own calibration
+
+
+def library_batches(tok, texts: dict, langs: list[str], max_length: int, device) -> list[dict]:
+    """The calibration segments of ``langs``, the languages interleaved, ``LIBRARY_BATCH`` per
+    batch: the library's momentum average weights later batches less, so a set ordered by language
+    would favour its first language. The library's absmax also sees the right-padding positions of
+    a batch (quanto reads the whole input tensor); one segment per batch would avoid that at about
+    ten times its calibration cost, which is already tens of our quantized passes."""
+    from empirical.actquant import calibration_batches
+
+    order = [texts[l][i] for i in range(max(len(texts[l]) for l in langs)) for l in langs if i < len(texts[l])]
+    return list(calibration_batches(tok, order, max_length=max_length, batch_size=LIBRARY_BATCH, device=device))
 
 
 def cell_stats(s, base, tokens, n_bytes, c: Config, parallel: bool) -> dict:
@@ -444,7 +509,7 @@ def cell_stats(s, base, tokens, n_bytes, c: Config, parallel: bool) -> dict:
     p = summ[m]
     d = p["degradation"]
     worst = max(d, key=d.get)
-    unseen = [l for l in d if l not in c.heldout]
+    unseen = [l for l in d if l not in c.held]
     wu = max(unseen, key=d.get) if unseen else None
     ref = list(c.reference)
     return {"metric": m, "degradation": d, "degradation_ci": p["degradation_ci"],
@@ -472,7 +537,7 @@ def compare(results: list[dict], base, c: Config, parallel: bool) -> list[dict]:
             if a["set"] == "heldout" and b["set"] not in ("en", "none"):
                 continue
             # a held-out calibration is judged on the languages it never saw
-            unseen = [l for l in a["degradation"] if l not in c.heldout] if a["set"] == "heldout" else None
+            unseen = [l for l in a["degradation"] if l not in c.held] if a["set"] == "heldout" else None
             pd = paired_difference((a["_scores"].nll, a["_scores"].kl), (b["_scores"].nll, b["_scores"].kl),
                                    base.nll, a["metric"], parallel, c.bootstrap, c.seed, worst_over=unseen)
             ref = c.reference[0]
@@ -640,10 +705,24 @@ def macros(result: protocol.Result) -> MacroSet:
                percent=True)
         ms.add(["Calib", tag, "Reference", "Diff", "High"], rci[1], f"verdict[{name}].best_english_baseline.reference_ci[1]",
                percent=True)
+    name = f"{head}/minimax/heldout"
+    v = (result.get("verdict") or {}).get(name) or {}
+    r = _cell(result, name) or {}
+    ms.add("CalibHeldoutLower", len(v["lower"]) if v else None, f"verdict[{name}].lower")
+    ms.add("CalibHeldoutBaselines", v.get("baselines"), f"verdict[{name}].baselines")
+    ms.add("CalibHeldoutWorstUnseen", r.get("worst_unseen"), f"cells[{name}].worst_unseen", percent=True)
+    ms.add("CalibHeldoutLanguages", ", ".join(l.split("_")[0] for l in result.get("heldout") or []) or None, "heldout")
     libs = result.get("libraries") or {}
     ran = [v for v in libs.values() if isinstance(v, dict)]
     ms.add("CalibLibrary", (ran[0].get("library") if ran else None), "libraries[].library")
     ms.add("CalibLibraryVersion", (ran[0].get("version") if ran else None), "libraries[].version")
+    lib_cells = [x for x in result.get("cells") or [] if x.get("kind") == "library" and x.get("setting") == head]
+    for cs in ("en", "mix"):
+        x = next((y for y in lib_cells if y["set"] == cs), {})
+        tag = {"en": "En", "mix": "Mix"}[cs]
+        ms.add(["Calib", "Library", tag, "Worst"], x.get("worst"), f"cells[{head}/<library>/{cs}].worst", percent=True)
+        ms.add(["Calib", "Library", tag, "Reference"], x.get("reference_degradation"),
+               f"cells[{head}/<library>/{cs}].reference_degradation", percent=True)
     return ms
 
 
