@@ -16,7 +16,8 @@ root:
 * with ``--pdf``: ``paper/main.pdf``, built with latexmk or tectonic from a copy of ``paper/``
   that reads the root;
 * with ``--natural DIR`` (or ``$LANGQUANT_NTREX``) in a full run, experiments that define
-  ``natural_corpus_args(DIR)`` (``disparity_map``) also run on that natural-text corpus;
+  ``natural_corpus_args(DIR)`` run on that natural-text corpus (``disparity_map`` beside UDHR,
+  ``language_calibration`` instead of it);
 * with ``--update-docs``: the README's snapshot ``docs/phase_transition.png``, copied from this
   run's headline figure (its sha256 in the manifest).
 

@@ -46,7 +46,7 @@ setting), ``cells.csv``, ``language_calibration_table.tex`` and ``language_calib
 
 from __future__ import annotations
 
-import math
+import functools
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -276,9 +276,11 @@ def site_thresholds(samples, calibrator: str, bits: int, granularity: str, cs: s
     return out
 
 
+@functools.lru_cache(maxsize=None)
 def _calibrators_source() -> str:
     """Hash of :mod:`empirical.calibrate`'s source: part of each cached threshold's key, so a
-    changed calibrator recomputes its thresholds (and, through their digest, its passes)."""
+    changed calibrator recomputes its thresholds (and, through their digest, its passes). Read
+    once per process, when the module is first used."""
     import hashlib
 
     import empirical.calibrate as mod
@@ -376,7 +378,6 @@ def run(config: Config, cache: ResultCache | None = None) -> protocol.Result:
     weight_q = {}
     for cell in cells:
         setting = {"cell": cell["name"], "grid": c.grid}
-        apply = None
         if cell["kind"] == "activation":
             s = Setting.parse(cell["setting"])
             th, path = calib.thresholds(cell["calibrator"], s.act_bits, s.granularity, cell["set"])
