@@ -77,3 +77,39 @@ def test_bpb_engine_on_cuda_matches_cpu_and_replays(tiny_model):
     assert not np.allclose(full, ref)
     after = m.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before), "weights not restored exactly on CUDA"
+
+
+def test_activation_calibration_and_quantization_on_cuda_match_cpu(tiny_llama):
+    """Calibration capture, a calibrator and static activation quantization (with int4 weights) on
+    CUDA give the CPU's values, and the model comes back exactly on both devices."""
+    from empirical.actquant import ActivationQuantizer, ActQuantConfig, capture_inputs, combined, linear_thresholds
+    from empirical.calibrate import calibrate
+
+    model, tok = tiny_llama
+    texts = {"eng_Latn": TEXTS[:2], "heb_Hebr": TEXTS[2:]}
+    out = {}
+    for device in ("cpu", "cuda"):
+        m = copy.deepcopy(model).to(device)
+        lins = model_view(m).linears
+        cs = capture_inputs(m, lins, tok, texts, max_length=32)
+        th = linear_thresholds({s: calibrate(cs.of(s), "minimax", 4, "int", "tensor") for s in cs.sites}, cs.sites)
+        aq = ActivationQuantizer(lins, th, ActQuantConfig(bits=4))
+        fq = FakeQuantizer(lins, QuantConfig(bits=4))
+        eng = BpbEngine(m, tok, texts, max_length=32, device=device)
+        base = eng.record()
+        with combined(fq.quantized(), aq.quantized()):
+            q = eng.score(0)
+        again = eng.score(0)
+        for l in texts:
+            np.testing.assert_array_equal(again.nll[l], base[l])  # restored exactly
+        out[device] = (cs, th, q)
+    (c_cs, c_th, c_q), (g_cs, g_th, g_q) = out["cpu"], out["cuda"]
+    assert c_cs.sites == g_cs.sites
+    for s in c_cs.sites:
+        for l in texts:
+            np.testing.assert_allclose(g_cs.values[s][l], c_cs.values[s][l], rtol=1e-4, atol=1e-5)
+    for k in c_th:
+        np.testing.assert_allclose(g_th[k], c_th[k], rtol=1e-3)
+    for l in texts:
+        np.testing.assert_allclose(g_q.nll[l], c_q.nll[l], rtol=2e-3)
+        np.testing.assert_allclose(g_q.kl[l], c_q.kl[l], rtol=0.05, atol=1e-4)

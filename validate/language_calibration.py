@@ -670,6 +670,8 @@ def macros(result: protocol.Result) -> MacroSet:
     ms.add("CalibHeadlineSetting", head, "provenance.config.settings[0]")
     ms.add("CalibSettings", len(settings) if settings else None, "provenance.config.settings")
     ms.add("CalibCells", len(result.get("cells") or []) or None, "cells")
+    pcts = [x[1:] for x in cfg.get("calibrators") or [] if re.fullmatch(r"p[0-9.]+", x)]
+    ms.add("CalibPercentiles", " and ".join(pcts) or None, "provenance.config.calibrators")
     ms.add("CalibTokens", result.get("scored_tokens_per_pass"), "scored_tokens_per_pass")
     corpus = cfg.get("corpus")
     ms.add("CalibCorpus", None if corpus is None else ("UDHR" if corpus == "udhr" else Path(corpus).name),
