@@ -46,7 +46,6 @@ setting), ``cells.csv``, ``language_calibration_table.tex`` and ``language_calib
 
 from __future__ import annotations
 
-import functools
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -276,16 +275,14 @@ def site_thresholds(samples, calibrator: str, bits: int, granularity: str, cs: s
     return out
 
 
-@functools.lru_cache(maxsize=None)
-def _calibrators_source() -> str:
-    """Hash of :mod:`empirical.calibrate`'s source: part of each cached threshold's key, so a
-    changed calibrator recomputes its thresholds (and, through their digest, its passes). Read
-    once per process, when the module is first used."""
-    import hashlib
+#: Version of each calibrator's rule, part of its cached thresholds' key: bump it when the rule
+#: changes (then its thresholds, and through their digest its passes, are computed again).
+#: ``theory`` per channel is 2 since it models each channel's mean (empirical.calibrate.ShiftTable).
+CALIBRATOR_VERSIONS = {("theory", "channel"): 2}
 
-    import empirical.calibrate as mod
 
-    return hashlib.sha256(Path(mod.__file__).read_bytes()).hexdigest()[:16]
+def calibrator_version(calibrator: str, granularity: str) -> int:
+    return CALIBRATOR_VERSIONS.get((calibrator, granularity), 1)
 
 
 class Calibration:
@@ -314,7 +311,7 @@ class Calibration:
 
         meta = {**self.key, "calibrator": calibrator, "bits": bits, "granularity": granularity, "set": cs,
                 "calibration_languages": set_languages(cs, self.c), "grid": self.c.grid,
-                "calibrators_source": _calibrators_source()}
+                "calibrator_version": calibrator_version(calibrator, granularity)}
         path = None if self.folder is None else self.folder / f"{config_key(meta)}.safetensors"
         if path is not None and path.exists():
             try:
