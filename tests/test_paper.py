@@ -449,7 +449,8 @@ def test_a_failing_experiment_fails_the_run_by_name(standins, tmp_path, capfd, m
     man = read_json(root / "manifest.json")
     status = {e["name"]: e["status"] for e in man["experiments"]}
     assert status == {"optimal_alpha": "ok", "distributions": "failed", "rate_distortion": "ok",
-                      "disparity_map": "ok", "phase_transition": "ok", "language_alpha": "failed"}
+                      "disparity_map": "ok", "phase_transition": "ok", "language_alpha": "failed",
+                      "language_calibration": "ok"}
     assert man["quick"] is False
     macros = parse_macros((root / "macros.tex").read_text())
     assert "PstarMeasured" in macros and not any(k.startswith(("Dist", "LA")) for k in macros)
