@@ -68,8 +68,10 @@ class ActQuantConfig:
         return f"a{self.grid}{self.bits}-{self.granularity}"
 
 
-def _alpha_tensor(alpha, x: torch.Tensor, channels: int, granularity: str, name: str = "") -> torch.Tensor:
-    a = torch.as_tensor(np.asarray(alpha, dtype=np.float64) if not torch.is_tensor(alpha) else alpha)
+def _alpha_tensor(alpha, channels: int, granularity: str, name: str = "") -> torch.Tensor:
+    """The threshold as a float64 tensor (shape ``()`` or ``(channels,)``), checked."""
+    a = alpha.detach().to("cpu", torch.float64) if torch.is_tensor(alpha) else torch.as_tensor(
+        np.asarray(alpha, dtype=np.float64))
     where = f" of {name}" if name else ""
     if granularity == "tensor" and a.numel() != 1:
         raise ValueError(f"threshold{where}: granularity 'tensor' needs one value, got shape {tuple(a.shape)}")
@@ -77,22 +79,30 @@ def _alpha_tensor(alpha, x: torch.Tensor, channels: int, granularity: str, name:
         raise ValueError(f"threshold{where}: granularity 'channel' needs {channels} values, got shape {tuple(a.shape)}")
     if not bool(torch.isfinite(a).all()) or bool((a <= 0).any()):
         raise ValueError(f"threshold{where} must be finite and positive")
-    return a.reshape(-1).to(device=x.device, dtype=x.dtype) if granularity == "channel" else a.reshape(()).to(
-        device=x.device, dtype=x.dtype)
+    return a.reshape(-1) if granularity == "channel" else a.reshape(())
+
+
+def _quantize(x: torch.Tensor, alpha: torch.Tensor, config: ActQuantConfig) -> torch.Tensor:
+    """The rounding rule in ``x``'s dtype; a threshold whose step underflows to 0 in that dtype
+    (a channel that was all zeros in calibration gets the smallest positive float64) quantizes
+    everything to 0."""
+    f, kmin, kmax, off = step_factor(config.grid, config.bits)
+    step = alpha.to(device=x.device, dtype=x.dtype) * f
+    live = step > 0
+    safe = torch.where(live, step, torch.ones_like(step))
+    k = torch.floor(x / safe - off + 0.5).clamp_(kmin, kmax)
+    return torch.where(live, (k + off) * safe, torch.zeros_like(x))
 
 
 def fake_quantize_activation(x: torch.Tensor, alpha, config: ActQuantConfig) -> torch.Tensor:
     """Quantize-dequantize ``x`` (last dimension = channels) with threshold ``alpha``.
 
-    ``alpha`` is a scalar (``tensor``) or has one value per channel (``channel``). The arithmetic
-    is in ``x``'s dtype; a threshold at the smallest positive float (a channel that was all zeros
-    in calibration) maps everything to about zero.
+    ``alpha`` is a positive scalar (``tensor``) or has one positive value per channel
+    (``channel``). The arithmetic is in ``x``'s dtype; a threshold so small that its step is 0 in
+    that dtype (the smallest positive float64: a channel that was all zeros in calibration) maps
+    everything to 0.
     """
-    a = _alpha_tensor(alpha, x, x.shape[-1], config.granularity)
-    f, kmin, kmax, off = step_factor(config.grid, config.bits)
-    step = a * f
-    k = torch.floor(x / step - off + 0.5).clamp_(kmin, kmax)
-    return (k + off) * step
+    return _quantize(x, _alpha_tensor(alpha, x.shape[-1], config.granularity), config)
 
 
 def linear_thresholds(site_thresholds: Mapping[str, np.ndarray], sites: Mapping[str, Sequence[str]]) -> dict:
@@ -139,8 +149,7 @@ class ActivationQuantizer:
         for q in self.linears:
             w = q.module.weight
             channels = w.shape[0] if type(q.module).__name__ == "Conv1D" else w.shape[-1]
-            self._alpha[q.name] = _alpha_tensor(thresholds[q.name], w.detach(), channels, config.granularity,
-                                                q.name).to(torch.float32)
+            self._alpha[q.name] = _alpha_tensor(thresholds[q.name], channels, config.granularity, q.name)
         self._active = False
         self.calls = 0
 
@@ -172,8 +181,7 @@ class ActivationQuantizer:
                     if prev is not None and prev[0] is x and prev[1] == x._version and prev[2] is alpha:
                         xq = prev[3]
                     else:
-                        a = alpha.to(device=x.device, dtype=x.dtype)
-                        xq = fake_quantize_activation(x, a, self.config)
+                        xq = _quantize(x, alpha, self.config)
                         last[0] = (x, x._version, alpha, xq)
                     self.calls += 1
                     return (xq, *args[1:])

@@ -203,3 +203,22 @@ def test_thresholds_round_trip_bit_identical(tmp_path):
     with pytest.raises(FileNotFoundError):
         load_thresholds(tmp_path / "missing.safetensors")
     assert not list(tmp_path.glob(".*tmp"))
+
+
+def test_a_channel_calibrated_on_zeros_quantizes_to_zero_without_nan(tiny_llama):
+    """np.finfo(float).tiny (what a calibrator gives an all-zero channel) underflows to 0 in float32:
+    that channel maps to 0, the others are untouched, and nothing becomes NaN."""
+    x = torch.tensor([[0.0, 1.0, -2.0], [3.0, 0.0, 0.5]])
+    alpha = np.array([np.finfo(float).tiny, 1.0, 2.0])
+    got = fake_quantize_activation(x, alpha, ActQuantConfig(bits=4, granularity="channel"))
+    assert torch.isfinite(got).all() and torch.equal(got[:, 0], torch.zeros(2))
+    ref = np.stack([quantize(x[:, 1].numpy().astype(np.float64), "int", 1.0, 4),
+                    quantize(x[:, 2].numpy().astype(np.float64), "int", 2.0, 4)], 1)
+    np.testing.assert_allclose(got[:, 1:].numpy(), ref, rtol=1e-6)
+    model, tok = tiny_llama
+    lins = model_view(model).linears
+    th = {q.name: np.full(q.module.in_features, np.finfo(float).tiny) for q in lins}
+    aq = ActivationQuantizer(lins, th, ActQuantConfig(bits=8, granularity="channel"))
+    batch = next(calibration_batches(tok, TEXTS["eng_Latn"], max_length=32))
+    with aq.quantized():
+        assert torch.isfinite(model(**batch).logits).all()
