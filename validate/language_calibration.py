@@ -552,6 +552,13 @@ def verdict(comparisons: list[dict], c: Config) -> dict:
     English cost against the English baseline with the lowest worst-language degradation."""
     out = {}
     for row in comparisons:
+        # the multilingual counterpart that needs no language-aware rule: the MSE sweep (weights:
+        # activation-weighted clipping) calibrated on the token-weighted mix
+        if row["baseline"] in (f"{row['setting']}/mse/mix", f"{row['setting']}/imatrix/mix"):
+            v = out.setdefault(row["method"], {"setting": row["setting"], "lower": [], "not_resolved": [], "higher": []})
+            v["against_mix"] = {"name": row["baseline"], "worst": row["worst"]["b"], "diff": row["worst"]["diff"],
+                                "ci": row["worst"]["ci"], "resolved": row["worst"]["resolved"],
+                                "reference_diff": row["reference"]["diff"], "reference_ci": row["reference"]["ci"]}
         if row["baseline_set"] not in ("en", "none"):
             continue
         v = out.setdefault(row["method"], {"setting": row["setting"], "lower": [], "not_resolved": [], "higher": []})
@@ -620,26 +627,34 @@ def plot(result: protocol.Result, out: Path) -> list[Path]:
     fig, axes = plt.subplots(1, len(settings), figsize=(3.3 * len(settings) + 0.6, 3.4), squeeze=False)
     cals = list(dict.fromkeys(r["calibrator"] for r in cells))
     markers = {"en": "o", "mix": "s", "per_language": "D", "heldout": "^", "none": "x"}
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import LogFormatterSciNotation, NullFormatter
+
+    palette = plt.get_cmap("tab20")
+
     for ax, sname in zip(axes[0], settings):
         for r in (x for x in cells if x["setting"] == sname):
-            col = f"C{cals.index(r['calibrator']) % 10}"
+            col = palette(cals.index(r["calibrator"]) % 20)
             lo, hi = r["worst_ci"]
             ax.errorbar([r["reference_degradation"]], [r["worst"]],
                         yerr=[[max(r["worst"] - lo, 0)], [max(hi - r["worst"], 0)]], fmt=markers.get(r["set"], "o"),
-                        color=col, ms=5, lw=0.8, label=r["calibrator"] if r["set"] in ("en", "none", "per_language") else None)
+                        color=col, ms=5, lw=0.8)
         ax.set_xscale("log")
         ax.set_yscale("log")
         lims = [min(ax.get_xlim()[0], ax.get_ylim()[0]), max(ax.get_xlim()[1], ax.get_ylim()[1])]
         ax.plot(lims, lims, color="0.7", lw=0.6, zorder=0)
+        for axis in (ax.xaxis, ax.yaxis):
+            axis.set_major_formatter(LogFormatterSciNotation())
+            axis.set_minor_formatter(NullFormatter())
         ax.set_title(sname, fontsize=9)
         ax.set_xlabel("reference language's degradation", fontsize=8)
         ax.set_ylabel("worst language's degradation", fontsize=8)
         ax.tick_params(labelsize=7)
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    uniq = dict(zip(labels, handles))
-    fig.legend(uniq.values(), uniq.keys(), fontsize=6, loc="lower center", ncol=min(6, len(uniq)), frameon=False)
-    fig.text(0.99, 0.99, "o en   s mix   D per language   ^ held-out   x no calibration", ha="right", va="top", fontsize=6)
-    fig.tight_layout(rect=(0, 0.12, 1, 0.95))
+    handles = [Line2D([], [], color=palette(i % 20), marker="s", ls="", ms=5, label=k) for i, k in enumerate(cals)]
+    handles += [Line2D([], [], color="0.3", marker=m, ls="", ms=5, label=k.replace("_", " "))
+                for k, m in markers.items() if any(x["set"] == k for x in cells)]
+    fig.legend(handles=handles, fontsize=6, loc="lower center", ncol=min(8, len(handles)), frameon=False)
+    fig.tight_layout(rect=(0, 0.14, 1, 1))
     files = [save_figure(fig, out / f"{EXPERIMENT}.png")]
     plt.close(fig)
     return files
@@ -649,7 +664,10 @@ def summary(result: protocol.Result) -> str:
     parts = []
     for method, v in (result.get("verdict") or {}).items():
         if method.endswith("/minimax/per_language"):
-            parts.append(f"{method}: worst lower than {len(v['lower'])}/{v['baselines']} English baselines")
+            mix = v.get("against_mix")
+            parts.append(f"{method}: worst lower than {len(v['lower'])}/{v['baselines']} English baselines"
+                         + (f", {mix['diff']:+.3f} [{mix['ci'][0]:+.3f}, {mix['ci'][1]:+.3f}] against {mix['name']}"
+                            if mix else ""))
     return "; ".join(parts)
 
 
@@ -705,6 +723,26 @@ def macros(result: protocol.Result) -> MacroSet:
                percent=True)
         ms.add(["Calib", tag, "Reference", "Diff", "High"], rci[1], f"verdict[{name}].best_english_baseline.reference_ci[1]",
                percent=True)
+        mix = v.get("against_mix") or {}
+        mci = mix.get("ci") or (None, None)
+        ms.add(["Calib", tag, "Mix", "Baseline"], mix.get("name"), f"verdict[{name}].against_mix.name")
+        ms.add(["Calib", tag, "Mix", "Worst"], mix.get("worst"), f"verdict[{name}].against_mix.worst", percent=True)
+        ms.add(["Calib", tag, "Mix", "Diff"], mix.get("diff"), f"verdict[{name}].against_mix.diff", percent=True)
+        ms.add(["Calib", tag, "Mix", "Diff", "Low"], mci[0], f"verdict[{name}].against_mix.ci[0]", percent=True)
+        ms.add(["Calib", tag, "Mix", "Diff", "High"], mci[1], f"verdict[{name}].against_mix.ci[1]", percent=True)
+    # over every activation setting: where minimax beats every English baseline, and where the
+    # mix-calibrated MSE sweep is lower (resolved), not different, or higher than minimax
+    verdicts = [v for k, v in (result.get("verdict") or {}).items() if k.endswith("/minimax/per_language")
+                and not k.startswith("w%s/" % cfg.get("weight_bits"))]
+    ms.add("CalibSettingsMinimaxBeatsEnglish", sum(bool(v.get("lower_than_every_english_baseline")) for v in verdicts)
+           if verdicts else None, "verdict[*/minimax/per_language].lower_than_every_english_baseline")
+    mixes = [v["against_mix"] for v in verdicts if v.get("against_mix")]
+    ms.add("CalibSettingsMixLower", sum(m["resolved"] and m["diff"] > 0 for m in mixes) if mixes else None,
+           "verdict[*/minimax/per_language].against_mix")
+    ms.add("CalibSettingsMixSame", sum(not m["resolved"] for m in mixes) if mixes else None,
+           "verdict[*/minimax/per_language].against_mix")
+    ms.add("CalibSettingsMixHigher", sum(m["resolved"] and m["diff"] < 0 for m in mixes) if mixes else None,
+           "verdict[*/minimax/per_language].against_mix")
     name = f"{head}/minimax/heldout"
     v = (result.get("verdict") or {}).get(name) or {}
     r = _cell(result, name) or {}
