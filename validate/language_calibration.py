@@ -102,7 +102,7 @@ class Config:
     segments: int | None = protocol.param(None, "evaluation segments per language (none: all but the "
                                           "calibration ones)")
     calib_segments: int = protocol.param(3, "calibration segments per language, after the evaluation ones")
-    settings: tuple[str, ...] = protocol.param(("w8a8-tensor", "a6-tensor", "a4-channel", "w4a8-tensor"),
+    settings: tuple[str, ...] = protocol.param(("w8a8-tensor", "a6-tensor", "a4-channel"),
                                                "activation settings: a<bits>-tensor|channel, w<bits>a<bits>-...")
     calibrators: tuple[str, ...] | None = protocol.param(None, "activation calibrators (none: all of "
                                                          "empirical.calibrate.CALIBRATORS)")
