@@ -180,3 +180,8 @@ def test_library_cells_run_the_library_and_leave_the_model_as_it_was(tmp_path):
     assert doc["cells"][[c["name"] for c in doc["cells"]].index("w8a8-tensor/quanto/en")]["worst"] > 0
     # the library's pass sits among the comparisons of its setting
     assert any(r["baseline"] == "w8a8-tensor/quanto/en" for r in doc["comparisons"])
+    # a rerun reads the pass and the library's provenance from the cache
+    assert lc.main(args) == 0
+    again = json.loads((tmp_path / "r" / "language_calibration.json").read_text())
+    assert again["timing"]["forward_passes_run"] == 0
+    assert again["libraries"]["w8a8-tensor/quanto/mix"] == info["w8a8-tensor/quanto/mix"]

@@ -412,8 +412,12 @@ def run(config: Config, cache: ResultCache | None = None) -> protocol.Result:
                 library_info[cell["name"]] = why
                 bar.update()
                 continue
-            library_info[cell["name"]] = {"library": cell["calibrator"], "version": _library_version(cell["calibrator"]),
-                                          "note": "pass read from the cache"}
+            # the library's provenance is cached beside its pass, so a rerun reports the same call
+            prov_key = {**key, "library_provenance": cell["name"]}
+            cached = cache.get(prov_key) if cache is not None else None
+            library_info[cell["name"]] = cached or {"library": cell["calibrator"],
+                                                    "version": _library_version(cell["calibrator"]),
+                                                    "note": "pass read from the cache; provenance not recorded"}
 
             def apply(cell=cell, s=s):
                 from empirical.baselines import LibraryQuantizer
@@ -421,6 +425,8 @@ def run(config: Config, cache: ResultCache | None = None) -> protocol.Result:
                 lq = LibraryQuantizer(model, cell["calibrator"], weight_bits=s.weight_bits, act_bits=s.act_bits)
                 lq.calibrate(library_batches(tok, cal, set_languages(cell["set"], c), c.max_length, c.device))
                 library_info[cell["name"]] = lq.provenance()
+                if cache is not None:
+                    cache.put({**key, "library_provenance": cell["name"]}, library_info[cell["name"]])
                 return lq.quantized()
         scores = passes.get(setting, apply)
         bar.update()
