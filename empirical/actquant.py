@@ -255,22 +255,16 @@ class CalibrationSamples:
         return int(sum(v.nbytes for d in self.values.values() for v in d.values()))
 
 
-def _start_ids(tokenizer) -> tuple[int | None, int]:
-    bos = getattr(tokenizer, "bos_token_id", None)
-    bos = getattr(tokenizer, "eos_token_id", None) if bos is None else bos
-    pad = getattr(tokenizer, "pad_token_id", None)
-    pad = (bos if bos is not None else 0) if pad is None else pad
-    return bos, int(pad)
-
-
 def calibration_batches(tokenizer, segments: Sequence[str], *, max_length: int = 512, batch_size: int = 8,
                         device=None) -> Iterator[dict]:
     """``{"input_ids", "attention_mask"}`` batches of ``segments``, each from BOS and cut at
     ``max_length`` tokens, right-padded; what :func:`capture_inputs` runs and what a library's own
     calibration (``empirical.baselines``) is given."""
-    bos, pad = _start_ids(tokenizer)
+    from .bpb import _pad_id, _start_id  # the start and padding tokens the scoring engine uses
+
+    bos, pad = _start_id(tokenizer), _pad_id(tokenizer)
     enc = tokenizer(list(segments), add_special_tokens=False)["input_ids"]
-    enc = [e for e in ((([bos] if bos is not None else []) + list(e))[:max_length] for e in enc) if e]
+    enc = [([bos] + list(e))[:max_length] for e in enc]
     for j in range(0, len(enc), batch_size):
         b = enc[j: j + batch_size]
         L = max(len(e) for e in b)

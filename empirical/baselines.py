@@ -54,7 +54,7 @@ from torch import nn
 
 from empirical.models import model_view
 
-__all__ = ["LIBRARIES", "available", "LibraryQuantizer"]
+__all__ = ["LIBRARIES", "available", "library_version", "LibraryQuantizer"]
 
 LIBRARIES = ("quanto",)
 
@@ -66,6 +66,15 @@ _BATCH_KEYS = ("input_ids", "attention_mask", "position_ids")
 def _check_library(name) -> None:
     if name not in LIBRARIES:
         raise ValueError(f"unknown quantization library {name!r}; known: {', '.join(LIBRARIES)}")
+
+
+def library_version(name: str) -> str | None:
+    """The installed version of library ``name`` (None when it is not installed)."""
+    _check_library(name)
+    try:
+        return importlib.metadata.version(_DISTRIBUTIONS[name][0])
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def available(name: str) -> str | None:

@@ -6,7 +6,7 @@ columns the ``C`` input channels). Quantization is symmetric on the signed grids
 :mod:`theory.grids` (``int``, ``midrise``, ``midtread``, ``aciq``): level index
 ``k = clip(floor(x / step - offset + 1/2), kmin, kmax)``, value ``(k + offset) * step``,
 ``step = alpha * f`` with ``(f, kmin, kmax, offset) = theory.grids.step_factor(grid, bits)``
-(:func:`quantize_dequantize`; the same rule as ``empirical.fakequant._round_to_grid``). ``aciq`` is
+(``theory.grids.quantize``; the same rule as ``empirical.fakequant._round_to_grid``). ``aciq`` is
 realised on the ``midrise`` levels, so its measured errors are those of ``midrise``. Activations are
 signed here: the one-sided ``uint`` grid is refused.
 
@@ -80,7 +80,7 @@ import numpy as np
 from theory.grids import Grid, check_bits, step_factor
 
 __all__ = ["CALIBRATORS", "LANGUAGE_AWARE", "GRANULARITIES", "MODES", "threshold",
-           "language_aware_threshold", "combine_thresholds", "calibrate", "quantize_dequantize",
+           "language_aware_threshold", "combine_thresholds", "calibrate",
            "entropy_threshold", "theory_threshold", "ENTROPY_BINS", "ENTROPY_START_BIN",
            "THEORY_SHAPES", "ShiftTable", "SHIFT_TABLE_POINTS", "SHIFT_TABLE_MIN_RATIO",
            "SHIFT_TABLE_MAX_RATIO"]
@@ -193,43 +193,6 @@ def _measured_grid(g: Grid) -> Grid:
 # --------------------------------------------------------------------------------------------
 # the numpy reference quantizer
 # --------------------------------------------------------------------------------------------
-
-def quantize_dequantize(x, alpha, bits: int, grid: Grid | str = "int") -> np.ndarray:
-    """Round ``x`` onto the grid at threshold ``alpha`` and back (numpy reference, float64).
-
-    ``k = clip(floor(x / step - offset + 1/2), kmin, kmax)``, result ``(k + offset) * step`` with
-    ``step = alpha * f`` and ``(f, kmin, kmax, offset) = theory.grids.step_factor(grid, bits)``:
-    nearest level, ties up, clipped to the outermost levels (``theory.grids.quantize``, the rule of
-    ``empirical.fakequant._round_to_grid``).
-
-    Parameters
-    ----------
-    x : array_like
-        Values, last axis = channels.
-    alpha : float or array_like
-        Positive finite threshold: a scalar / shape ``()`` (per tensor) or shape ``(C,)`` with
-        ``C = x.shape[-1]`` (per channel, broadcast over the rows).
-    bits : int
-    grid : str
-        A signed grid (``uint`` is refused).
-    """
-    g, m = _check_grid_bits(grid, bits)
-    arr = np.asarray(x, dtype=np.float64)
-    if not np.all(np.isfinite(arr)):
-        raise ValueError("x contains NaN or infinite values")
-    a = np.asarray(alpha, dtype=np.float64)
-    if a.ndim > 1 or (a.ndim == 1 and (arr.ndim == 0 or a.shape[0] != arr.shape[-1])):
-        raise ValueError(f"alpha must be a scalar or one value per channel (shape "
-                         f"({arr.shape[-1] if arr.ndim else 1},)), got shape {a.shape}")
-    if not np.all(np.isfinite(a)) or np.any(a <= 0):
-        raise ValueError("alpha must be positive and finite")
-    f, kmin, kmax, off = step_factor(g, m)
-    step = a * f
-    with np.errstate(over="ignore"):  # alpha = tiny: x / step overflows to +-inf, clipped below
-        k = np.floor(arr / step - off + 0.5)
-    k = np.clip(k, kmin, kmax)
-    return (k + off) * step
-
 
 # --------------------------------------------------------------------------------------------
 # single-matrix calibrators

@@ -364,9 +364,11 @@ def load_corpus(spec: str, languages: Sequence[str], segments: int | None = None
 
 
 def corpus_digest(corpus) -> str:
-    """Short hash of a corpus's texts: part of every cache key that depends on the text."""
+    """Short hash of a corpus's texts (a Corpus, or a JSON-able mapping of texts): part of every
+    cache key that depends on the text."""
     import hashlib
     import json
 
-    return hashlib.sha256(json.dumps(corpus.texts, sort_keys=True).encode()).hexdigest()[:16]
+    texts = corpus.texts if hasattr(corpus, "texts") else corpus
+    return hashlib.sha256(json.dumps(texts, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -195,7 +195,7 @@ NATURAL_CALIB = 16
 
 # ---- the plan ------------------------------------------------------------------------------------
 
-def plan(c: Config) -> list[dict]:
+def plan(c: Config) -> tuple[list[dict], list[dict]]:
     """Every cell: activation (setting x calibrator x set), library (setting x set) and weight
     (method x set) cells, with the reason for each combination left out."""
     _, la = _calibrators()
@@ -360,7 +360,7 @@ def run(config: Config, cache: ResultCache | None = None) -> protocol.Result:
     ev, cal = split_segments(corpus, c)
     overlap = {l: len(set(ev[l]) & set(cal[l])) for l in langs}
     engine = BpbEngine(model, tok, ev, max_length=c.max_length, device=c.device)
-    digest = protocol.corpus_digest(type("T", (), {"texts": {"eval": ev, "calib": cal}})())
+    digest = protocol.corpus_digest({"eval": ev, "calib": cal})
     key = {"experiment": EXPERIMENT, "version": CELL_VERSION, "model": c.model, "corpus": c.corpus, "languages": langs,
            "max_length": c.max_length, "seed": c.seed, "texts_digest": digest}
     passes = ScoredPasses(engine, cache, key)
@@ -404,7 +404,7 @@ def run(config: Config, cache: ResultCache | None = None) -> protocol.Result:
                 mode = "minimax" if cell["calibrator"] == "imatrix_minimax" else "mean"
                 return ImportanceQuantizer(lins, qcfg, calib.importance(cell["set"]), mode=mode).quantized()
         else:  # library
-            from empirical.baselines import available
+            from empirical.baselines import available, library_version
 
             s = Setting.parse(cell["setting"])
             why = _library_support(cell["calibrator"], s) or available(cell["calibrator"])
@@ -416,7 +416,7 @@ def run(config: Config, cache: ResultCache | None = None) -> protocol.Result:
             prov_key = {**key, "library_provenance": cell["name"]}
             cached = cache.get(prov_key) if cache is not None else None
             library_info[cell["name"]] = cached or {"library": cell["calibrator"],
-                                                    "version": _library_version(cell["calibrator"]),
+                                                    "version": library_version(cell["calibrator"]),
                                                     "note": "pass read from the cache; provenance not recorded"}
 
             def apply(cell=cell, s=s):
@@ -453,17 +453,6 @@ def run(config: Config, cache: ResultCache | None = None) -> protocol.Result:
     }
     return protocol.Result(EXPERIMENT, config, data,
                            timing={"forward_passes_run": passes.run_count, "thresholds_computed": calib.computed})
-
-
-def _library_version(library: str) -> str | None:
-    import importlib.metadata
-
-    from empirical.baselines import _DISTRIBUTIONS
-
-    try:
-        return importlib.metadata.version(_DISTRIBUTIONS[library][0])
-    except importlib.metadata.PackageNotFoundError:
-        return None
 
 
 def digest_of(thresholds: dict) -> str:
