@@ -1,0 +1,118 @@
+"""validate.cross_architecture: the prediction is recorded before the target is measured, its
+statistics against direct computations, and the run end to end on two tiny architectures."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from validate import _protocol as protocol
+from validate import cross_architecture as xa
+from validate._common import ResultCache
+from validate._mechanisms import MechanismConfig, setup
+
+TINY = dict(model="tiny-llama", target="tiny-gemma", languages=("en", "he", "ja"), segments=2, max_length=32,
+            bootstrap=50)
+
+
+def test_config_refuses_the_same_model_twice_and_bad_values():
+    with pytest.raises(protocol.ConfigError, match="source model"):
+        xa.Config(model="tiny-llama", target="tiny-llama")
+    with pytest.raises(protocol.ConfigError):
+        xa.Config(top_k=0)
+    q = xa.Config.quick()
+    assert q.target == "smollm2-135m" and q.segments == MechanismConfig.quick().segments
+
+
+def test_block_output_statistics_equal_a_direct_computation():
+    import torch
+
+    s = setup(MechanismConfig(**{k: v for k, v in TINY.items() if k != "target"}))
+    got = xa.block_output_stats(s)
+    per_block = [[] for _ in range(s.n_blocks)]
+    per_lang_peak = {}
+    with torch.no_grad():
+        for lang, segs in s.windows().items():
+            cur = [[] for _ in range(s.n_blocks)]
+            for ids in segs:
+                hs = s.model(ids, output_hidden_states=True).hidden_states
+                # hidden_states[b + 1] is block b's output, except the last one (after the final norm)
+                outs = [hs[b + 1] for b in range(s.n_blocks - 1)]
+                captured = {}
+                h = s.model.model.layers[-1].register_forward_hook(lambda m, i, o: captured.update(x=o[0] if isinstance(o, tuple) else o))
+                s.model(ids)
+                h.remove()
+                outs.append(captured["x"])
+                for b, x in enumerate(outs):
+                    cur[b].append(x[0, 1:].double().numpy().ravel())
+            peaks = []
+            for b in range(s.n_blocks):
+                x = np.concatenate(cur[b])
+                per_block[b].append(x)
+                peaks.append(np.abs(x).max() / np.median(np.abs(x)))
+            per_lang_peak[lang] = peaks
+    for b in range(s.n_blocks):
+        x = np.concatenate(per_block[b])
+        assert got["kurtosis"][b] == pytest.approx(stats.kurtosis(x), rel=1e-6)
+    for lang in per_lang_peak:
+        np.testing.assert_allclose(got["peak_by_language"][lang], per_lang_peak[lang], rtol=1e-9)
+
+
+def test_weight_kurtosis_and_fertility_are_direct():
+    s = setup(MechanismConfig(**{k: v for k, v in TINY.items() if k != "target"}))
+    wk = xa.weight_kurtosis(s)
+    for b, lins in enumerate(s.block_linears()):
+        assert wk[b] == pytest.approx(np.mean([stats.kurtosis(q.module.weight.detach().double().numpy().ravel())
+                                               for q in lins]))
+    fert = xa.fertility(s)
+    for lang in s.languages:
+        segs = list(s.corpus[lang])
+        n = sum(len(s.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in segs)
+        assert fert[lang]["tokens"] == n
+        assert fert[lang]["tokens_per_char"] == pytest.approx(n / sum(map(len, segs)))
+
+
+def test_run_records_the_prediction_first_and_reruns_from_cache(tmp_path):
+    c = xa.Config(**TINY, claims=False)
+    out = tmp_path / "results" / xa.EXPERIMENT
+    r = xa.run(c, ResultCache(out / "cache"))
+    pred = json.loads((out / "prediction.json").read_text())  # written during the run, before the target's passes
+    assert pred["recorded_at"] == r["prediction"]["recorded_at"]
+    assert pred["source"] == "tiny-llama" and pred["target"] == "tiny-gemma"
+    assert r["prediction_before_measurement"] is True
+    assert r.timing["forward_passes_run"] > 0
+    h = r["hits"]
+    assert h["top_k"] == 2 and h["chance_overlap"] == pytest.approx(2.0)
+    for name in ("critical_by_depth", "critical_by_statistic", "critical_by_zero_pass"):
+        assert h[name]["overlap"] == len(set(h[name]["predicted"]) & set(h["measured_top_blocks"]))
+    # the relative-depth prediction maps the source's top blocks onto the target's depths
+    assert set(pred["critical_by_depth"]) <= set(r["target"]["blocks"])
+    paths = xa.write(r, out)
+    assert {p.name for p in paths} >= {"cross_architecture.json", "prediction.json", "cross_architecture.png",
+                                       "cross_architecture_table.tex", "cross_architecture.csv"}
+    ms = xa.macros(protocol.Result.load(out / "cross_architecture.json"))
+    assert ms.macros["XarchSource"].value == "tiny-llama"
+    assert ms.macros["XarchPredictionFirst"].value == "yes"
+    again = xa.run(c, ResultCache(out / "cache"))
+    assert again.timing["forward_passes_run"] == 0
+    assert again["prediction"]["recorded_at"] == pred["recorded_at"]
+    assert again["target"]["measured_at"] == r["target"]["measured_at"]
+    assert xa.summary(again).startswith("tiny-llama -> tiny-gemma")
+
+
+def test_target_measured_before_the_record_is_reported_as_unknown(tmp_path):
+    """If the target's passes were in the shared cache before any prediction was recorded, the
+    order cannot be shown, and the result says so instead of claiming it."""
+    from validate._mechanisms import block_damage
+
+    root = tmp_path / "results"
+    target_cfg = MechanismConfig(**{**{k: v for k, v in TINY.items() if k != "target"}, "model": "tiny-gemma"})
+    ts = setup(target_cfg)
+    block_damage(ts, ResultCache(root / "other" / "cache"), progress=False)  # fills <root>/_shared
+    xa.whole_model(ts, ResultCache(root / "other" / "cache"), 20, 0)
+    r = xa.run(xa.Config(**TINY, claims=False), ResultCache(root / xa.EXPERIMENT / "cache"))
+    assert r["target"]["measured_at"] is None and r["prediction_before_measurement"] is None
+    assert xa.macros(r).macros["XarchPredictionFirst"].value == "unknown"
