@@ -510,7 +510,9 @@ def super_weights(model, windows: Sequence, threshold: float = SUPER_THRESHOLD, 
 
     Each weight also carries ``share``: ``W[r, c] X[t, c] / Y[t, r]`` at the output spike's token
     ``t``, the part of the output spike that weight alone carries (about 1 for a weight that
-    makes the spike).
+    makes the spike), and ``same_token``: whether the input and output spikes are on the same
+    token of the same window (the reference procedure does not require it; a super weight in the
+    paper's sense has both, and a large ``share``).
 
     Returns
     -------
@@ -550,8 +552,10 @@ def super_weights(model, windows: Sequence, threshold: float = SUPER_THRESHOLD, 
                 # the input channel c at the output spike's token, for the weight's share of it
                 x_at = _input_at(model, m, ws[so], int(sp["out_position"][so, b]), c)
                 share = w * x_at / yout if yout != 0 else None
+                same = si == so and int(sp["in_position"][si, b]) == int(sp["out_position"][so, b])
                 new.append(SuperWeight(b, name, r, c, w, float(xin), float(yout), it,
-                                       {"share": share, "window": so, "position": int(sp["out_position"][so, b])}))
+                                       {"share": None if share is None else float(share), "window": so,
+                                        "position": int(sp["out_position"][so, b]), "same_token": bool(same)}))
             if not new:
                 break
             with torch.no_grad():

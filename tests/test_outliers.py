@@ -208,6 +208,7 @@ def test_planted_super_weight_is_found_at_its_coordinates(llama):
     assert ws[0].value == 5.0 and ws[0].name == "model.layers.0.mlp.down_proj"
     assert abs(ws[0].input_spike) > 50 and abs(ws[0].output_spike) > 50
     assert ws[0].extra["share"] == pytest.approx(1.0, rel=1e-4)   # the weight makes the whole spike
+    assert ws[0].extra["same_token"] is True
     assert res["rounds"] == 2                                        # a second round found nothing more
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)     # zeroed weight restored

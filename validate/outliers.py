@@ -482,6 +482,8 @@ def macros(result: protocol.Result) -> MacroSet:
                f"per_language[{top[1]}].top_outlier_layer")
     sws = result.get("super_weights", {}).get("weights", [])
     ms.add("OutlSuperWeights", len(sws), "super_weights.weights")
+    ms.add("OutlSuperWeightsCarrying", sum(1 for w in sws if (w.get("share") or 0) >= 0.5),
+           "super weights whose own product carries at least half of their output spike (share >= 0.5)")
     w = max(sws, key=lambda w: abs(w["output_spike"])) if sws else {}   # n/a without super weights
     for key in ("layer", "row", "column", "value"):
         ms.add(["OutlSuperWeight", key], w.get(key), f"super_weights.weights[largest output spike].{key}")
