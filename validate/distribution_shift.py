@@ -175,6 +175,7 @@ def run(config: Config, cache: ResultCache | None = None) -> protocol.Result:
         "largest_kl_block": names[int(np.argmax(by_block_kl))],
         "largest_last_kl_language": langs[int(np.argmax(kl[:, -1]))],
         "most_damaged_language": max(langs, key=lambda l: d_all[l]),
+        "windows_used": {l: int(sum(1 for w in windows[l][: c.shift_segments])) for l in langs},
         "passes": {"capture_passes_run": passes, "block_damage_passes_run": dmg.passes_run,
                    "all_quantized_passes_run": damage_passes},
     }
@@ -269,6 +270,8 @@ def macros(result: protocol.Result) -> MacroSet:
     ms.add("ShiftModel", cfg.get("model"), "provenance.config.model")
     ms.add("ShiftBins", cfg.get("bins"), "provenance.config.bins")
     ms.add("ShiftEps", cfg.get("eps"), "provenance.config.eps")
+    used = (result.get("windows_used") or {}).values()
+    ms.add("ShiftSegments", min(used) if used else None, "min of windows_used")
     ms.add("ShiftLanguages", len(result.get("languages", [])), "languages")
     ms.add("ShiftBlocks", len(result.get("blocks", [])), "blocks")
     for name, key in _CORR:

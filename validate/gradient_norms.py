@@ -45,7 +45,7 @@ from validate._common import ResultCache, save_figure, use_agg, write_csv, write
 from validate._latex import MacroSet, tex_text, write_latex_table
 
 EXPERIMENT = "gradient_norms"
-GRAD_VERSION = 1
+GRAD_VERSION = 2
 STATISTICS = ("weight", "output_rms", "taylor", "fisher")
 _LABELS = {"weight": "weight-gradient norm", "output_rms": "output-gradient RMS",
            "taylor": "|gradient . quantization error|", "fisher": "sum (gradient x error)^2"}
@@ -89,11 +89,12 @@ def run(config: Config, cache: ResultCache | None = None) -> protocol.Result:
             if windows is None:
                 windows, errors = s.windows(), _errors(fq, lins)
             ws = windows[lang][: c.grad_segments]
-            item = language_gradients(s.model, s.view.blocks, lins, ws, errors).to_json()
+            item = {**language_gradients(s.model, s.view.blocks, lins, ws, errors).to_json(), "windows": len(ws)}
             passes += len(ws)
             if cache is not None:
                 cache.put(key, item)
         per_lang[lang] = item
+    used = {l: int(per_lang[l]["windows"]) for l in langs}
     dmg = mech.block_damage(s, cache)
     damage_metric = "kl" if dmg.kl is not None else "bpb"
     D = dmg.metric(damage_metric)                                      # [lang, block]
@@ -130,6 +131,7 @@ def run(config: Config, cache: ResultCache | None = None) -> protocol.Result:
         "measured_top_k": [names[i] for i in top_measured],
         "statistics": stats_out,
         "block_damage": dmg.to_json(),
+        "windows_used": used,
         "passes": {"gradient_windows_run": passes, "block_damage_passes_run": dmg.passes_run},
     }
     return protocol.Result(EXPERIMENT, c, data, timing={"forward_passes_run": passes + dmg.passes_run,
@@ -208,6 +210,10 @@ def macros(result: protocol.Result) -> MacroSet:
     ms.add("GradLanguages", len(result.get("languages", [])), "languages")
     ms.add("GradBlocks", len(result.get("blocks", [])), "blocks")
     ms.add("GradTopK", result.get("top_k"), "top_k")
+    used = (result.get("windows_used") or {}).values()
+    ms.add("GradSegments", min(used) if used else None, "min of windows_used")
+    ms.add("GradDamageMetric", {"kl": "KL", "bpb": "bits-per-byte"}.get(result.get("damage_metric")),
+           "damage_metric")
     top = result.get("measured_top_k") or []
     ms.add("GradMeasuredTop", ", ".join(top) if top else None, "measured_top_k")
     for st, nm in _STAT_NAMES.items():
