@@ -245,6 +245,10 @@ def test_run_write_macros_and_a_rerun_without_passes(tmp_path, monkeypatch):
     assert len(langs) == 3 and len(blocks) == 2
     kl = np.array(res["kl_bits"])
     assert kl.shape == (3, 2) and np.all(kl > 0)
+    assert res["windows_used"] == {l: 2 for l in langs}
+    fewer = ds.run(dataclasses.replace(cfg, shift_segments=1), ResultCache(tmp_path / "other" / "cache"))
+    assert fewer["windows_used"] == {l: 1 for l in langs}
+    assert all(fewer["per_language"][l]["positions"] < res["per_language"][l]["positions"] for l in langs)
     d = res["language_damage"]["values"]
     assert res["language_damage"]["metric"] == "kl" and set(d) == set(langs)
     # the all-quantized pass is cached beside the shared block damage

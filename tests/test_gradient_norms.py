@@ -212,6 +212,7 @@ def test_run_write_macros_and_a_rerun_without_passes(tmp_path, monkeypatch):
     cache = ResultCache(tmp_path / "gradient_norms" / "cache")
     res = gn.run(cfg, cache)
     assert calls[0] > 0 and res.timing["backward_passes_run"] == 6
+    assert res["windows_used"] == {l: 2 for l in res["languages"]}
     langs, blocks = res["languages"], res["blocks"]
     D = np.array(res["block_damage"]["kl"])
     for st in gn.STATISTICS:

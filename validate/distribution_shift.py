@@ -7,9 +7,8 @@ that lose more.
 
 Measured, per language and decoder block (``empirical.shift``): the block's output hidden states
 (forward hook on the block: the residual stream after it, before the final norm) over the
-first ``--shift-segments`` of the language's windows (``validate._mechanisms.language_windows``:
-each segment alone, BOS first, no padding; fewer than ``--segments`` keeps the default run near
-ten minutes on one CPU core), at every position except BOS (dropped: its state is the same for every language and
+language's windows (``validate._mechanisms.language_windows``: each segment alone, BOS first, no
+padding; ``--shift-segments`` keeps only the first ones), at every position except BOS (dropped: its state is the same for every language and
 holds the attention sink's massive activations) and every hidden dimension, pooled into one
 sample, once from the baseline and once with every block Linear fake-quantized (the config's
 bits, grid, granularity and clipping; ``empirical.fakequant.FakeQuantizer``). Then
@@ -61,7 +60,7 @@ SHIFT_VERSION = 1
 class Config(mech.MechanismConfig):
     bins: int = protocol.param(100, "histogram bins (interior edges at the baseline's quantiles j/B)")
     eps: float = protocol.param(0.5, "pseudo-count added to every histogram bin before the KL")
-    shift_segments: int | None = protocol.param(8, "windows per language whose activations are compared "
+    shift_segments: int | None = protocol.param(None, "windows per language whose activations are compared "
                                                 "(the first ones; none: all --segments)")
 
     def __post_init__(self):

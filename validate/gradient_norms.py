@@ -5,10 +5,10 @@ quantization does the most damage, per language?
 (``--help`` lists every flag with its default)
 
 Measured, per language and decoder block (``empirical.gradients``), with the loss ``L`` = the mean
-next-token NLL (nats) of the first ``--grad-segments`` of the language's windows
-(``validate._mechanisms.language_windows``: each segment alone, BOS first; fewer than
-``--segments`` because a backward pass through Gemma's 262k-word output layer is what the run's
-time goes to), one backward pass per language (accumulated over its windows, which is
+next-token NLL (nats) of the language's windows (``validate._mechanisms.language_windows``: each
+segment alone, BOS first; ``--grad-segments`` keeps only the first ones, since the backward pass
+through Gemma's 262k-word output layer is where the run's time goes), one backward pass per
+language (accumulated over its windows, which is
 exactly the gradient of ``L``):
 
 * ``weight``: ``sqrt(sum ||dL/dW||_F^2)`` over the block's Linear weights (per Linear in the JSON);
@@ -54,7 +54,7 @@ _LABELS = {"weight": "weight-gradient norm", "output_rms": "output-gradient RMS"
 @dataclass(frozen=True)
 class Config(mech.MechanismConfig):
     top_k: int = protocol.param(3, "size of the top sets compared with the measured criticality ranking")
-    grad_segments: int | None = protocol.param(4, "windows per language in the loss whose gradient is taken "
+    grad_segments: int | None = protocol.param(None, "windows per language in the loss whose gradient is taken "
                                                "(the first ones; none: all --segments)")
 
     def __post_init__(self):
