@@ -76,7 +76,7 @@ def test_weight_kurtosis_and_fertility_are_direct():
 
 
 def test_run_records_the_prediction_first_and_reruns_from_cache(tmp_path):
-    c = xa.Config(**TINY, claims=False)
+    c = xa.Config(**TINY, claims=True)
     out = tmp_path / "results" / xa.EXPERIMENT
     r = xa.run(c, ResultCache(out / "cache"))
     pred = json.loads((out / "prediction.json").read_text())  # written during the run, before the target's passes
@@ -90,9 +90,17 @@ def test_run_records_the_prediction_first_and_reruns_from_cache(tmp_path):
         assert h[name]["overlap"] == len(set(h[name]["predicted"]) & set(h["measured_top_blocks"]))
     # the relative-depth prediction maps the source's top blocks onto the target's depths
     assert set(pred["critical_by_depth"]) <= set(r["target"]["blocks"])
+    # the claims, on both models, each with its interval and sign
+    rows = xa.claim_rows(r)
+    assert len(rows) == 8 and {row["model"] for row in rows} == {"tiny-llama", "tiny-gemma"}
+    fert = r["claims"]["tiny-llama"]["fertility"]
+    x = [fert["per_language"][l]["tokens_per_char"] for l in r["source"]["languages"]]
+    y = [fert["degradation"][l] for l in r["source"]["languages"]]
+    assert fert["pearson"]["r"] == pytest.approx(stats.pearsonr(x, y).statistic)
+    assert r["claims"]["tiny-gemma"]["sinks_outliers"]["claim"]["r_claimed"] == -0.23
     paths = xa.write(r, out)
     assert {p.name for p in paths} >= {"cross_architecture.json", "prediction.json", "cross_architecture.png",
-                                       "cross_architecture_table.tex", "cross_architecture.csv"}
+                                       "cross_architecture_table.tex", "cross_architecture.csv", "claims_table.tex"}
     ms = xa.macros(protocol.Result.load(out / "cross_architecture.json"))
     assert ms.macros["XarchSource"].value == "tiny-llama"
     assert ms.macros["XarchPredictionFirst"].value == "yes"
