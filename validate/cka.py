@@ -293,6 +293,15 @@ def macros(result: protocol.Result) -> MacroSet:
     ms = MacroSet(f"{EXPERIMENT}.json")
     res = result
     p = res.get("change_vs_quant_pooled") or {}
+    ms.add("CkaModel", result.config_dict.get("model"), "provenance.config.model")
+    ms.add("CkaLanguages", len(res.get("languages") or []), "len(languages)")
+    ms.add("CkaDepths", len(res.get("depths") or []), "len(depths)")
+    most = list((res.get("most_changing_block") or {}).values())
+    common = max(set(most), key=most.count) if most else None
+    ms.add("CkaMostChangingBlock", None if common is None else common.replace("block", ""),
+           "most common most_changing_block over languages")
+    ms.add("CkaMostChangingLanguages", most.count(common) if most else None,
+           "languages whose most changing block is CkaMostChangingBlock")
     ms.add("CkaSpearman", p.get("r"), "change_vs_quant_pooled.r")
     ms.add("CkaSpearmanLow", p.get("ci_low"), "change_vs_quant_pooled.ci_low")
     ms.add("CkaSpearmanHigh", p.get("ci_high"), "change_vs_quant_pooled.ci_high")

@@ -359,6 +359,9 @@ def macros(result: protocol.Result) -> MacroSet:
     ms = MacroSet(f"{EXPERIMENT}.json")
     res = result
     langs = res.get("languages", [])
+    ms.add("AblModel", result.config_dict.get("model"), "provenance.config.model")
+    ms.add("AblLanguages", len(langs), "len(languages)")
+    ms.add("AblSegments", result.config_dict.get("segments"), "provenance.config.segments")
     ms.add("AblBlocks", len(res.get("blocks", [])), "len(blocks)")
     ms.add("AblDamageMetric", {"kl": "KL", "bpb": "bits per byte"}.get(res.get("damage_metric")), "damage_metric")
     for m in res.get("modes", []):
