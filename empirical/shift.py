@@ -145,7 +145,8 @@ def moments(x) -> dict[str, float]:
             "max_abs": float(np.max(np.abs(a)))}
 
 
-def moment_shift(baseline: Mapping[str, float] | np.ndarray, quantized: Mapping[str, float] | np.ndarray) -> dict[str, float]:
+def moment_shift(baseline: Mapping[str, float] | np.ndarray,
+                 quantized: Mapping[str, float] | np.ndarray) -> dict[str, float]:
     """Quantized minus baseline of every moment of :func:`moments`; either side may be a sample
     or an already computed :func:`moments` dict."""
     mb = dict(baseline) if isinstance(baseline, Mapping) else moments(baseline)

@@ -269,6 +269,7 @@ def test_run_write_macros_and_a_rerun_without_passes(tmp_path, monkeypatch):
     ms = ds.macros(res)
     assert ms["ShiftLangLastR"].value == pytest.approx(want)
     assert ms["ShiftLanguages"].value == 3 and ms["ShiftBins"].value == cfg.bins
+    assert ms["ShiftWindowsMin"].value == ms["ShiftWindowsMax"].value == 2
     assert ms["ShiftLastKLMax"].value == pytest.approx(kl[:, -1].max())
     assert all(m.name.startswith("Shift") for m in ms)
 

@@ -237,6 +237,7 @@ def test_run_write_macros_and_a_rerun_without_passes(tmp_path, monkeypatch):
     ms = gn.macros(res)
     assert ms["GradWeightPooledR"].value == pytest.approx(res["statistics"]["weight"]["pooled"]["r"])
     assert ms["GradTopK"].value == 1 and all(m.name.startswith("Grad") for m in ms)
+    assert ms["GradWindowsMin"].value == ms["GradWindowsMax"].value == 2 and ms["GradDamageMetric"].value == "KL"
 
     calls[0] = 0
     again = gn.run(cfg, cache)

@@ -8,9 +8,9 @@ that lose more.
 Measured, per language and decoder block (``empirical.shift``): the block's output hidden states
 (forward hook on the block: the residual stream after it, before the final norm) over the
 language's windows (``validate._mechanisms.language_windows``: each segment alone, BOS first, no
-padding; ``--shift-segments`` keeps only the first ones), at every position except BOS (dropped: its state is the same for every language and
-holds the attention sink's massive activations) and every hidden dimension, pooled into one
-sample, once from the baseline and once with every block Linear fake-quantized (the config's
+padding; ``--shift-segments`` keeps only the first ones), at every position except BOS
+(dropped: its state is the same for every language and holds the attention sink's massive
+activations) and every hidden dimension, pooled into one sample, once from the baseline and once with every block Linear fake-quantized (the config's
 bits, grid, granularity and clipping; ``empirical.fakequant.FakeQuantizer``). Then
 
 * ``KL(P_base || P_quant)`` in bits between the two histograms on ``--bins`` bins whose interior
@@ -269,8 +269,9 @@ def macros(result: protocol.Result) -> MacroSet:
     ms.add("ShiftModel", cfg.get("model"), "provenance.config.model")
     ms.add("ShiftBins", cfg.get("bins"), "provenance.config.bins")
     ms.add("ShiftEps", cfg.get("eps"), "provenance.config.eps")
-    used = (result.get("windows_used") or {}).values()
-    ms.add("ShiftSegments", min(used) if used else None, "min of windows_used")
+    used = list((result.get("windows_used") or {}).values())
+    ms.add("ShiftWindowsMin", min(used) if used else None, "min of windows_used")
+    ms.add("ShiftWindowsMax", max(used) if used else None, "max of windows_used")
     ms.add("ShiftLanguages", len(result.get("languages", [])), "languages")
     ms.add("ShiftBlocks", len(result.get("blocks", [])), "blocks")
     for name, key in _CORR:

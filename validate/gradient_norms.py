@@ -210,8 +210,9 @@ def macros(result: protocol.Result) -> MacroSet:
     ms.add("GradLanguages", len(result.get("languages", [])), "languages")
     ms.add("GradBlocks", len(result.get("blocks", [])), "blocks")
     ms.add("GradTopK", result.get("top_k"), "top_k")
-    used = (result.get("windows_used") or {}).values()
-    ms.add("GradSegments", min(used) if used else None, "min of windows_used")
+    used = list((result.get("windows_used") or {}).values())
+    ms.add("GradWindowsMin", min(used) if used else None, "min of windows_used")
+    ms.add("GradWindowsMax", max(used) if used else None, "max of windows_used")
     ms.add("GradDamageMetric", {"kl": "KL", "bpb": "bits-per-byte"}.get(result.get("damage_metric")),
            "damage_metric")
     top = result.get("measured_top_k") or []
