@@ -113,16 +113,15 @@ def weight_kurtosis(s) -> np.ndarray:
 
 def block_output_stats(s, windows: dict | None = None) -> dict:
     """Per block, over every language's non-BOS positions and all features of the block's output
-    hidden state: excess kurtosis, the peak ratio max|x| / median|x|, and per language the same
-    peak ratio (``{"kurtosis": [L], "peak": [L], "peak_by_language": {lang: [L]}}``).
+    hidden state (``empirical.shift.capture_block_outputs``): excess kurtosis, the peak ratio
+    max|x| / median|x|, and per language the same peak ratio
+    (``{"kurtosis": [L], "peak": [L], "peak_by_language": {lang: [L]}}``).
 
-    The moments are accumulated in float64 power sums (one forward pass per segment, hooks on the
-    decoder blocks, removed on exit); the median |x| is taken per language over the positions of
-    that language and pooled as the median of the languages' medians.
+    The pooled moments come from float64 power sums over the languages; the pooled median |x| is
+    the median of the languages' medians.
     """
-    import torch
-
     from empirical.models import _find_blocks
+    from empirical.shift import capture_block_outputs
 
     windows = windows or s.windows()
     _, blocks = _find_blocks(s.model)
@@ -130,36 +129,17 @@ def block_output_stats(s, windows: dict | None = None) -> dict:
     sums = np.zeros((n, 5))  # count, s1, s2, s3, s4
     peak_lang: dict[str, list] = {}
     med_lang: dict[str, list] = {}
-    cur: dict[int, list] = {}
-
-    def hook(i):
-        def fn(_m, _inp, out):
-            h = out[0] if isinstance(out, tuple) else out
-            cur.setdefault(i, []).append(h[0, 1:].detach().double().cpu())
-        return fn
-
-    handles = [b.register_forward_hook(hook(i)) for i, b in enumerate(blocks)]
-    try:
-        with torch.no_grad():
-            for lang, segs in windows.items():
-                cur.clear()
-                for ids in segs:
-                    if ids.shape[1] > 1:
-                        s.model(ids)
-                if not cur:
-                    raise ValueError(f"language {lang!r}: no segment longer than BOS")
-                pk, md = [], []
-                for i in range(n):
-                    x = torch.cat(cur[i]).numpy().ravel()
-                    sums[i] += [x.size, x.sum(), (x ** 2).sum(), (x ** 3).sum(), (x ** 4).sum()]
-                    a = np.abs(x)
-                    med = float(np.median(a))
-                    md.append(med)
-                    pk.append(float(a.max() / med) if med > 0 else float("inf"))
-                peak_lang[lang], med_lang[lang] = pk, md
-    finally:
-        for h in handles:
-            h.remove()
+    for lang, segs in windows.items():
+        outs = capture_block_outputs(s.model, list(blocks), segs)
+        pk, md = [], []
+        for i, x in enumerate(outs):
+            x = x.astype(np.float64)
+            sums[i] += [x.size, x.sum(), (x ** 2).sum(), (x ** 3).sum(), (x ** 4).sum()]
+            a = np.abs(x)
+            med = float(np.median(a))
+            md.append(med)
+            pk.append(float(a.max() / med) if med > 0 else float("inf"))
+        peak_lang[lang], med_lang[lang] = pk, md
     cnt, s1, s2, s3, s4 = sums.T
     mu = s1 / cnt
     m2 = s2 / cnt - mu ** 2
