@@ -8,6 +8,7 @@ written by that run (listed in its manifest) and every generated macro the sourc
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -98,8 +99,34 @@ def _prov(**config):
     return {"config": config, "git_commit": "0" * 40, "packages": {}}
 
 
+#: The mechanism experiments (issue #17): their stand-in results are real runs on tiny random
+#: models (a few seconds each), so their macros read documents of exactly the shape they write.
+MECHANISMS = ("residual_ablation", "cka", "distribution_shift", "gradient_norms", "outliers", "bottleneck",
+              "cross_architecture")
+
+
+@functools.lru_cache(maxsize=1)
+def mechanism_results() -> dict[str, dict]:
+    import tempfile
+
+    from validate import _protocol as protocol
+    from validate._common import ResultCache
+
+    tiny = dict(model="tiny-llama", languages=("en", "he", "ja"), segments=3, max_length=32, bootstrap=30)
+    extra = {"cross_architecture": dict(target="tiny-gemma")}
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in MECHANISMS:
+            mod = protocol.experiment_module(name)
+            cfg = mod.Config(**tiny, **extra.get(name, {}))
+            res = mod.run(cfg, ResultCache(Path(tmp) / name / "cache"))
+            out[name] = json.loads(json.dumps(res.to_json()))
+    return out
+
+
 def synthetic_results() -> dict[str, dict]:
-    """Result JSONs shaped like each experiment's, small and with known values."""
+    """Result JSONs shaped like each experiment's, small and with known values (the mechanism
+    experiments: :func:`mechanism_results`)."""
     fams = ("gaussian", "laplace", "gennorm", "student_t", "lognormal")
     oa_rows, oa_summary = [], []
     for fam in fams:
@@ -283,7 +310,7 @@ def synthetic_results() -> dict[str, dict]:
                 "best_english_baseline": {"name": "a8-tensor/mse/en", "worst": 0.15, "diff": -0.03,
                                           "ci": [-0.05, 0.004], "reference_diff": 0.01, "reference_ci": [0.002, 0.02]}}}}
     return {"optimal_alpha": oa, "distributions": dist, "rate_distortion": rd, "disparity_map": dmap,
-            "phase_transition": pt, "language_alpha": la, "language_calibration": lcal}
+            "phase_transition": pt, "language_alpha": la, "language_calibration": lcal, **mechanism_results()}
 
 
 @pytest.fixture(scope="module")
@@ -450,7 +477,7 @@ def test_a_failing_experiment_fails_the_run_by_name(standins, tmp_path, capfd, m
     status = {e["name"]: e["status"] for e in man["experiments"]}
     assert status == {"optimal_alpha": "ok", "distributions": "failed", "rate_distortion": "ok",
                       "disparity_map": "ok", "phase_transition": "ok", "language_alpha": "failed",
-                      "language_calibration": "ok"}
+                      "language_calibration": "ok", **{m: "ok" for m in MECHANISMS}}
     assert man["quick"] is False
     macros = parse_macros((root / "macros.tex").read_text())
     assert "PstarMeasured" in macros and not any(k.startswith(("Dist", "LA")) for k in macros)

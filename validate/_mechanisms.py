@@ -217,7 +217,7 @@ def block_damage(s: Setup, cache: ResultCache | None = None, progress: bool = Tr
     """Single-block damages of every decoder block per language (module docstring), cached."""
     from empirical.bpb import BpbEngine
     from empirical.fakequant import FakeQuantizer
-    from validate.phase_transition import Passes, degradations
+    from validate._passes import Passes, degradations
 
     c = s.config
     qcfg = c.quant_config()

@@ -1,5 +1,9 @@
 """Cached scored passes shared by the experiments that quantize a model and score it.
 
+:class:`Passes` runs the passes of a set of protection units (decoder blocks or Linears) with some
+of them quantized (``validate.phase_transition`` and the mechanism experiments);
+:func:`degradations` turns a pass into every metric's per-language degradation.
+
 One forward pass gives, per language and sentence, the NLL, the KL divergence from the baseline's
 next-token distribution and the top-1 agreements with it (:meth:`empirical.bpb.BpbEngine.score`).
 :class:`ScoredPasses` runs a pass under a weight setting (a context manager that changes and
@@ -15,14 +19,15 @@ first.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, ContextManager, Mapping
+from typing import Callable, ContextManager, Mapping, Sequence
 
 import numpy as np
 
 from empirical.bpb import Scores
+from empirical.disparity import degradation, metric_nll
 from validate._common import ResultCache
 
-__all__ = ["ScoredPasses", "SCORES_VERSION"]
+__all__ = ["ScoredPasses", "Passes", "degradations", "SCORES_VERSION"]
 
 SCORES_VERSION = 2  # cache entries hold {"nll", "kl", "agree"} per language (version 1: NLL only)
 
@@ -114,3 +119,43 @@ class ScoredPasses:
         self.run_count += 1
         self._put(setting, scores)
         return scores
+
+
+class Passes:
+    """Scores (NLL, KL from the baseline, top-1 agreement; ``empirical.bpb.Scores``) of the model
+    with a set of units quantized, one forward pass each, cached by configuration
+    (``validate._passes.ScoredPasses``) so that a rerun runs none.
+
+    The first pass computed records the baseline (its residual stream and head statistics); a pass
+    whose first quantized unit sits in block b replays blocks 0..b-1 from that record.
+    """
+
+    def __init__(self, engine, quantizer, names, unit_linears, cache: ResultCache | None, key: dict):
+        self.scored = ScoredPasses(engine, cache, key)
+        self.fq = quantizer
+        self.names, self.unit_linears = names, unit_linears
+        # first decoder block each unit touches (a unit outside the blocks forces a full pass)
+        self.first_block = [min((q.block if q.block is not None else 0) for q in lins) for lins in unit_linears]
+
+    @property
+    def run_count(self) -> int:
+        """Forward passes computed (not read from the cache), the baseline's recording included."""
+        return self.scored.run_count
+
+    def scores(self, quantized: Sequence[int]):
+        """Scores with the units ``quantized`` quantized and every other unit in full precision."""
+        qset = sorted({int(i) for i in quantized})
+        if not qset:
+            return self.scored.get({})
+        protect = {q.name for i, lins in enumerate(self.unit_linears) if i not in qset for q in lins}
+        setting = {"quantized": sorted(self.names[i] for i in qset)}
+        start = min(self.first_block[i] for i in qset)
+        return self.scored.get(setting, lambda: self.fq.quantized(protect=protect), start)
+
+
+def degradations(scores, base) -> dict[str, dict[str, float]]:
+    """``{metric: {language: d_l}}`` of one pass against the baseline, for every metric it has."""
+    out = {"bpb": degradation(scores.nll, base.nll)}
+    if scores.kl is not None:
+        out["kl"] = degradation(metric_nll("kl", scores.nll, base.nll, scores.kl), base.nll)
+    return out

@@ -47,7 +47,8 @@ __all__ = [
 #: The experiments ``validate.all`` regenerates, in order (modules ``validate.<name>``).
 EXPERIMENTS: tuple[str, ...] = (
     "optimal_alpha", "distributions", "rate_distortion", "disparity_map", "phase_transition", "language_alpha",
-    "language_calibration",
+    "language_calibration", "residual_ablation", "cka", "distribution_shift", "gradient_norms", "outliers",
+    "bottleneck", "cross_architecture",
 )
 
 

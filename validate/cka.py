@@ -282,7 +282,7 @@ def write(result: protocol.Result, out: Path) -> list[Path]:
 def summary(result: protocol.Result) -> str:
     p = result["change_vs_quant_pooled"]
     t = result["top_pairs"][0] if result["top_pairs"] else None
-    s = (f"block change vs quantization damage, pooled Spearman "
+    s = ("block change vs quantization damage, pooled Spearman "
          + ("n/a" if p["r"] is None else f"{p['r']:.2f} [{p['ci_low']:.2f}, {p['ci_high']:.2f}] ({resolved(p)})"))
     if t:
         s += f"; largest cross-language CKA range {t['range']:.3f} ({t['pair'][0]}/{t['pair'][1]})"

@@ -179,7 +179,7 @@ def whole_model(s, cache: ResultCache | None, n_boot: int, seed: int) -> dict:
     from empirical.bpb import BpbEngine
     from empirical.disparity import bootstrap_degradation, bootstrap_disparity, degradation, disparity, metric_nll
     from empirical.fakequant import FakeQuantizer
-    from validate.phase_transition import Passes
+    from validate._passes import Passes
     from validate._mechanisms import DAMAGE_VERSION, shared_cache
 
     c = s.config
@@ -240,7 +240,7 @@ def measured_pstar(s, damage: np.ndarray, cache: ResultCache | None, stop_after:
     from empirical.fakequant import FakeQuantizer
     from theory.protection import DamageModel, critical_fraction, rank_layers
     from validate._mechanisms import DAMAGE_VERSION, shared_cache
-    from validate.phase_transition import Passes
+    from validate._passes import Passes
 
     c = s.config
     qcfg = c.quant_config()
@@ -454,13 +454,13 @@ def claims(s, analysis: dict, c: Config, cache: ResultCache | None = None) -> di
 
 
 def sinks_against_outliers(s, cache: ResultCache | None) -> dict:
-    """``validate.outliers``'s sink-versus-outlier correlations on this model: per layer and
+    """The sink-versus-outlier correlations of the outliers experiment (``validate._sinks``) on this model: per layer and
     language, the share of sink heads (Gu et al., eps 0.3) against the block output's
     max|x| / median|x| (Sun et al.'s statistics), over (layer, language) pairs resampling whole
     layers; the notes' claim r = -0.23 (Pearson) against its interval."""
-    from validate import outliers as vo
+    from validate import _sinks as vo
 
-    oc = vo.Config(**{f.name: getattr(s.config, f.name) for f in dataclasses.fields(MechanismConfig)})
+    oc = vo.SinkSettings(bootstrap=s.config.bootstrap, seed=s.config.seed)
     windows = s.windows()
     summ = {}
     for i, lang in enumerate(s.languages):
@@ -476,7 +476,7 @@ def sinks_against_outliers(s, cache: ResultCache | None) -> dict:
     pooled = corr["sink_share__outlier_ratio"]["pooled"]
     return {"available": True, "sink_share": {l: summ[l]["sink_share"] for l in s.languages},
             "pearson": pooled["pearson"], "spearman": pooled["spearman"], "claim": corr["claim"],
-            "outlier_measure": "max|x| / median|x| of the block output (validate.outliers)"}
+            "outlier_measure": "max|x| / median|x| of the block output (the outliers experiment)"}
 
 
 # ---- the experiment -------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ bits, grid, granularity and clipping; ``empirical.fakequant.FakeQuantizer``). Th
 Related to damage:
 
 * across languages: each language's degradation with every block quantized (KL estimator,
-  ``validate.phase_transition.degradations``; the same cached scored passes as
+  ``validate._passes.degradations``; the same cached scored passes as
   ``validate._mechanisms.block_damage``) against the last block's KL and against the mean over
   blocks; Spearman with a percentile-bootstrap interval over languages (with eight languages the
   interval is wide);
@@ -107,7 +107,7 @@ def all_quantized_damage(s: mech.Setup, cache: ResultCache | None, fq) -> tuple[
     passes run)``, from the scored passes ``block_damage`` shares (same cache and key, so the
     baseline is not scored again)."""
     from empirical.bpb import BpbEngine
-    from validate.phase_transition import Passes, degradations
+    from validate._passes import Passes, degradations
 
     c = s.config
     lins = s.block_linears()

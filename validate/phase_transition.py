@@ -50,12 +50,12 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
-from empirical.disparity import METRICS, degradation, metric_nll, metric_summary, r_squared
+from empirical.disparity import METRICS, metric_summary, r_squared
 from validate import _protocol as protocol
+from validate._passes import Passes, degradations
 from validate._common import ResultCache, save_figure, spearman, use_agg, write_csv, write_json
 from validate._latex import MacroSet, Tex, finite, format_number, tex_text, write_latex_table
 
@@ -145,48 +145,6 @@ def units_of(view, unit: str) -> tuple[list[str], list[list]]:
         key = f"block{q.block}" if q.block is not None else q.name
         groups.setdefault(key, []).append(q)
     return list(groups), list(groups.values())
-
-
-class Passes:
-    """Scores (NLL, KL from the baseline, top-1 agreement; ``empirical.bpb.Scores``) of the model
-    with a set of units quantized, one forward pass each, cached by configuration
-    (``validate._passes.ScoredPasses``) so that a rerun runs none.
-
-    The first pass computed records the baseline (its residual stream and head statistics); a pass
-    whose first quantized unit sits in block b replays blocks 0..b-1 from that record.
-    """
-
-    def __init__(self, engine, quantizer, names, unit_linears, cache: ResultCache | None, key: dict):
-        from validate._passes import ScoredPasses
-
-        self.scored = ScoredPasses(engine, cache, key)
-        self.fq = quantizer
-        self.names, self.unit_linears = names, unit_linears
-        # first decoder block each unit touches (a unit outside the blocks forces a full pass)
-        self.first_block = [min((q.block if q.block is not None else 0) for q in lins) for lins in unit_linears]
-
-    @property
-    def run_count(self) -> int:
-        """Forward passes computed (not read from the cache), the baseline's recording included."""
-        return self.scored.run_count
-
-    def scores(self, quantized: Sequence[int]):
-        """Scores with the units ``quantized`` quantized and every other unit in full precision."""
-        qset = sorted({int(i) for i in quantized})
-        if not qset:
-            return self.scored.get({})
-        protect = {q.name for i, lins in enumerate(self.unit_linears) if i not in qset for q in lins}
-        setting = {"quantized": sorted(self.names[i] for i in qset)}
-        start = min(self.first_block[i] for i in qset)
-        return self.scored.get(setting, lambda: self.fq.quantized(protect=protect), start)
-
-
-def degradations(scores, base) -> dict[str, dict[str, float]]:
-    """``{metric: {language: d_l}}`` of one pass against the baseline, for every metric it has."""
-    out = {"bpb": degradation(scores.nll, base.nll)}
-    if scores.kl is not None:
-        out["kl"] = degradation(metric_nll("kl", scores.nll, base.nll, scores.kl), base.nll)
-    return out
 
 
 # ---- theory's per-unit eps ----------------------------------------------------------------------

@@ -44,7 +44,6 @@ a rerun computes none.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
