@@ -113,3 +113,61 @@ def test_activation_calibration_and_quantization_on_cuda_match_cpu(tiny_llama):
     for l in texts:
         np.testing.assert_allclose(g_q.nll[l], c_q.nll[l], rtol=2e-3)
         np.testing.assert_allclose(g_q.kl[l], c_q.kl[l], rtol=0.05, atol=1e-4)
+
+
+# ---- the mechanism experiments (issue #17) ------------------------------------------------------
+
+def _mech_setups():
+    from validate._mechanisms import MechanismConfig, setup
+
+    kw = dict(model="tiny-llama", languages=("en", "he", "ja"), segments=2, max_length=32, bootstrap=20, bits=2)
+    return setup(MechanismConfig(**kw)), setup(MechanismConfig(**kw, device="cuda"))
+
+
+def test_mechanism_measurements_on_cuda_match_cpu(tmp_path):
+    """Block damage, ablation, block outputs (CKA, shift), gradients, sinks and probe features:
+    each computed on the GPU equals the CPU's."""
+    from empirical.ablation import ablate_block
+    from empirical.gradients import language_gradients
+    from empirical.models import _find_blocks
+    from empirical.outliers import attention_sinks
+    from empirical.shift import capture_block_outputs
+    from empirical.similarity import linear_cka
+    from validate._common import ResultCache
+    from validate._mechanisms import block_damage
+
+    cpu, gpu = _mech_setups()
+    assert next(gpu.model.parameters()).is_cuda
+    dc = block_damage(cpu, ResultCache(tmp_path / "a" / "x" / "cache"), progress=False)
+    dg = block_damage(gpu, ResultCache(tmp_path / "b" / "x" / "cache"), progress=False)
+    np.testing.assert_allclose(dg.bpb, dc.bpb, rtol=2e-3, atol=1e-6)
+    wc, wg = cpu.windows(), gpu.windows()
+    lang = cpu.languages[1]
+    with torch.no_grad(), ablate_block(cpu.model, 1, "zero"):
+        lc = cpu.model(wc[lang][0]).logits
+    with torch.no_grad(), ablate_block(gpu.model, 1, "zero"):
+        lg = gpu.model(wg[lang][0]).logits
+    torch.testing.assert_close(lg.cpu(), lc, rtol=1e-4, atol=1e-4)
+    bc = capture_block_outputs(cpu.model, list(_find_blocks(cpu.model)[1]), wc[lang])
+    bg = capture_block_outputs(gpu.model, list(_find_blocks(gpu.model)[1]), wg[lang])
+    for x, y in zip(bc, bg):
+        np.testing.assert_allclose(y, x, rtol=1e-4, atol=1e-5)
+    d = 64
+    assert linear_cka(bg[0].reshape(-1, d), bg[1].reshape(-1, d)) == pytest.approx(
+        linear_cka(bc[0].reshape(-1, d), bc[1].reshape(-1, d)), abs=1e-5)
+    gc = language_gradients(cpu.model, list(_find_blocks(cpu.model)[1]), cpu.block_linears(), wc[lang])
+    gg = language_gradients(gpu.model, list(_find_blocks(gpu.model)[1]), gpu.block_linears(), wg[lang])
+    np.testing.assert_allclose(gg.weight, gc.weight, rtol=1e-3)
+    np.testing.assert_allclose(gg.output_rms, gc.output_rms, rtol=1e-3)
+    sc, sg = attention_sinks(cpu.model, wc[lang]), attention_sinks(gpu.model, wg[lang])
+    np.testing.assert_allclose(sg.alpha, sc.alpha, atol=1e-5)
+
+
+def test_cross_architecture_runs_on_cuda(tmp_path):
+    from validate import cross_architecture as xa
+    from validate._common import ResultCache
+
+    c = xa.Config(model="tiny-llama", target="tiny-gemma", languages=("en", "he", "ja"), segments=2,
+                  max_length=32, bootstrap=20, device="cuda")
+    r = xa.run(c, ResultCache(tmp_path / "r" / xa.EXPERIMENT / "cache"))
+    assert r["prediction_before_measurement"] is True and len(xa.claim_rows(r)) == 8
