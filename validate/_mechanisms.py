@@ -30,7 +30,7 @@ from validate import _protocol as protocol
 from validate._common import ResultCache
 
 __all__ = [
-    "MechanismConfig", "Setup", "setup", "block_damage", "BlockDamage", "language_windows",
+    "MechanismConfig", "Setup", "setup", "block_damage", "block_passes", "block_key", "BlockDamage", "language_windows",
     "correlation_ci", "resolved", "shared_cache", "DAMAGE_VERSION", "METHODS",
 ]
 
@@ -213,21 +213,46 @@ class BlockDamage:
                 "ranking_bpb": [self.blocks[i] for i in self.ranking("bpb")]}
 
 
-def block_damage(s: Setup, cache: ResultCache | None = None, progress: bool = True) -> BlockDamage:
-    """Single-block damages of every decoder block per language (module docstring), cached."""
+def block_key(s: Setup) -> dict:
+    """The cache key every pass of ``s``'s quantized blocks shares (text, model, quantizer)."""
+    return {**s.key, "quant": s.config.quant_config().key(), "unit": "block", "damage_version": DAMAGE_VERSION}
+
+
+def block_passes(s: Setup, cache: ResultCache | None = None, quantizer=None):
+    """Scored passes (``validate._passes.Passes``) of ``s``'s decoder blocks, each unit one block,
+    cached in the shared cache under :func:`block_key`.
+
+    With the default quantizer (the config's, over every block's Linears) one ``Passes`` is kept
+    per setup and cache folder, so that every experiment step reuses its engine and recorded
+    baseline; ``run_count`` then counts the passes of all of them (take differences).
+    """
     from empirical.bpb import BpbEngine
     from empirical.fakequant import FakeQuantizer
-    from validate._passes import Passes, degradations
+    from validate._passes import Passes
 
     c = s.config
-    qcfg = c.quant_config()
+    sc = shared_cache(cache)
+    memo = s.__dict__.setdefault("_block_passes", {})
+    slot = None if sc is None else str(sc.folder)
+    if quantizer is None and slot in memo:
+        return memo[slot]
     lins = s.block_linears()
-    names = s.block_names
     engine = BpbEngine(s.model, s.tokenizer, {l: s.corpus[l] for l in s.languages},
                        max_length=c.max_length, device=c.device)
-    key = {**s.key, "quant": qcfg.key(), "unit": "block", "damage_version": DAMAGE_VERSION}
-    passes = Passes(engine, FakeQuantizer([q for b in lins for q in b], qcfg, seed=c.seed), names, lins,
-                    shared_cache(cache), key)
+    fq = quantizer or FakeQuantizer([q for b in lins for q in b], c.quant_config(), seed=c.seed)
+    passes = Passes(engine, fq, s.block_names, lins, sc, block_key(s))
+    if quantizer is None:
+        memo[slot] = passes
+    return passes
+
+
+def block_damage(s: Setup, cache: ResultCache | None = None, progress: bool = True) -> BlockDamage:
+    """Single-block damages of every decoder block per language (module docstring), cached."""
+    from validate._passes import degradations
+
+    passes = block_passes(s, cache)
+    before = passes.run_count
+    names = s.block_names
     bar = protocol.progress(total=1 + len(names), desc="single-block damage", unit="pass") if progress else None
     base = passes.scores([])
     rows = []
@@ -239,11 +264,12 @@ def block_damage(s: Setup, cache: ResultCache | None = None, progress: bool = Tr
         bar.update()
         bar.close()
     langs = s.languages
+    engine = passes.scored.engine
     mat = lambda m: np.array([[rows[i][m][l] for i in range(len(names))] for l in langs])  # noqa: E731
     nb = {l: float(np.sum(engine.n_bytes[l])) for l in langs}
     base_bpb = {l: float(np.sum(base.nll[l]) / np.log(2) / nb[l]) for l in langs}
     return BlockDamage(names, langs, mat("kl") if "kl" in rows[0] else None, mat("bpb"), base_bpb,
-                       passes.run_count, {l: int(np.sum(engine.tokens[l])) for l in langs})
+                       passes.run_count - before, {l: int(np.sum(engine.tokens[l])) for l in langs})
 
 
 def correlation_ci(x: Sequence[float], y: Sequence[float], method: str = "spearman", n_boot: int = 1000,

@@ -176,24 +176,16 @@ def _model_config(c: Config, model: str) -> MechanismConfig:
 def whole_model(s, cache: ResultCache | None, n_boot: int, seed: int) -> dict:
     """The model with every block quantized: per-language degradation (KL and bpb), its interval,
     disparity D with its interval (bootstrap over segments), and the baseline NLL."""
-    from empirical.bpb import BpbEngine
     from empirical.disparity import bootstrap_degradation, bootstrap_disparity, degradation, disparity, metric_nll
-    from empirical.fakequant import FakeQuantizer
-    from validate._passes import Passes
-    from validate._mechanisms import DAMAGE_VERSION, shared_cache
+    from validate._mechanisms import block_passes
 
-    c = s.config
-    qcfg = c.quant_config()
+    passes = block_passes(s, cache)
+    before = passes.run_count
     lins = s.block_linears()
-    engine = BpbEngine(s.model, s.tokenizer, {l: s.corpus[l] for l in s.languages}, max_length=c.max_length,
-                       device=c.device)
-    key = {**s.key, "quant": qcfg.key(), "unit": "block", "damage_version": DAMAGE_VERSION}
-    passes = Passes(engine, FakeQuantizer([q for b in lins for q in b], qcfg, seed=c.seed), s.block_names, lins,
-                    shared_cache(cache), key)
     base = passes.scores([])
     q = passes.scores(list(range(len(lins))))
     parallel = len({len(v) for v in base.nll.values()}) == 1
-    out = {"passes_run": passes.run_count}
+    out = {"passes_run": passes.run_count - before}
     for m in ("kl", "bpb"):
         if m == "kl" and q.kl is None:
             continue
@@ -235,24 +227,15 @@ def measured_pstar(s, damage: np.ndarray, cache: ResultCache | None, stop_after:
     single-block damages, every other block quantized, one pass per step, the disparity D (KL
     estimator) of each; stops ``stop_after`` steps past the first D <= 1. Returns the curve and
     ``critical_fraction`` of it (nan when the curve never reaches 1)."""
-    from empirical.bpb import BpbEngine
     from empirical.disparity import degradation, disparity, metric_nll
-    from empirical.fakequant import FakeQuantizer
     from theory.protection import DamageModel, critical_fraction, rank_layers
-    from validate._mechanisms import DAMAGE_VERSION, shared_cache
-    from validate._passes import Passes
+    from validate._mechanisms import block_passes
 
-    c = s.config
-    qcfg = c.quant_config()
-    lins = s.block_linears()
     n_params = _n_params(s)
     order = [int(i) for i in rank_layers(DamageModel(np.asarray(damage, dtype=float), n_params, s.languages,
                                                      s.reference), "excess")]
-    engine = BpbEngine(s.model, s.tokenizer, {l: s.corpus[l] for l in s.languages}, max_length=c.max_length,
-                       device=c.device)
-    key = {**s.key, "quant": qcfg.key(), "unit": "block", "damage_version": DAMAGE_VERSION}
-    passes = Passes(engine, FakeQuantizer([q for b in lins for q in b], qcfg, seed=c.seed), s.block_names, lins,
-                    shared_cache(cache), key)
+    passes = block_passes(s, cache)
+    before = passes.run_count
     base = passes.scores([])
     ps, ds, past = [], [], None
     for k in range(len(order) + 1):
@@ -273,7 +256,7 @@ def measured_pstar(s, damage: np.ndarray, cache: ResultCache | None, stop_after:
         if past is not None and past >= stop_after:
             break
     return {"order": [s.block_names[i] for i in order], "p": ps, "disparity": ds,
-            "pstar": float(critical_fraction(np.array(ps), np.array(ds))), "passes_run": passes.run_count}
+            "pstar": float(critical_fraction(np.array(ps), np.array(ds))), "passes_run": passes.run_count - before}
 
 
 def zero_pass(s, cache: ResultCache | None) -> dict:

@@ -102,22 +102,17 @@ def language_shift(s: mech.Setup, fq, windows, bins: int, eps: float) -> dict[st
             "positions": int(sum(max(w.shape[1] - 1, 0) for w in windows))}
 
 
-def all_quantized_damage(s: mech.Setup, cache: ResultCache | None, fq) -> tuple[dict, int]:
+def all_quantized_damage(s: mech.Setup, cache: ResultCache | None) -> tuple[dict, int]:
     """Each language's degradation with every block quantized, ``({metric: {language: d_l}},
-    passes run)``, from the scored passes ``block_damage`` shares (same cache and key, so the
-    baseline is not scored again)."""
-    from empirical.bpb import BpbEngine
-    from validate._passes import Passes, degradations
+    passes run)``, from the scored passes ``block_damage`` shares (``validate._mechanisms.block_passes``:
+    same engine, cache and key, so the baseline is not scored again)."""
+    from validate._passes import degradations
 
-    c = s.config
-    lins = s.block_linears()
-    engine = BpbEngine(s.model, s.tokenizer, {l: s.corpus[l] for l in s.languages},
-                       max_length=c.max_length, device=c.device)
-    key = {**s.key, "quant": c.quant_config().key(), "unit": "block", "damage_version": mech.DAMAGE_VERSION}
-    passes = Passes(engine, fq, s.block_names, lins, mech.shared_cache(cache), key)
+    passes = mech.block_passes(s, cache)
+    before = passes.run_count
     base = passes.scores([])
-    deg = degradations(passes.scores(range(len(lins))), base)
-    return deg, passes.run_count
+    deg = degradations(passes.scores(range(s.n_blocks)), base)
+    return deg, passes.run_count - before
 
 
 def run(config: Config, cache: ResultCache | None = None) -> protocol.Result:
@@ -143,7 +138,7 @@ def run(config: Config, cache: ResultCache | None = None) -> protocol.Result:
                 cache.put(key, item)
         per_lang[lang] = item
     dmg = mech.block_damage(s, cache)
-    deg, damage_passes = all_quantized_damage(s, cache, fq)
+    deg, damage_passes = all_quantized_damage(s, cache)
     metric = "kl" if "kl" in deg else "bpb"
     d_all = deg[metric]
     kl = np.array([per_lang[l]["kl_bits"] for l in langs])                     # [lang, block]

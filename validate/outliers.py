@@ -51,7 +51,7 @@ import numpy as np
 from validate import _protocol as protocol
 from validate._common import ResultCache, save_figure, use_agg, write_csv, write_json
 from validate._latex import MacroSet, write_latex_table
-from validate._mechanisms import MechanismConfig, block_damage, correlation_ci, resolved, setup, shared_cache
+from validate._mechanisms import MechanismConfig, block_damage, block_key, block_passes, correlation_ci, resolved, setup
 from validate._sinks import PROFILE_VERSION, correlations, language_profile, summarize_language
 
 EXPERIMENT = "outliers"
@@ -134,23 +134,16 @@ def super_weight_setting(fq, linears: dict, weights: list[dict], mode: str):
 def super_weight_passes(s, weights: list[dict], cache: ResultCache | None, c: Config, progress: bool = True) -> dict:
     """Per-language degradation of the all-quantized model with and without the super weights in
     full precision, and their paired differences (module docstring)."""
-    from empirical.bpb import BpbEngine
     from empirical.disparity import paired_difference
-    from empirical.fakequant import FakeQuantizer
-    from validate._mechanisms import DAMAGE_VERSION
-    from validate._passes import ScoredPasses
-    from validate._passes import Passes, degradations
+    from validate._passes import ScoredPasses, degradations
 
     if not weights:
         return {"skipped": "no super weight found", "passes_run": 0}
-    qcfg = c.quant_config()
     lins = s.block_linears()
-    names = s.block_names
-    engine = BpbEngine(s.model, s.tokenizer, {l: s.corpus[l] for l in s.languages},
-                       max_length=c.max_length, device=c.device)
-    key = {**s.key, "quant": qcfg.key(), "unit": "block", "damage_version": DAMAGE_VERSION}
-    fq = FakeQuantizer([q for b in lins for q in b], qcfg, seed=c.seed)
-    passes = Passes(engine, fq, names, lins, shared_cache(cache), key)
+    key = block_key(s)
+    passes = block_passes(s, cache)
+    before = passes.run_count
+    fq, engine = passes.fq, passes.scored.engine
     mine = ScoredPasses(engine, cache, {**key, "outliers_super_version": SUPER_VERSION})
     linears = {q.name: q for b in lins for q in b}
     missing = sorted({w["name"] for w in weights} - set(linears))
@@ -159,7 +152,7 @@ def super_weight_passes(s, weights: list[dict], cache: ResultCache | None, c: Co
     coords = sorted([w["name"], w["row"], w["column"]] for w in weights)
     bar = protocol.progress(total=4, desc="super-weight passes", unit="pass") if progress else None
     base = passes.scores([])
-    allq = passes.scores(list(range(len(names))))
+    allq = passes.scores(list(range(len(lins))))
     if bar is not None:
         bar.update(2)
     out = {"modes": {}}
@@ -186,7 +179,7 @@ def super_weight_passes(s, weights: list[dict], cache: ResultCache | None, c: Co
     out["quantized_values"] = {f"{w['name']}[{w['row']},{w['column']}]":
                                float(fq.quantized_weight(w["name"])[(w["column"], w["row"]) if type(linears[w["name"]].module).__name__ == "Conv1D" else (w["row"], w["column"])])
                                for w in weights}
-    out["passes_run"] = passes.run_count + mine.run_count
+    out["passes_run"] = passes.run_count - before + mine.run_count
     return out
 
 
