@@ -287,8 +287,8 @@ def _n_params(s) -> np.ndarray:
 
 def analyse(s, cache: ResultCache | None, c: Config, bar=None) -> dict:
     """Everything measured on one model (sections 1, 3 and 4 of the module docstring)."""
+    stamp = _now()  # before the first quantized pass this call may compute
     dmg = block_damage(s, cache, progress=bar is None)
-    stamp = _now()
     whole = whole_model(s, cache, c.bootstrap, c.seed)
     stats = block_statistics(s, cache)
     mean_damage = dmg.metric("kl").mean(axis=0)
