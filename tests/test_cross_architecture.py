@@ -82,6 +82,8 @@ def test_run_records_the_prediction_first_and_reruns_from_cache(tmp_path):
     pred = json.loads((out / "prediction.json").read_text())  # written during the run, before the target's passes
     assert pred["recorded_at"] == r["prediction"]["recorded_at"]
     assert pred["source"] == "tiny-llama" and pred["target"] == "tiny-gemma"
+    # two blocks: no Spearman on the source, so the statistic is the default and says so
+    assert pred["statistic"] == "relative_depth" and pred["selected_by"].startswith("default")
     assert r["prediction_before_measurement"] is True
     assert r.timing["forward_passes_run"] > 0
     h = r["hits"]

@@ -317,17 +317,17 @@ def predict(source: dict, source_zero: dict, target_s, target_stats: dict, targe
     rd = [i / max(L_s - 1, 1) for i in top_src]
     by_depth = list(dict.fromkeys(int(round(r * (L_t - 1))) for r in rd))
     stat_rho = {st: spearman(source["statistics"][st], mean) for st in STATISTICS}
-    defined = [st for st in STATISTICS if stat_rho[st] is not None]
+    stat_defined = [st for st in STATISTICS if stat_rho[st] is not None]
     # with fewer than three blocks (or a constant side) no Spearman is defined: depth, sign +
-    best = max(defined, key=lambda st: abs(stat_rho[st])) if defined else "relative_depth"
-    sign = -1.0 if defined and stat_rho[best] < 0 else 1.0
+    best = max(stat_defined, key=lambda st: abs(stat_rho[st])) if stat_defined else "relative_depth"
+    sign = -1.0 if stat_defined and stat_rho[best] < 0 else 1.0
     stat_score = sign * np.asarray(target_stats[best], dtype=float)
     # the zero-pass variant that ranked the source's blocks best (pooled over languages)
     measured_src = np.array(source["block_damage"]["kl"])
     zp_rho = {v: spearman(np.array([source_zero[v][l] for l in source["languages"]]).ravel(), measured_src.ravel())
               for v in ZERO_PASS_VARIANTS}
-    defined = [v for v in ZERO_PASS_VARIANTS if zp_rho[v] is not None]
-    variant = max(defined, key=lambda v: zp_rho[v]) if defined else ZERO_PASS_VARIANTS[0]
+    zp_defined = [v for v in ZERO_PASS_VARIANTS if zp_rho[v] is not None]
+    variant = max(zp_defined, key=lambda v: zp_rho[v]) if zp_defined else ZERO_PASS_VARIANTS[0]
     langs = target_s.languages
     zp = np.array([target_zero[variant][l] for l in langs])
     zp_total = {l: float(zp[j].sum()) for j, l in enumerate(langs)}
@@ -340,8 +340,9 @@ def predict(source: dict, source_zero: dict, target_s, target_stats: dict, targe
         "source_top_blocks": [source["blocks"][i] for i in top_src], "source_top_relative_depth": rd,
         "critical_by_depth": [target_s.block_names[i] for i in by_depth],
         "statistic": best, "statistic_sign": sign,
-        "selected_by": "largest |Spearman| with the source's mean block damage" if defined
-                       else "default: no Spearman defined on the source (fewer than three blocks)", "statistic_spearman_on_source": stat_rho,
+        "selected_by": ("largest |Spearman| with the source's mean block damage" if stat_defined
+                        else "default: no Spearman defined on the source (fewer than three blocks)"),
+        "statistic_spearman_on_source": stat_rho,
         "critical_by_statistic": [target_s.block_names[i] for i in _top(stat_score, k)],
         "statistic_scores": stat_score.tolist(),
         "zero_pass_variant": variant, "zero_pass_spearman_on_source": zp_rho,
