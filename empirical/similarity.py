@@ -53,6 +53,18 @@ def _as_matrix(x, name: str) -> np.ndarray:
     return a
 
 
+def _same_rows(reps) -> list[np.ndarray]:
+    """The representations as float64 matrices, refused unless non-empty with one row count."""
+    if len(reps) == 0:
+        raise ValueError("no representations given")
+    mats = [_as_matrix(r, f"reps[{i}]") for i, r in enumerate(reps)]
+    n = mats[0].shape[0]
+    for i, m in enumerate(mats):
+        if m.shape[0] != n:
+            raise ValueError(f"reps[{i}] has {m.shape[0]} rows, reps[0] has {n}; rows must be the same inputs")
+    return mats
+
+
 def _centre(a: np.ndarray) -> np.ndarray:
     return a - a.mean(axis=0, keepdims=True)
 
@@ -90,13 +102,8 @@ def cka_matrix(reps: Sequence) -> np.ndarray:
     ValueError
         As :func:`linear_cka`; also an empty list.
     """
-    if len(reps) == 0:
-        raise ValueError("no representations given")
-    mats = [_as_matrix(r, f"reps[{i}]") for i, r in enumerate(reps)]
+    mats = _same_rows(reps)
     n = mats[0].shape[0]
-    for i, m in enumerate(mats):
-        if m.shape[0] != n:
-            raise ValueError(f"reps[{i}] has {m.shape[0]} rows, reps[0] has {n}; rows must be the same inputs")
     cen = [_centre(m) for m in mats]
     k = len(cen)
     cross = np.empty((k, k))
@@ -138,13 +145,8 @@ class SegmentMoments:
     """
 
     def __init__(self, reps, segments):
-        if len(reps) == 0:
-            raise ValueError("no representations given")
-        mats = [_as_matrix(r, f"reps[{i}]") for i, r in enumerate(reps)]
+        mats = _same_rows(reps)
         n = mats[0].shape[0]
-        for i, m in enumerate(mats):
-            if m.shape[0] != n:
-                raise ValueError(f"reps[{i}] has {m.shape[0]} rows, reps[0] has {n}; rows must be the same inputs")
         seg = np.asarray(segments)
         if seg.shape != (n,) or not np.issubdtype(seg.dtype, np.integer):
             raise ValueError(f"segments must be {n} integer ids, got shape {seg.shape} ({seg.dtype})")

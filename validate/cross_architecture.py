@@ -285,10 +285,10 @@ def _n_params(s) -> np.ndarray:
     return np.array([sum(q.n_params for q in lins) for lins in s.block_linears()], dtype=float)
 
 
-def analyse(s, cache: ResultCache | None, c: Config, bar=None) -> dict:
+def analyse(s, cache: ResultCache | None, c: Config) -> dict:
     """Everything measured on one model (sections 1, 3 and 4 of the module docstring)."""
     stamp = _now()  # before the first quantized pass this call may compute
-    dmg = block_damage(s, cache, progress=bar is None)
+    dmg = block_damage(s, cache)
     whole = whole_model(s, cache, c.bootstrap, c.seed)
     stats = block_statistics(s, cache)
     mean_damage = dmg.metric("kl").mean(axis=0)
@@ -357,7 +357,7 @@ def predict(source: dict, source_zero: dict, target_s, target_stats: dict, targe
     }
 
 
-def prediction_record(c: Config, source: dict, cache: ResultCache | None, out_dir: Path | None, bar=None) -> tuple[dict, Any]:
+def prediction_record(c: Config, source: dict, cache: ResultCache | None, out_dir: Path | None) -> tuple[dict, Any]:
     """The cached prediction (or a new one, written to ``prediction.json`` at once) and the loaded
     target."""
     ts = setup(_model_config(c, c.target))
