@@ -27,7 +27,7 @@ from empirical.bpb import Scores
 from empirical.disparity import degradation, metric_nll
 from validate._common import ResultCache
 
-__all__ = ["ScoredPasses", "Passes", "degradations", "SCORES_VERSION"]
+__all__ = ["ScoredPasses", "Passes", "PassesWorker", "degradations", "SCORES_VERSION"]
 
 SCORES_VERSION = 2  # cache entries hold {"nll", "kl", "agree"} per language (version 1: NLL only)
 
@@ -49,6 +49,13 @@ class ScoredPasses:
         self.key = {**key, "scores_version": SCORES_VERSION}
         self.sentences = {k: len(v) for k, v in engine.n_bytes.items()}
         self.run_count = 0
+
+    def task(self, setting: Mapping, payload: Mapping, name: str):
+        """The executor task (``validate._executor.Task``) of the pass ``setting``: done when the
+        cache holds its scores."""
+        from validate._executor import Task
+
+        return Task(name, {**self.key, "setting": dict(setting)}, dict(payload))
 
     def _check(self, doc) -> None:
         """A cached pass holds finite per-sentence arrays of every language, of the right size."""
@@ -130,8 +137,12 @@ class Passes:
     whose first quantized unit sits in block b replays blocks 0..b-1 from that record.
     """
 
-    def __init__(self, engine, quantizer, names, unit_linears, cache: ResultCache | None, key: dict):
+    def __init__(self, engine, quantizer, names, unit_linears, cache: ResultCache | None, key: dict,
+                 spec=None):
         self.scored = ScoredPasses(engine, cache, key)
+        #: how a remote worker builds these same passes (``validate._executor.WorkerSpec``; its
+        #: factory returns a :class:`PassesWorker`); None: they run in this process only
+        self.spec = spec
         self.fq = quantizer
         self.names, self.unit_linears = names, unit_linears
         # first decoder block each unit touches (a unit outside the blocks forces a full pass)
@@ -142,15 +153,60 @@ class Passes:
         """Forward passes computed (not read from the cache), the baseline's recording included."""
         return self.scored.run_count
 
+    @staticmethod
+    def _setting(names: Sequence[str]) -> dict:
+        return {"quantized": sorted(names)} if names else {}
+
     def scores(self, quantized: Sequence[int]):
         """Scores with the units ``quantized`` quantized and every other unit in full precision."""
         qset = sorted({int(i) for i in quantized})
         if not qset:
             return self.scored.get({})
         protect = {q.name for i, lins in enumerate(self.unit_linears) if i not in qset for q in lins}
-        setting = {"quantized": sorted(self.names[i] for i in qset)}
+        setting = self._setting([self.names[i] for i in qset])
         start = min(self.first_block[i] for i in qset)
         return self.scored.get(setting, lambda: self.fq.quantized(protect=protect), start)
+
+    def task(self, quantized: Sequence[int]):
+        """The executor task of the pass with ``quantized`` quantized (the baseline when empty)."""
+        names = sorted(self.names[i] for i in {int(i) for i in quantized})
+        label = "baseline" if not names else "quantized " + (",".join(names) if len(names) <= 4 else
+                                                               f"{len(names)} units ({names[0]}, ...)")
+        return self.scored.task(self._setting(names), {"quantized": names}, label)
+
+    def prefetch(self, sets: Sequence[Sequence[int]], bar=None):
+        """Hand the passes of ``sets`` to the current executor (``validate._executor.current``)
+        ahead of reading them: a Ray executor computes the uncached ones on its workers and writes
+        them into the cache; the in-process executor does nothing (each pass is computed when
+        :meth:`scores` first asks for it). Returns the executor's ``GridReport`` (None in process)."""
+        from validate._executor import current
+
+        ex = current()
+        if not ex.prefetches or not sets:
+            return None
+        if self.spec is None:
+            raise ValueError("these passes have no worker spec, so they cannot run on remote workers")
+        report = ex.map(self.spec, [self.task(s) for s in sets], cache=self.scored.cache, bar=bar)
+        self.scored.run_count += report.computed
+        return report
+
+
+class PassesWorker:
+    """A :class:`Passes` as an executor worker (``validate._executor.Worker``): the payload
+    ``{"quantized": [unit names]}`` runs that pass. Built with a ``RecordingCache``, it returns the
+    entries the pass produced (its recorded baseline's among them, the first time)."""
+
+    def __init__(self, passes: Passes):
+        self.passes = passes
+
+    def compute(self, payload: Mapping) -> list:
+        names = list(payload.get("quantized", []))
+        unknown = [n for n in names if n not in self.passes.names]
+        if unknown:
+            raise ValueError(f"unknown units {unknown}; this model's units are {self.passes.names[:3]}...")
+        self.passes.scores([self.passes.names.index(n) for n in names])
+        drain = getattr(self.passes.scored.cache, "drain", None)
+        return drain() if drain is not None else []
 
 
 def degradations(scores, base) -> dict[str, dict[str, float]]:

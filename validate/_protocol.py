@@ -38,7 +38,7 @@ from typing import Any, Iterable, Sequence
 from validate._common import ResultCache, default_out_dir, provenance, read_json, to_jsonable
 
 __all__ = [
-    "EXPERIMENTS", "Result", "param", "main_of", "entry_point", "build_parser", "parse_config",
+    "EXPERIMENTS", "Result", "param", "main_of", "entry_point", "build_parser", "parse_config", "parse_args",
     "check_model", "check_corpus", "check_languages", "check_sources", "check_reference", "check_device", "check_bits_grid",
     "check_positive", "load_corpus", "corpus_digest", "frozen_set", "experiment_module", "progress",
     "ConfigError",
@@ -116,6 +116,17 @@ def build_parser(module) -> argparse.ArgumentParser:
             if seq:
                 kw["nargs"] = "+"
         p.add_argument(_flag(f.name), **kw)
+    if getattr(module, "GRIDS", None):
+        g = p.add_argument_group("executor", f"where the independent passes run ({module.GRIDS}); "
+                                 "the results are the same either way (docs/design.md, \"Executors\")")
+        g.add_argument("--executor", choices=("inprocess", "ray"), default="inprocess",
+                       help="inprocess (default): one pass after another in this process; ray: on Ray "
+                            "actors that each load the model once (pip install -e '.[distributed]')")
+        g.add_argument("--address", default=None,
+                       help="a running Ray cluster (host:6379, ray://host:10001 or auto; default: start a "
+                            "local Ray on this machine's CPUs)")
+        g.add_argument("--workers", type=int, default=None,
+                       help="Ray actors (default: one per CPU of the cluster, or per GPU with --device cuda)")
     p.add_argument("--out", type=Path, default=None,
                    help=f"output folder (default results/{module.EXPERIMENT}, or $LANGQUANT_RESULTS/{module.EXPERIMENT})")
     p.add_argument("--quick", action="store_true", default=False,
@@ -125,14 +136,26 @@ def build_parser(module) -> argparse.ArgumentParser:
 
 def parse_config(module, argv: Sequence[str] | None = None):
     """``(config, out, quick)`` from a command line; :class:`ConfigError` names a bad value."""
+    return parse_args(module, argv)[:3]
+
+
+def parse_args(module, argv: Sequence[str] | None = None):
+    """``(config, out, quick, executor)`` from a command line, ``executor`` the dict of the
+    ``--executor``/``--address``/``--workers`` flags (empty for an experiment without grids);
+    :class:`ConfigError` names a bad value."""
     args = vars(build_parser(module).parse_args(argv))
+    ex = {k: args.pop(k) for k in ("executor", "address", "workers") if k in args}
+    if ex.get("address") is not None and ex.get("executor") != "ray":
+        raise ConfigError("--address is for --executor ray")
+    if ex.get("workers") is not None and ex["workers"] < 1:
+        raise ConfigError(f"--workers must be a positive integer, got {ex['workers']}")
     out = args.pop("out") or default_out_dir(module.EXPERIMENT)
     quick = args.pop("quick")
     base = module.Config.quick() if quick else module.Config()
     hints = typing.get_type_hints(module.Config)
     given = {k: (tuple(v) if _unwrap(hints[k])[2] else v) for k, v in args.items()}
     try:
-        return dataclasses.replace(base, **given), Path(out), quick
+        return dataclasses.replace(base, **given), Path(out), quick, ex
     except ConfigError:
         raise
     except (ValueError, TypeError) as exc:
@@ -196,15 +219,26 @@ def main_of(module_name: str, argv: Sequence[str] | None = None) -> int:
     module = sys.modules[module_name] if module_name in sys.modules else experiment_module(module_name)
     prog = f"python -m validate.{module.EXPERIMENT}"
     try:
-        config, out, quick = parse_config(module, argv)
+        config, out, quick, ex_args = parse_args(module, argv)
     except ConfigError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
     except SystemExit as exc:  # argparse: --help (0) or a malformed flag (2, already printed)
         return int(exc.code or 0)
+    from validate._executor import GridError, make_executor, using
+
     t0 = time.perf_counter()
-    result = module.run(config, cache=ResultCache(out / "cache"))
+    executor = make_executor(ex_args.get("executor", "inprocess"), ex_args.get("address"), ex_args.get("workers"))
+    with executor, using(executor):
+        try:
+            result = module.run(config, cache=ResultCache(out / "cache"))
+        except GridError as exc:  # the rest of the grid is cached; the failed tasks are named
+            print(f"{prog}: error: {exc}", file=sys.stderr)
+            return 1
+        described = executor.describe()
     result.provenance = result.provenance or provenance(**dataclasses.asdict(config), quick=quick)
+    if ex_args:
+        result.provenance["executor"] = described
     result.timing = {**result.timing, "wall_seconds": time.perf_counter() - t0}
     files = module.write(result, out)
     summary = module.summary(result) if hasattr(module, "summary") else ""

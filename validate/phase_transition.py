@@ -60,6 +60,8 @@ from validate._common import ResultCache, save_figure, spearman, use_agg, write_
 from validate._latex import MacroSet, Tex, finite, format_number, tex_text, write_latex_table
 
 EXPERIMENT = "phase_transition"
+#: The grids ``--executor ray`` distributes (validate._executor).
+GRIDS = "baseline and single-unit passes, pairs and training sets, the curves' next steps"
 RESULT_VERSION = 2  # 2: both metrics, curve models out of sample, rankings measured, zero-pass predictor
 PREQUANTIZED_NOTE = ("baseline is the dequantized Q4_K_M GGUF (weights already quantized to about "
                      "4-5 bits before this experiment)")
@@ -215,38 +217,82 @@ def predicted_eps(unit_linears, fits: dict[str, dict], bits: int, grid: str):
 
 # ---- the experiment -----------------------------------------------------------------------------
 
-def run(config: Config, cache: ResultCache | None = None) -> protocol.Result:
-    """Single-unit and pair damages, the curve models, the measured curves, and their comparison."""
+@dataclass
+class Built:
+    """What ``run`` and a remote worker both build from a ``Config``: the model, its text, the
+    quantizer and the cached passes (``validate._passes.Passes``)."""
+
+    model: object
+    tokenizer: object
+    meta: dict
+    corpus: object
+    engine: object
+    qcfg: object
+    names: list
+    unit_lins: list
+    passes: Passes
+    key: dict
+
+
+def build(c: Config, cache) -> Built:
+    """Load the model and text of ``c`` and set up its passes (cache keys shared with workers)."""
     import torch
 
     from empirical.bpb import BpbEngine
     from empirical.fakequant import FakeQuantizer, QuantConfig
-    from empirical.models import cache_dir, load_model, model_view
-    from theory.curve import CurveData, fit_curve_model, greedy_order, select_curve_model
-    from theory.protection import DamageModel, critical_fraction, disparity_curve, rank_layers
+    from empirical.models import load_model, model_view
+    from validate._executor import WorkerSpec
 
-    c = config
     torch.manual_seed(c.seed)
     model, tok, meta = load_model(c.model, device=c.device, seed=c.seed, return_metadata=True)
     corpus = protocol.load_corpus(c.corpus, c.languages, c.segments)
-    langs, reference = corpus.languages, list(c.reference)
-    ref_mask = np.array([l in reference for l in langs])
+    langs = corpus.languages
     view = model_view(model)
     qcfg = QuantConfig(bits=c.bits, grid=c.grid, granularity=c.granularity, group_size=c.group_size,
                        clipping=c.clipping)
     names, unit_lins = units_of(view, c.unit)
     all_lins = [q for lins in unit_lins for q in lins]
-    n_params = np.array([sum(q.n_params for q in lins) for lins in unit_lins], dtype=float)
     engine = BpbEngine(model, tok, {l: corpus[l] for l in langs}, max_length=c.max_length, device=c.device)
     key = {"model": c.model, "corpus": c.corpus, "languages": langs, "segments": c.segments,
            "max_length": c.max_length, "quant": qcfg.key(), "unit": c.unit, "seed": c.seed,
            "corpus_digest": protocol.corpus_digest(corpus)}
-    passes = Passes(engine, FakeQuantizer(all_lins, qcfg, seed=c.seed), names, unit_lins, cache, key)
+    passes = Passes(engine, FakeQuantizer(all_lins, qcfg, seed=c.seed), names, unit_lins, cache, key,
+                    spec=WorkerSpec(f"{__name__}:passes_worker", (c,), c.device))
+    return Built(model, tok, meta, corpus, engine, qcfg, names, unit_lins, passes, key)
+
+
+def passes_worker(c: Config):
+    """A remote worker's passes (``validate._executor``): the same model, text and keys as ``run``'s."""
+    from validate._executor import RecordingCache
+    from validate._passes import PassesWorker
+
+    return PassesWorker(build(c, RecordingCache()).passes)
+
+
+def run(config: Config, cache: ResultCache | None = None) -> protocol.Result:
+    """Single-unit and pair damages, the curve models, the measured curves, and their comparison.
+
+    Under a Ray executor (``--executor ray``) each group of independent passes (the baseline and
+    single units; the pairs and training sets; the curve's next steps, as many as there are workers)
+    is computed on the workers ahead of being read from the cache."""
+    from empirical.models import cache_dir
+    from theory.curve import CurveData, fit_curve_model, greedy_order, select_curve_model
+    from theory.protection import DamageModel, critical_fraction, disparity_curve, rank_layers
+
+    c = config
+    b = build(c, cache)
+    meta, corpus, engine, qcfg, key = b.meta, b.corpus, b.engine, b.qcfg, b.key
+    names, unit_lins, passes = b.names, b.unit_lins, b.passes
+    langs, reference = corpus.languages, list(c.reference)
+    ref_mask = np.array([l in reference for l in langs])
+    all_lins = [q for lins in unit_lins for q in lins]
+    n_params = np.array([sum(q.n_params for q in lins) for lins in unit_lins], dtype=float)
     n = len(names)
     tokens = engine.tokens
     bar = protocol.progress(total=2 + n, desc="passes and curve points", unit="pass")
 
     # 1. baseline and single-unit damages d_{l,i}, both metrics
+    passes.prefetch([[], *[[i] for i in range(n)], range(n)], bar)
     base = passes.scores([])
     bar.update()
     single_scores = []
@@ -276,13 +322,14 @@ def run(config: Config, cache: ResultCache | None = None) -> protocol.Result:
     # 3. pair passes among the additive ranking's top units, then the curve models
     top = sorted(int(i) for i in rank_layers(dm, "excess")[: min(c.pairs, n)])
     pair_sets = list(itertools.combinations(top, 2))
+    everything = tuple(range(n))
+    train_sets = random_sets(n, c.train_sets, c.seed, exclude={everything, *pair_sets})
+    passes.prefetch([*pair_sets, *train_sets], bar)
     bar.total += len(pair_sets)
     pair_d = {}
     for ij in pair_sets:
         pair_d[ij] = degradations(passes.scores(ij), base)
         bar.update()
-    everything = tuple(range(n))
-    train_sets = random_sets(n, c.train_sets, c.seed, exclude={everything, *pair_sets})
     bar.total += len(train_sets)
     train_d = {}
     for s in train_sets:
@@ -449,7 +496,10 @@ def measure_curve(passes: Passes, base, order, n_params, tokens, reference, para
     """D(p) of the primary metric with bootstrap CIs (and the other metric's beside it) at every
     step k (the first k units of ``order`` protected), stopping ``c.stop_after`` steps past the
     first crossing of D = 1, or after ``max_points`` points."""
+    from validate._executor import current
+
     n, total = len(order), n_params.sum()
+    width = current().width if current().prefetches else 1
     other = [m for m in METRICS if m != c.metric][0]
     curve, crossed_at = [], None
     for k in range(n + 1):
@@ -457,6 +507,8 @@ def measure_curve(passes: Passes, base, order, n_params, tokens, reference, para
         point = {"k": k, "protected_fraction": float(n_params[order[:k]].sum() / total),
                  "protected_unit": passes.names[order[k - 1]] if k else None, "quantized_units": len(quantized)}
         if quantized:
+            if k % width == 0:  # the next steps at once, one per worker (Ray); none in process
+                passes.prefetch([[int(i) for i in order[j:]] for j in range(k, min(n, k + width))], bar)
             s = passes.scores(quantized)
             ms = metric_summary(s.nll, base.nll, s.kl, s.agree, tokens, reference, parallel, c.bootstrap,
                                 c.seed + k)
