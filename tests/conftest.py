@@ -38,6 +38,23 @@ def tiny_model(request):
 
 
 @pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray of two CPUs for the session (``validate._executor.RayExecutor`` uses it).
+    Skipped where Ray is not installed (``pip install -e ".[distributed]"``); under CI, which
+    installs it, a missing Ray fails instead."""
+    if os.environ.get("CI"):
+        import ray
+    else:
+        ray = pytest.importorskip("ray", reason="Ray is not installed (pip install -e '.[distributed]')")
+    import logging
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False,
+             object_store_memory=200 * 1024 * 1024)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
 def tiny_llama():
     from empirical.models import load_model
 

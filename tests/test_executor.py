@@ -1,7 +1,7 @@
 """validate._executor: the in-process and Ray executors on probe grids and on a tiny-model experiment.
 
-The Ray tests start one local Ray of two CPUs for the module (skipped where Ray is not installed:
-``pip install -e ".[distributed]"``; CI installs it).
+The Ray tests share one local Ray of two CPUs (``ray_local`` in conftest.py; skipped where Ray is not
+installed, ``pip install -e ".[distributed]"``, except under CI, which installs it).
 """
 
 from __future__ import annotations
@@ -92,17 +92,6 @@ def test_experiments_with_grids_take_executor_flags_and_refuse_bad_ones(tmp_path
 
 
 # ---- local Ray ---------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def ray_local():
-    ray = pytest.importorskip("ray", reason="Ray is not installed (pip install -e '.[distributed]')")
-    import logging
-
-    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False,
-             object_store_memory=200 * 1024 * 1024)
-    yield ray
-    ray.shutdown()
-
 
 def test_ray_grid_matches_in_process_and_spreads_over_two_workers(ray_local, tmp_path):
     serial, remote = ResultCache(tmp_path / "serial"), ResultCache(tmp_path / "ray")

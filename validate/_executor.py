@@ -103,16 +103,25 @@ class Worker(Protocol):
 
 
 class RecordingCache:
-    """The cache of a remote worker: holds nothing, records what is put so that the worker can
-    hand it to the driver (``drain``). Duck-types ``ResultCache``'s ``get``/``put``/``folder``."""
+    """The cache of a remote worker: records what is put so that the worker can hand it to the
+    driver (``drain``), which writes it. Reads go to ``read_from`` (the driver's cache folder) when
+    that folder exists on the worker's machine (one machine, or a shared filesystem), so that a
+    worker reuses what the driver computed (calibration samples, say); otherwise it reads nothing.
+    Duck-types ``ResultCache``'s ``get``/``put``/``folder``."""
 
-    folder = None
+    def __init__(self, read_from=None):
+        from pathlib import Path
 
-    def __init__(self):
+        from validate._common import ResultCache
+
         self.entries: list[tuple[dict, Any]] = []
+        folder = Path(read_from) if read_from is not None else None
+        self._reader = ResultCache(folder) if folder is not None and folder.is_dir() else None
+        #: where entries are read from (None: nothing is read)
+        self.folder = self._reader.folder if self._reader is not None else None
 
     def get(self, config, check=None):
-        return None
+        return self._reader.get(config, check=check) if self._reader is not None else None
 
     def put(self, config, result) -> None:
         self.entries.append((json.loads(json.dumps(config, default=str)), result))
