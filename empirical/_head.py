@@ -43,14 +43,22 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ChunkedHead", "HeadReference", "HeadScores", "logits_nll"]
+from empirical.devices import module_device, param_tensor
+
+__all__ = ["ChunkedHead", "HeadReference", "HeadScores", "logits_nll", "scored"]
+
+
+def scored(h: torch.Tensor, batch) -> torch.Tensor:
+    """The rows of ``h`` (B x L x ...) at the scored positions of ``batch``, on ``h``'s device
+    (a model spread over several devices hands back its last state where its last block ran)."""
+    return h[batch.rows.to(h.device), batch.cols.to(h.device)]
 
 
 def logits_nll(model, batch) -> torch.Tensor:
     """NLL of the scored predictions of ``batch`` from ``model(...).logits`` (the model's own
     output layer, all positions)."""
     logits = model(**batch.inputs(), use_cache=False).logits
-    return F.cross_entropy(logits[batch.rows, batch.cols].float(), batch.targets, reduction="none")
+    return F.cross_entropy(scored(logits, batch).float(), batch.targets.to(logits.device), reduction="none")
 
 
 class HeadReference(NamedTuple):
@@ -84,7 +92,9 @@ class ChunkedHead:
     ----------
     model : transformers causal LM
         Its ``get_output_embeddings()`` (weight and bias) and ``config.final_logit_softcapping``
-        are read at every call, so weight changes are seen.
+        are read at every call, so weight changes are seen. Under accelerate hooks the weight is
+        the real one (:func:`empirical.devices.param_tensor`: the hook's weights map when the
+        head is offloaded) and the sweep runs on the head's execution device.
     chunk : int
         Vocabulary rows per matmul.
     rows : int
@@ -102,24 +112,36 @@ class ChunkedHead:
         w = getattr(self.model.get_output_embeddings(), "weight", None)
         return isinstance(w, torch.Tensor) and w.dim() == 2
 
-    def _parts(self):
+    def _stored(self):
+        """The output layer's real weight and bias (None without one), where they are stored."""
         head = self.model.get_output_embeddings()
+        bias = param_tensor(head, "bias") if getattr(head, "bias", None) is not None else None
+        return param_tensor(head, "weight"), bias
+
+    def _parts(self):
+        """Weight, bias (or None) on the head's execution device, and the soft-cap (or None)."""
+        w, bias = self._stored()
+        dev = module_device(self.model.get_output_embeddings())
+        if dev is not None and w.device != dev:  # offloaded: lent to the execution device
+            w, bias = w.to(dev), (bias.to(dev) if bias is not None else None)
         cap = getattr(self.model.config, "final_logit_softcapping", None)
-        return head.weight, getattr(head, "bias", None), (float(cap) if cap else None)
+        return w, bias, (float(cap) if cap else None)
 
     def fingerprint(self) -> tuple[float, ...]:
         """Checksum of the output layer's weight (and bias): the sum and the Euclidean norm, in
         the weight's own dtype, neither of which allocates a copy (deterministic for the same
-        tensor; about 40 ms for Gemma's 262k x 640 embedding, against 1.2 s for a float64 sum)."""
-        w, bias, _ = self._parts()
+        tensor; about 40 ms for Gemma's 262k x 640 embedding, against 1.2 s for a float64 sum).
+        Taken where the weight is stored (CPU memory when the head is offloaded)."""
+        w, bias = self._stored()
         parts = [w.detach()] + ([bias.detach()] if bias is not None else [])
         return tuple(float(x) for p in parts for x in (p.sum(), torch.linalg.vector_norm(p)))
 
-    def _sweep(self, rows: torch.Tensor, t: torch.Tensor, want_mu: bool, ref: HeadReference | None, r0: int):
+    def _sweep(self, rows: torch.Tensor, t: torch.Tensor, want_mu: bool, ref: HeadReference | None, r0: int,
+               parts=None):
         """One pass over the vocabulary for ``rows`` (n x d): log Z, the target's logit, the
         argmax, and on request ``sum_v e_v w_v`` (``want_mu``) or, with a soft-capped
-        ``ref``, ``sum_v p_v z_v``."""
-        w, bias, cap = self._parts()
+        ``ref``, ``sum_v p_v z_v``. ``parts``: :meth:`_parts`, when the caller has them."""
+        w, bias, cap = parts or self._parts()
 
         def logits(h, v0):
             z = (h @ w[v0: v0 + self.chunk].T).float()
@@ -172,17 +194,18 @@ class ChunkedHead:
         ValueError
             ``ref`` describes another number of tokens, or the output layer changed since it.
         """
-        w, _, cap = self._parts()
+        parts = self._parts()
+        w, _, cap = parts
         if ref is not None:
             if ref.log_z.shape[0] != h.shape[0]:
                 raise ValueError(f"the reference holds {ref.log_z.shape[0]} tokens, the hidden states {h.shape[0]}")
             if check and self.fingerprint() != ref.fingerprint:
                 raise ValueError("the output layer changed since the reference was taken; KL needs the same one")
-        h = h.to(w.dtype)
+        h, targets = h.to(device=w.device, dtype=w.dtype), targets.to(w.device)
         nll, kl, agree = [], [], []
         for r0 in range(0, h.shape[0], self.rows):
             rows, t = h[r0: r0 + self.rows], targets[r0: r0 + self.rows]
-            log_z, zt, best, _, ep = self._sweep(rows, t, False, ref, r0)
+            log_z, zt, best, _, ep = self._sweep(rows, t, False, ref, r0, parts)
             nll.append((log_z - zt.double()).float())
             if ref is not None:
                 sl = slice(r0, r0 + rows.shape[0])
@@ -201,18 +224,19 @@ class ChunkedHead:
     def reference(self, h: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, HeadReference]:
         """NLL of ``targets`` given the baseline's hidden states ``h``, and the
         :class:`HeadReference` that later :meth:`scores` calls measure KL and agreement against."""
-        w, _, cap = self._parts()
-        h = h.to(w.dtype)
+        parts = self._parts()
+        w, _, cap = parts
+        h, targets = h.to(device=w.device, dtype=w.dtype), targets.to(w.device)
         nll, log_zs, mus, cs, tops = [], [], [], [], []
         for r0 in range(0, h.shape[0], self.rows):
             rows, t = h[r0: r0 + self.rows], targets[r0: r0 + self.rows]
-            log_z, zt, best, mu, _ = self._sweep(rows, t, True, None, r0)
+            log_z, zt, best, mu, _ = self._sweep(rows, t, True, None, r0, parts)
             nll.append((log_z - zt.double()).float())
             log_zs.append(log_z)
             tops.append(best)
             if cap:  # E_p[z_b] directly: sum_v p_v z_v, from a second sweep over the same rows
                 ref = HeadReference(log_z, None, None, best, rows, ())
-                cs.append(self._sweep(rows, t, False, ref, 0)[4])
+                cs.append(self._sweep(rows, t, False, ref, 0, parts)[4])
             else:
                 mus.append(mu)
                 cs.append((mu.double() * rows.double()).sum(dim=1))
@@ -228,15 +252,18 @@ class ChunkedHead:
         autograd through the output layer: ``sum_v p_v w_v - w_target`` (module notes), times
         the soft-cap's derivative where there is one (computed then from the full chunk).
 
-        Returns ``(nll, grad)``; ``grad`` has ``h``'s dtype.
+        Returns ``(nll, grad)``; ``grad`` has ``h``'s dtype and device (the sweep runs on the
+        head's execution device).
         """
-        w, bias, cap = self._parts()
-        h = h.detach().to(w.dtype)
+        parts = self._parts()
+        w, bias, cap = parts
+        home = h.device
+        h, targets = h.detach().to(device=w.device, dtype=w.dtype), targets.to(w.device)
         if cap:  # d z_v / d u_v = 1 - tanh^2(u_v / cap): chain rule per chunk, exact, slower
             out_nll, out_g = [], []
             for r0 in range(0, h.shape[0], self.rows):
                 rows, t = h[r0: r0 + self.rows], targets[r0: r0 + self.rows]
-                log_z, zt, _, _, _ = self._sweep(rows, t, False, None, r0)
+                log_z, zt, _, _, _ = self._sweep(rows, t, False, None, r0, parts)
                 g = torch.zeros_like(rows, dtype=torch.float32)
                 for v0 in range(0, w.shape[0], self.chunk):
                     u = (rows @ w[v0: v0 + self.chunk].T).float()
@@ -249,11 +276,14 @@ class ChunkedHead:
                 g -= (1 - torch.tanh(ut / cap) ** 2)[:, None] * w[t].float()
                 out_nll.append((log_z - zt.double()).float())
                 out_g.append(g)
-            return torch.cat(out_nll), torch.cat(out_g).to(w.dtype)
+            return torch.cat(out_nll), torch.cat(out_g).to(device=home, dtype=w.dtype)
         nll, ref = self.reference(h, targets)
-        return nll, (ref.mu - w[targets].float()).to(w.dtype)
+        return nll, (ref.mu - w[targets].float()).to(device=home, dtype=w.dtype)
 
     def agrees(self, h: torch.Tensor, targets: torch.Tensor, reference: torch.Tensor) -> bool:
         """Whether :meth:`nll` reproduces ``reference`` (the model's own NLL of the same
         predictions) to 1e-3."""
-        return self.is_projection and bool(torch.allclose(self.nll(h, targets), reference, rtol=1e-3, atol=1e-3))
+        if not self.is_projection:
+            return False
+        ours = self.nll(h, targets)
+        return bool(torch.allclose(ours, reference.to(ours.device), rtol=1e-3, atol=1e-3))

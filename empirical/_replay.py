@@ -33,7 +33,9 @@ from typing import Sequence
 
 import torch
 
+from empirical._head import scored
 from empirical._packing import Batch
+from empirical.devices import named_tensors
 from empirical.models import ModelView, model_view
 
 __all__ = ["BlockInputs", "LearnedPositions", "Rotary", "Gemma3", "FAMILIES", "ResidualReplay", "attention_mask"]
@@ -212,7 +214,7 @@ class ResidualReplay:
         finals, states = [], []
         for b in batches:
             final, entering = self.model_pass(b, keep_states=True)
-            finals.append(final[b.rows, b.cols])
+            finals.append(scored(final, b))
             states.append([h.detach() for h in entering[1:]])
         self._states = [list(per_block) for per_block in zip(*states)]  # [block - 1][batch]
         self._fingerprints = [self._fingerprint(i) for i in range(len(self.blocks))]
@@ -226,9 +228,9 @@ class ResidualReplay:
             return None  # nothing is ever replayed
         r = batch.ids.shape[0] - 1  # rows are sorted by length
         mini = batch.take(r, r + 1)
-        ref = final[batch.rows == r]
+        ref = final[(batch.rows == r).to(final.device)]
         try:
-            ours = self.run(self._states[0][bi][r: r + 1], mini, 1)[mini.rows, mini.cols]
+            ours = scored(self.run(self._states[0][bi][r: r + 1], mini, 1), mini).to(ref.device)
         except (TypeError, ValueError, RuntimeError) as exc:  # a block that wants other inputs
             return f"calling the blocks directly failed ({type(exc).__name__}: {exc})"
         if ours.shape != ref.shape:
@@ -257,4 +259,7 @@ class ResidualReplay:
         return self.run(self._states[start - 1][bi], batch, start)
 
     def _fingerprint(self, i: int) -> float:
-        return float(sum(p.detach().sum(dtype=torch.float64) for p in self.blocks[i].parameters()))
+        """Float64 sum of block ``i``'s real parameters (the values its next forward uses, also
+        when accelerate offloads them: :func:`empirical.devices.named_tensors`), each summed on
+        the device that holds it."""
+        return float(sum(float(p.detach().sum(dtype=torch.float64)) for _, p in named_tensors(self.blocks[i])))

@@ -43,9 +43,10 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
-from empirical._head import ChunkedHead, HeadReference, logits_nll
+from empirical._head import ChunkedHead, HeadReference, logits_nll, scored
 from empirical._packing import Batch, Layout, Window, packed_layout, packing_is_exact, padded_layout, segment_windows
 from empirical._replay import ResidualReplay
+from empirical.devices import resolve_device
 
 __all__ = ["BpbEngine", "BpbResult", "Scores", "bits_per_byte", "corpus_bits_per_byte", "segment_windows"]
 
@@ -132,7 +133,8 @@ def bits_per_byte(model, tokenizer, texts: Sequence[str], *, max_length: int = 1
     max_batch_tokens : int
         Most padded tokens per forward pass.
     device : optional
-        Where inputs go (default: the model's device).
+        Where inputs go; None, ``"auto"`` or ``"offload"``: the model's execution device (as in
+        :class:`BpbEngine`).
 
     Returns
     -------
@@ -204,7 +206,9 @@ class BpbEngine:
     head_rows : int
         Scored positions per output-layer sweep (memory ``head_rows x head_chunk`` floats).
     device : optional
-        Where inputs go (default: the model's device).
+        Where inputs go; None, ``"auto"`` or ``"offload"``: the model's execution device
+        (:func:`empirical.devices.execution_device`, also for a model dispatched over several
+        devices or offloaded by accelerate).
     max_record_bytes : int
         Refuse to record the residual stream beyond this many bytes (then every pass runs in full).
     pack : bool
@@ -235,7 +239,9 @@ class BpbEngine:
             raise ValueError("no texts given")
         self.model = model
         self.keys = list(texts)
-        self.device = device or next(model.parameters()).device
+        # where inputs go: the input embedding's execution device (also under accelerate hooks,
+        # where parameters may sit on meta), unless given
+        self.device = resolve_device(model, device)
         self.max_record_bytes = int(max_record_bytes)
         self.n_bytes: dict[str, np.ndarray] = {}
         self._slices: dict[str, slice] = {}
@@ -375,7 +381,7 @@ class BpbEngine:
         if self._head_exact is None:
             b = self.batches[-1]  # the longest rows
             mini = b.take(0, min(2, b.ids.shape[0]))
-            h = self._replay.model_pass(mini)[0][mini.rows, mini.cols]
+            h = scored(self._replay.model_pass(mini)[0], mini)
             self._head_exact = self._head.agrees(h, mini.targets, logits_nll(self.model, mini))
             if not self._head_exact:
                 warnings.warn(f"{type(self.model).__name__}: the output layer is not a plain projection "
@@ -418,7 +424,7 @@ class BpbEngine:
             if reason is not None:
                 self._replay.forget()
         elif self._head_exact:
-            finals = [self._replay.model_pass(b)[0][b.rows, b.cols] for b in self.batches]
+            finals = [scored(self._replay.model_pass(b)[0], b) for b in self.batches]
             self.blocks_run += len(self.blocks) * len(self.batches)
         if self._head_exact:
             nll_tok, self._reference = self._head.reference(torch.cat(finals), self._targets())
@@ -480,7 +486,7 @@ class BpbEngine:
         self.blocks_run += (len(self.blocks) - start_block) * len(self.batches)
         if not self._head_exact:
             return Scores(self._collect(torch.cat([logits_nll(self.model, b) for b in self.batches])))
-        h = [self._replay.final_hidden(i, b, start_block)[b.rows, b.cols] for i, b in enumerate(self.batches)]
+        h = [scored(self._replay.final_hidden(i, b, start_block), b) for i, b in enumerate(self.batches)]
         s = self._head.scores(torch.cat(h), self._targets(), ref, check=False)
         if ref is None:
             return Scores(self._collect(s.nll))

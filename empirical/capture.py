@@ -89,6 +89,7 @@ import numba as nb
 import numpy as np
 import torch
 
+from .devices import resolve_device
 from .models import ModelView, model_view
 from .optimal import StratifiedSample
 
@@ -888,7 +889,8 @@ def capture_corpus(cap: ActivationCapture, tokenizer, corpus, languages: Sequenc
     max_segments : int, optional
         First segments per language (default: all).
     device : optional
-        Where inputs go (default: the model's device).
+        Where inputs go; None, ``"auto"`` or ``"offload"``: the model's execution device
+        (:func:`empirical.devices.execution_device`, also under accelerate hooks).
     include_bos : bool
         Record the BOS position too (default False: it is the same for every language; see the
         module notes).
@@ -896,7 +898,7 @@ def capture_corpus(cap: ActivationCapture, tokenizer, corpus, languages: Sequenc
     Padded positions are excluded through ``cap.token_mask``.
     """
     model = cap.model
-    device = device or next(model.parameters()).device
+    device = resolve_device(model, device)
     bos = getattr(tokenizer, "bos_token_id", None)
     bos = getattr(tokenizer, "eos_token_id", None) if bos is None else bos
     pad = getattr(tokenizer, "pad_token_id", None)

@@ -14,6 +14,12 @@ clipping threshold chosen by
 :class:`FakeQuantizer` quantizes every layer once and caches the result, so experiments that
 switch many protected sets (``validate.phase_transition``) only swap tensors. Its context
 manager always restores the original weights, also after an exception.
+
+Under accelerate hooks (a model dispatched over devices or offloaded) the weight quantized is the
+real one, where it is stored (:func:`empirical.devices.param_tensor`: for an offloaded layer the
+hook's weights map, in CPU memory or read from disk), and the swap replaces the entry that the
+next forward loads (:func:`empirical.devices.swap_param`); the original tensor objects are put
+back on exit, so the weights are restored bit for bit there too.
 """
 
 from __future__ import annotations
@@ -24,8 +30,8 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
-from torch import nn
 
+from empirical.devices import param_tensor, swap_param
 from theory.grids import Grid, check_bits, step_factor
 
 __all__ = ["QuantConfig", "fake_quantize_weight", "choose_alpha", "FakeQuantizer", "protected_fraction",
@@ -173,7 +179,7 @@ class FakeQuantizer:
         """The fake-quantized weight of layer ``name`` (computed once, then cached)."""
         if name not in self._q:
             q = self._by_name(name)
-            self._q[name] = fake_quantize_weight(q.module.weight.data, self.config,
+            self._q[name] = fake_quantize_weight(param_tensor(q.module, "weight").data, self.config,
                                                  transposed=type(q.module).__name__ == "Conv1D",
                                                  seed=self.seed)
         return self._q[name]
@@ -197,19 +203,17 @@ class FakeQuantizer:
         unknown = protect - names
         if unknown:
             raise ValueError(f"unknown layers in the protected set: {sorted(unknown)[:5]}")
-        saved: list[tuple[nn.Module, torch.Tensor]] = []
+        saved: list = []  # functions restoring what was there, in order of the swaps
         self._active = True
         try:
             with torch.no_grad():
                 for q in self.linears:
                     if q.name in protect:
                         continue
-                    qw = self.quantized_weight(q.name)
-                    saved.append((q.module, q.module.weight.data))
-                    q.module.weight.data = qw
+                    saved.append(swap_param(q.module, "weight", self.quantized_weight(q.name)))
             yield self
         finally:
             # Put back the very tensors that were there: restoration is exact, not a copy.
-            for module, original in reversed(saved):
-                module.weight.data = original
+            for restore in reversed(saved):
+                restore()
             self._active = False

@@ -409,14 +409,17 @@ def _convert_embedded(name: str, target: Path) -> float:
     return _build_cache(target, save)
 
 
-def _load_embedded(name: str, dtype, device):
+def _load_embedded(name: str, dtype, device, plan: "_Placement | None" = None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     spec = EMBEDDED_MODELS[name]
     target = cache_dir() / "models" / name
     convert_s = _verified_model_dir(target, lambda t: _convert_embedded(name, t))
     t0 = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype).to(device)
+    if plan is None:
+        model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype).to(device)
+    else:  # the converted cache is a local folder: from_pretrained places it (plan.from_pretrained)
+        model = plan.from_pretrained(target, dtype)
     tok = AutoTokenizer.from_pretrained(target)
     meta = {
         "name": name, "source": "embedded-gguf", "package": spec.package.replace("_", "-"),
@@ -435,7 +438,8 @@ def _load_embedded(name: str, dtype, device):
 # --------------------------------------------------------------------------------------------
 
 def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-               *, seed: int = 0, return_metadata: bool = False):
+               *, seed: int = 0, return_metadata: bool = False, device_map: str | dict | None = None,
+               offload_folder: str | os.PathLike | None = None, max_memory: dict | None = None):
     """Load a causal language model and its tokenizer.
 
     Parameters
@@ -446,17 +450,48 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, device: st
     dtype : torch.dtype
         Parameter dtype (float32 or bfloat16 are tested).
     device : str or torch.device
-        Where the model goes; nothing here assumes CPU.
+        Where the model goes; nothing here assumes CPU. Two names place a model that may not fit
+        one device, with accelerate (``pip install accelerate``, in the ``models`` extra):
+
+        * ``"auto"``: ``device_map="auto"`` (below);
+        * ``"offload"``: every weight is kept in CPU memory and lent, module by module, to the
+          execution device for its forward (``accelerate.cpu_offload``; the first GPU when
+          there is one, else the CPU). Parameters then sit on the ``meta`` device between calls
+          (:mod:`empirical.devices` reads the real ones).
+    device_map : str or dict, optional
+        accelerate's device map: ``"auto"``, ``"balanced"``, ``"balanced_low_0"``,
+        ``"sequential"``, or a dict from module names to devices (``0``, ``"cuda:1"``,
+        ``"cpu"``, ``"disk"``). Modules mapped to ``"cpu"`` or ``"disk"`` are offloaded and run
+        on the map's first accelerator when it has one (on the CPU otherwise, where ``"cpu"``
+        entries are simply held there). Local folders and hub ids are placed by
+        ``from_pretrained(device_map=...)``; tiny models, built in memory, by
+        ``accelerate.infer_auto_device_map`` and ``accelerate.dispatch_model``. With a device map
+        ``device`` must be left at its default or be ``"auto"``.
+    offload_folder : str or path, optional
+        Folder for the weights a device map puts on ``"disk"`` (required then).
+    max_memory : dict, optional
+        Memory per device for a device map strategy (e.g. ``{0: "20GiB", "cpu": "60GiB"}``);
+        what does not fit goes to the next device, then to disk.
     seed : int
         Seed of the random initialisation of tiny models.
     return_metadata : bool
         Also return a metadata dict (source, whether the weights were already quantized, cache
-        path, conversion and load times).
+        path, conversion and load times; for a placed model also ``device_map``,
+        ``execution_device`` and ``offloaded``).
 
     Returns
     -------
     (model, tokenizer) or (model, tokenizer, metadata)
         The model is in eval mode.
+
+    Raises
+    ------
+    ValueError
+        Contradicting placement arguments (a device map with another ``device``, ``"offload"``
+        with a device map, ``offload_folder``/``max_memory`` without a device map, ``"disk"``
+        entries without ``offload_folder``).
+    ImportError
+        ``device="auto"``/``"offload"`` or a device map without accelerate installed.
 
     Notes
     -----
@@ -465,31 +500,135 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, device: st
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    plan = _placement(device, device_map, offload_folder, max_memory)
     if name_or_path in TINY_MODELS:
         config = _tiny_config(name_or_path)
         with _seeded(seed):
             model = AutoModelForCausalLM.from_config(config)
-        model = model.to(dtype=dtype, device=device)
+        model = model.to(dtype=dtype, device=device if plan is None else "cpu")
         tok = ByteTokenizer()
         meta = {"name": name_or_path, "source": "random-config", "seed": seed,
                 "prequantized": None, "tokenizer": "byte-level (UTF-8 bytes + <bos>/<eos>/<pad>)"}
     elif name_or_path in EMBEDDED_MODELS:
-        model, tok, meta = _load_embedded(name_or_path, dtype, device)
+        model, tok, meta = _load_embedded(name_or_path, dtype, device, plan)
     else:
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype).to(device)
+        if plan is None:
+            model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype).to(device)
+        else:
+            model = plan.from_pretrained(name_or_path, dtype)
         tok = AutoTokenizer.from_pretrained(name_or_path)
         meta = {"name": str(name_or_path), "source": "from_pretrained", "prequantized": None}
+    # counted before any hook is attached: offloading hooks give tied weights a meta copy each
+    n_params = sum(p.numel() for p in model.parameters())
+    if plan is not None:
+        model = plan.dispatch(model, dtype)
     model.eval()
     _check_finite(model, meta.get("cache_path") or str(name_or_path))
     meta.update(dtype=str(dtype).replace("torch.", ""), device=str(device),
-                architecture=type(model).__name__,
-                n_params=sum(p.numel() for p in model.parameters()))
+                architecture=type(model).__name__, n_params=n_params)
+    if plan is not None:
+        from empirical.devices import offload_description
+
+        meta.update(offload_description(model))
+        if meta["device_map"] is None:  # cpu_offload: everything held in CPU memory
+            meta["device_map"] = {"": "cpu"}
     return (model, tok, meta) if return_metadata else (model, tok)
+
+
+_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+@dataclass
+class _Placement:
+    """How :func:`load_model` places a model with accelerate: ``kind`` is ``"map"`` (a device
+    map) or ``"offload"`` (``accelerate.cpu_offload``)."""
+
+    kind: str
+    device_map: str | dict | None = None
+    offload_folder: str | None = None
+    max_memory: dict | None = None
+
+    def from_pretrained(self, path, dtype):
+        """A local folder or hub id loaded as planned: placed by transformers for a device map
+        (``hf_device_map`` set, hooks attached by it), on the CPU for :meth:`dispatch` to
+        offload."""
+        from transformers import AutoModelForCausalLM
+
+        if self.kind == "offload":
+            return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        kw = {"offload_folder": self.offload_folder} if self.offload_folder is not None else {}
+        if self.max_memory is not None:
+            kw["max_memory"] = self.max_memory
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=self.device_map, **kw)
+
+    def dispatch(self, model: nn.Module, dtype) -> nn.Module:
+        """Place a model held in memory (a no-op for one that :meth:`from_pretrained` placed)."""
+        accelerate = _accelerate()
+        if self.kind == "offload":
+            dev = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+            return accelerate.cpu_offload(model, execution_device=dev)
+        if getattr(model, "hf_device_map", None) is not None:
+            return model  # from_pretrained placed it
+        dm = self.device_map
+        if isinstance(dm, str):
+            no_split = list(getattr(model, "_no_split_modules", None) or [])
+            memory = self.max_memory
+            if dm != "sequential":
+                from accelerate.utils import get_balanced_memory
+
+                memory = get_balanced_memory(model, max_memory=memory, no_split_module_classes=no_split,
+                                             dtype=dtype, low_zero=dm == "balanced_low_0")
+            dm = accelerate.infer_auto_device_map(model, max_memory=memory, no_split_module_classes=no_split,
+                                                  dtype=dtype)
+        dm = dict(dm)
+        disk = sorted(k for k, v in dm.items() if v == "disk")
+        if disk and self.offload_folder is None:
+            raise ValueError(f"the device map puts {', '.join(disk[:5])} on disk; give offload_folder= "
+                             "(a folder for those weights) or more max_memory")
+        return accelerate.dispatch_model(model, dm, offload_dir=self.offload_folder)  # sets hf_device_map
+
+
+def _accelerate():
+    from empirical.devices import require_accelerate
+
+    return require_accelerate("load_model with device='auto'/'offload' or a device_map")
+
+
+def _placement(device, device_map, offload_folder, max_memory) -> _Placement | None:
+    """The placement asked for, or None for the plain ``model.to(device)`` path (checks the
+    arguments and that accelerate is importable)."""
+    special = isinstance(device, str) and device in ("auto", "offload")
+    if device_map is None and not special:
+        if offload_folder is not None or max_memory is not None:
+            raise ValueError("offload_folder and max_memory apply to a device map: give device_map= or "
+                             "device='auto'")
+        return None
+    if device == "offload":
+        if device_map is not None or offload_folder is not None or max_memory is not None:
+            raise ValueError("device='offload' keeps every weight in CPU memory (accelerate.cpu_offload); "
+                             "for a device map with 'disk' entries, offload_folder or max_memory give "
+                             "device_map= instead")
+        _accelerate()
+        return _Placement("offload")
+    if device_map is not None and not (device == "auto" or (isinstance(device, str) and device == "cpu")):
+        raise ValueError(f"device={device!r} and device_map= both say where the model goes; give one "
+                         "(device='auto' is device_map='auto')")
+    dm = "auto" if device_map is None else device_map
+    if isinstance(dm, str) and dm not in _MAP_STRATEGIES:
+        raise ValueError(f"unknown device_map {dm!r}: one of {', '.join(_MAP_STRATEGIES)} or a dict from "
+                         "module names to devices")
+    if not isinstance(dm, (str, dict)):
+        raise ValueError(f"device_map must be a strategy name or a dict, got {type(dm).__name__}")
+    _accelerate()
+    return _Placement("map", dm, None if offload_folder is None else str(offload_folder), max_memory)
 
 
 def _check_finite(model: nn.Module, source: str) -> None:
     """Raise ValueError naming the first parameter holding NaN or inf (one reduction per tensor)."""
-    for pname, p in model.named_parameters():
+    from empirical.devices import named_tensors
+
+    # the real tensors: an offloaded parameter sits on meta, its value in its hook's weights map
+    for pname, p in named_tensors(model):
         if not bool(torch.isfinite(p).all()):
             bad = int((~torch.isfinite(p)).sum())
             raise ValueError(f"weight {pname} of {source} has {bad} non-finite value(s) "
@@ -530,7 +669,11 @@ class QuantLinear:
 
     @property
     def weight(self) -> torch.Tensor:
-        return self.module.weight
+        """The real weight (``module.weight``; under an accelerate offload hook the tensor its
+        next forward loads, :func:`empirical.devices.param_tensor`)."""
+        from empirical.devices import param_tensor
+
+        return param_tensor(self.module, "weight")
 
 
 @dataclass
