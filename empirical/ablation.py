@@ -219,15 +219,16 @@ def ablate_block(model, block: int, mode: str = "zero", means: UpdateMeans | Non
             if not np.isfinite(a).all():
                 raise ValueError(f"means.{name} holds NaN or inf")
         p = next(model.parameters())
-        mf = torch.as_tensor(np.asarray(means.first[b]), dtype=p.dtype, device=p.device)
-        mt = torch.as_tensor(np.asarray(means.text[b]), dtype=p.dtype, device=p.device)
+        home = p.device if p.device.type != "meta" else torch.device("cpu")  # meta: offloaded by accelerate
+        mf = torch.as_tensor(np.asarray(means.first[b]), dtype=p.dtype, device=home)
+        mt = torch.as_tensor(np.asarray(means.text[b]), dtype=p.dtype, device=home)
 
     def hook(i, args, kwargs, out):
         h = _block_input(args, kwargs)
         if mode == "zero":
             return _replace(out, h)
         first = _first_position(h, kwargs)
-        return _replace(out, h + torch.where(first, mf.to(h.dtype), mt.to(h.dtype)))
+        return _replace(out, h + torch.where(first, mf.to(h.device, h.dtype), mt.to(h.device, h.dtype)))
 
     with _hooks(blocks, hook, [b]):
         yield

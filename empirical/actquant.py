@@ -35,6 +35,7 @@ from typing import Iterable, Iterator, Mapping, Sequence
 import numpy as np
 import torch
 
+from empirical.devices import resolve_device
 from theory.grids import Grid, check_bits, step_factor
 
 __all__ = ["ActQuantConfig", "ACT_GRANULARITIES", "fake_quantize_activation", "ActivationQuantizer",
@@ -292,7 +293,8 @@ def capture_inputs(model, linears: Sequence, tokenizer, texts: Mapping[str, Sequ
     max_length, batch_size
         Tokens per segment (BOS included) and segments per forward pass.
     device : optional
-        Where inputs go (default: the model's device).
+        Where inputs go; None, ``"auto"`` or ``"offload"``: the model's execution device
+        (:func:`empirical.devices.execution_device`, also under accelerate hooks).
 
     Returns
     -------
@@ -305,7 +307,7 @@ def capture_inputs(model, linears: Sequence, tokenizer, texts: Mapping[str, Sequ
     for lang, segs in texts.items():
         if not segs or not any(s.strip() for s in segs):
             raise ValueError(f"calibration text of {lang!r} is empty")
-    device = device or next(model.parameters()).device
+    device = resolve_device(model, device)
     site_of: dict[str, str] = {}
     members: dict[str, list[str]] = {}
     chunks: dict[str, dict[str, list[np.ndarray]]] = {}
@@ -325,7 +327,7 @@ def capture_inputs(model, linears: Sequence, tokenizer, texts: Mapping[str, Sequ
             if same:  # another reader of the tensor just recorded
                 return None
             state["last"] = (x, x._version, site)
-            rows = x[state["mask"]] if x.dim() == 3 else x.reshape(-1, x.shape[-1])
+            rows = x[state["mask"].to(x.device)] if x.dim() == 3 else x.reshape(-1, x.shape[-1])
             chunks.setdefault(site, {}).setdefault(state["lang"], []).append(
                 rows.detach().to(torch.float32).cpu().numpy())
             return None

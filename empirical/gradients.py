@@ -141,6 +141,13 @@ def language_gradients(model, blocks: Sequence, block_linears: Sequence[Sequence
     Returns
     -------
     GradientNorms
+
+    Raises
+    ------
+    ValueError
+        Mismatched blocks and Linears, empty lists, missing errors, or a Linear whose weight is
+        offloaded by accelerate (on ``meta`` between calls: each forward lends it a fresh copy,
+        so no gradient can accumulate on the module's parameter).
     """
     import torch
 
@@ -156,6 +163,12 @@ def language_gradients(model, blocks: Sequence, block_linears: Sequence[Sequence
         if missing:
             raise ValueError(f"errors lack the Linears {missing[:3]}")
     weights = [q.module.weight for b in block_linears for q in b]
+    offloaded = [q.name for b in block_linears for q in b if q.module.weight.device.type == "meta"]
+    if offloaded:
+        raise ValueError(f"weight gradients need the weights in their modules, but {offloaded[0]} (and "
+                         f"{len(offloaded) - 1} more) is offloaded by accelerate (on the meta device between "
+                         "calls); load the model without offload (device='cpu'/'cuda' or a device map "
+                         "without 'cpu'/'disk' offload entries)")
     nb = len(blocks)
     sq_rms = np.zeros(nb)
     sq_all = np.zeros(nb)

@@ -98,6 +98,8 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
+from empirical.devices import param_tensor
+
 __all__ = ["VARIANTS", "DEFAULT_VARIANTS", "contract", "expected_weight_error", "actual_weight_error",
            "LinearSensitivity", "SensitivityPass", "sensitivity_pass", "ZeroPassDamage", "zero_pass_damage",
            "agreement"]
@@ -662,7 +664,7 @@ def zero_pass_damage(engine, unit_linears: Sequence[Sequence], qcfg, fits: Mappi
     t0 = time.perf_counter()
     errors: dict[str, dict[str, torch.Tensor]] = {}
     for q in lins:
-        w = q.module.weight.detach()
+        w = param_tensor(q.module, "weight").detach()  # the real weight, also under accelerate offload
         if not bool(torch.isfinite(w).all()):
             raise ValueError(f"weight of {q.name} contains NaN or inf")
         tr = _is_transposed(q.module)
