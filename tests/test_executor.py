@@ -190,3 +190,25 @@ def test_phase_transition_on_ray_matches_in_process_and_resumes(ray_local, tmp_p
     again = read_json(tmp_path / "ray/phase_transition.json")
     assert again["timing"]["forward_passes_run"] == len(dropped)
     assert _numbers(again) == _numbers(serial)
+
+
+def test_device_flags_accept_accelerate_placements_and_gpu_flags_need_ray(tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    from validate import _protocol as protocol
+    from validate import phase_transition as pt
+
+    if importlib.util.find_spec("accelerate") is not None:
+        protocol.check_device("auto")
+        protocol.check_device("offload")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "accelerate" else real(name, *a))
+    with pytest.raises(protocol.ConfigError, match="pip install accelerate"):
+        protocol.check_device("offload")
+    monkeypatch.undo()
+    with pytest.raises(protocol.ConfigError, match="expected cpu, cuda, cuda:N, auto"):
+        protocol.check_device("tpu")
+    assert pt.main(["--model", "tiny-gpt2", "--gpus-per-worker", "2", "--out", str(tmp_path)]) == 2
+    assert "--gpus-per-worker is for --executor ray" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="gpus_per_worker must be >= 0"):
+        RayExecutor(gpus_per_worker=-1)

@@ -290,6 +290,10 @@ class RayExecutor(Executor):
         Actors in the pool (default: as many as the cluster's CPUs, or GPUs for a CUDA spec, allow).
     cpus_per_worker : float
         CPUs each actor reserves (Ray sets its threads to match).
+    gpus_per_worker : float, optional
+        GPUs each actor reserves; None: 1 for a spec whose device is ``cuda``, ``auto`` or
+        ``offload`` when the cluster has GPUs, else 0. More than one lets ``--device auto`` spread a
+        model too large for one GPU over several.
     max_retries : int
         Times a task is resubmitted after its worker died before it is reported as failed.
     """
@@ -297,20 +301,23 @@ class RayExecutor(Executor):
     name = "ray"
 
     def __init__(self, address: str | None = None, workers: int | None = None, cpus_per_worker: float = 1.0,
-                 max_retries: int = 2):
+                 max_retries: int = 2, gpus_per_worker: float | None = None):
         if workers is not None and (not isinstance(workers, int) or workers < 1):
             raise ValueError(f"--workers must be a positive integer, got {workers!r}")
         if not cpus_per_worker > 0:
             raise ValueError(f"cpus_per_worker must be positive, got {cpus_per_worker!r}")
         if max_retries < 0:
             raise ValueError(f"max_retries must be >= 0, got {max_retries!r}")
+        if gpus_per_worker is not None and not gpus_per_worker >= 0:
+            raise ValueError(f"gpus_per_worker must be >= 0, got {gpus_per_worker!r}")
         self.address, self.cpus_per_worker, self.max_retries = address, float(cpus_per_worker), int(max_retries)
+        self.gpus_per_worker = gpus_per_worker
         self._workers = workers
         self._ray = None
         self._started = False
         self._actors: list = []
         self._actor_cls = None
-        self._gpu = False
+        self._gpu = 0.0  # GPUs per actor of the current pool
         self.lost = 0
 
     # -- Ray, imported and started lazily ---------------------------------------------------------
@@ -342,9 +349,10 @@ class RayExecutor(Executor):
             return self._workers
         ray = self._init()
         res = ray.cluster_resources()
+        by_cpu = max(1, int(res.get("CPU", 1) // self.cpus_per_worker))
         if self._gpu:
-            return max(1, int(res.get("GPU", 0)))
-        return max(1, int(res.get("CPU", 1) // self.cpus_per_worker))
+            return max(1, min(by_cpu, int(res.get("GPU", 0) // self._gpu)))
+        return by_cpu
 
     @property
     def prefetches(self) -> bool:
@@ -352,7 +360,7 @@ class RayExecutor(Executor):
 
     def describe(self) -> dict:
         out = {"executor": self.name, "address": self.address or "local", "cpus_per_worker": self.cpus_per_worker,
-               "max_retries": self.max_retries}
+               "gpus_per_worker": self._gpu if self._actors else self.gpus_per_worker, "max_retries": self.max_retries}
         if self._ray is not None:
             out["workers"] = self.width
         elif self._workers is not None:
@@ -367,10 +375,20 @@ class RayExecutor(Executor):
         env.setdefault("LANGQUANT_PROGRESS", "0")
         opts: dict[str, Any] = {"num_cpus": self.cpus_per_worker}
         if self._gpu:
-            opts["num_gpus"] = 1
+            opts["num_gpus"] = self._gpu
         return self._actor_cls.options(**opts).remote(env)
 
-    def _pool(self, gpu: bool) -> list:
+    def _gpus_for(self, device: str) -> float:
+        """GPUs an actor of a spec on ``device`` reserves."""
+        if self.gpus_per_worker is not None:
+            return float(self.gpus_per_worker)
+        if device.startswith("cuda"):
+            return 1.0
+        if device in ("auto", "offload"):
+            return 1.0 if self._init().cluster_resources().get("GPU", 0) >= 1 else 0.0
+        return 0.0
+
+    def _pool(self, gpu: float) -> list:
         self._init()
         if gpu != self._gpu and self._actors:
             self._kill_all()
@@ -407,8 +425,7 @@ class RayExecutor(Executor):
         ray = self._init()
         from ray.exceptions import RayActorError, RayTaskError
 
-        gpu = spec.device.startswith("cuda")
-        idle = deque(self._pool(gpu))
+        idle = deque(self._pool(self._gpus_for(spec.device)))
         queue = deque((t, 0) for t in todo)
         running: dict = {}
         try:
@@ -480,14 +497,15 @@ class RayExecutor(Executor):
         self._ray, self._started = None, False
 
 
-def make_executor(name: str = "inprocess", address: str | None = None, workers: int | None = None) -> Executor:
-    """The executor ``--executor name --address ADDR --workers N`` asks for."""
+def make_executor(name: str = "inprocess", address: str | None = None, workers: int | None = None,
+                  gpus_per_worker: float | None = None) -> Executor:
+    """The executor ``--executor name --address ADDR --workers N --gpus-per-worker G`` asks for."""
     if name == "inprocess":
         if address is not None:
             raise ValueError("--address is for --executor ray")
         return InProcessExecutor()
     if name == "ray":
-        return RayExecutor(address=address, workers=workers)
+        return RayExecutor(address=address, workers=workers, gpus_per_worker=gpus_per_worker)
     raise ValueError(f"--executor {name}: expected one of {', '.join(EXECUTORS)}")
 
 

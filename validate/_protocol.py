@@ -127,6 +127,9 @@ def build_parser(module) -> argparse.ArgumentParser:
                             "local Ray on this machine's CPUs)")
         g.add_argument("--workers", type=int, default=None,
                        help="Ray actors (default: one per CPU of the cluster, or per GPU with --device cuda)")
+        g.add_argument("--gpus-per-worker", type=float, default=None, dest="gpus_per_worker",
+                       help="GPUs each Ray actor reserves (default: 1 with --device cuda, auto or offload on a "
+                            "cluster with GPUs, else 0); more than 1 spreads a large model over them (--device auto)")
     p.add_argument("--out", type=Path, default=None,
                    help=f"output folder (default results/{module.EXPERIMENT}, or $LANGQUANT_RESULTS/{module.EXPERIMENT})")
     p.add_argument("--quick", action="store_true", default=False,
@@ -144,7 +147,11 @@ def parse_args(module, argv: Sequence[str] | None = None):
     ``--executor``/``--address``/``--workers`` flags (empty for an experiment without grids);
     :class:`ConfigError` names a bad value."""
     args = vars(build_parser(module).parse_args(argv))
-    ex = {k: args.pop(k) for k in ("executor", "address", "workers") if k in args}
+    ex = {k: args.pop(k) for k in ("executor", "address", "workers", "gpus_per_worker") if k in args}
+    if ex.get("gpus_per_worker") is not None and ex.get("executor") != "ray":
+        raise ConfigError("--gpus-per-worker is for --executor ray")
+    if ex.get("gpus_per_worker") is not None and not ex["gpus_per_worker"] >= 0:
+        raise ConfigError(f"--gpus-per-worker must be >= 0, got {ex['gpus_per_worker']}")
     if ex.get("address") is not None and ex.get("executor") != "ray":
         raise ConfigError("--address is for --executor ray")
     if ex.get("workers") is not None and ex["workers"] < 1:
@@ -228,7 +235,8 @@ def main_of(module_name: str, argv: Sequence[str] | None = None) -> int:
     from validate._executor import GridError, make_executor, using
 
     t0 = time.perf_counter()
-    executor = make_executor(ex_args.get("executor", "inprocess"), ex_args.get("address"), ex_args.get("workers"))
+    executor = make_executor(ex_args.get("executor", "inprocess"), ex_args.get("address"), ex_args.get("workers"),
+                             ex_args.get("gpus_per_worker"))
     with executor, using(executor):
         try:
             result = module.run(config, cache=ResultCache(out / "cache"))
@@ -374,8 +382,18 @@ def check_reference(reference: Sequence[str] | None, languages: Sequence[str]) -
 
 
 def check_device(device: str) -> None:
-    """``cpu``, or ``cuda``/``cuda:N`` when a CUDA device is available."""
+    """``cpu``; ``cuda``/``cuda:N`` when a CUDA device is available; ``auto`` (accelerate's
+    ``device_map="auto"``: blocks over every GPU, then CPU memory) or ``offload`` (weights kept in CPU
+    memory, loaded into the execution device block by block) when accelerate is installed
+    (``empirical.models.load_model``, ``empirical.devices``)."""
     if device == "cpu":
+        return
+    if device in ("auto", "offload"):
+        import importlib.util
+
+        if importlib.util.find_spec("accelerate") is None:
+            raise ConfigError(f"--device {device}: placing a model with accelerate needs the package accelerate; "
+                              "install it with: pip install accelerate (or pip install -e \".[models]\")")
         return
     if device == "cuda" or device.startswith("cuda:"):
         import torch
@@ -386,7 +404,8 @@ def check_device(device: str) -> None:
         if ":" in device and int(device.split(":")[1]) >= torch.cuda.device_count():
             raise ConfigError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s)")
         return
-    raise ConfigError(f"--device {device}: expected cpu, cuda or cuda:N")
+    raise ConfigError(f"--device {device}: expected cpu, cuda, cuda:N, auto (accelerate's device map) or offload "
+                      "(weights in CPU memory, run block by block)")
 
 
 def frozen_set(obj, **values: Any) -> None:
