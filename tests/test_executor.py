@@ -212,3 +212,20 @@ def test_device_flags_accept_accelerate_placements_and_gpu_flags_need_ray(tmp_pa
     assert "--gpus-per-worker is for --executor ray" in capsys.readouterr().err
     with pytest.raises(ValueError, match="gpus_per_worker must be >= 0"):
         RayExecutor(gpus_per_worker=-1)
+
+
+def test_phase_transition_with_an_offloaded_model_matches_the_plain_one(tmp_path):
+    """--device offload (accelerate's CPU offload: parameters on meta, weights loaded per block)
+    gives the same numbers as --device cpu, end to end."""
+    pytest.importorskip("accelerate")
+    from validate import phase_transition as pt
+
+    args = [*TINY_PT, "--no-compare-rankings"]
+    assert pt.main([*args, "--out", str(tmp_path / "cpu")]) == 0
+    assert pt.main([*args, "--device", "offload", "--out", str(tmp_path / "offload")]) == 0
+    cpu, off = read_json(tmp_path / "cpu/phase_transition.json"), read_json(tmp_path / "offload/phase_transition.json")
+    assert off["model_metadata"]["offloaded"] is True and cpu["model_metadata"].get("offloaded") in (None, False)
+    a, b = _numbers(cpu), _numbers(off)
+    a.pop("model_metadata"), b.pop("model_metadata")
+    assert a == b
+    assert off["zero_pass"]["available"] and off["zero_pass"]["variants"] == cpu["zero_pass"]["variants"]

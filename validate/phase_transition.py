@@ -167,7 +167,7 @@ def weight_fits(linears, seed: int, cache: ResultCache | None = None) -> dict[st
     from empirical.fits import best_theory_fit
 
     digest = hashlib.sha256(json.dumps(
-        [[q.name, float(q.module.weight.detach().sum(dtype=torch.float64))] for q in linears]
+        [[q.name, float(q.weight.detach().sum(dtype=torch.float64))] for q in linears]
     ).encode()).hexdigest()[:16]
     config = {"weight_fits": digest, "n": len(linears), "samples": FIT_SAMPLES, "seed": seed}
     hit = cache.get(config) if cache is not None else None
@@ -175,7 +175,7 @@ def weight_fits(linears, seed: int, cache: ResultCache | None = None) -> dict[st
         return hit
     out = {}
     for q in linears:
-        w = q.module.weight.detach().double().cpu().numpy().ravel()
+        w = q.weight.detach().double().cpu().numpy().ravel()  # the real weight, also under offload
         fit, _ = best_theory_fit(w, max_samples=FIT_SAMPLES, seed=seed, fix_loc=True)
         out[q.name] = {"family": fit.family, "params": fit.params, "excess_kurtosis": fit.excess_kurtosis}
     if cache is not None:
