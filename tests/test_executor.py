@@ -229,3 +229,16 @@ def test_phase_transition_with_an_offloaded_model_matches_the_plain_one(tmp_path
     a.pop("model_metadata"), b.pop("model_metadata")
     assert a == b
     assert off["zero_pass"]["available"] and off["zero_pass"]["variants"] == cpu["zero_pass"]["variants"]
+
+
+def test_validate_all_passes_executor_flags_to_grids_and_device_to_model_experiments(capsys):
+    from validate import all as vall
+
+    pt = vall.placement_args("validate.phase_transition", "ray", "auto", 4, "cuda")
+    assert pt == ["--executor", "ray", "--address", "auto", "--workers", "4", "--device", "cuda"]
+    # rate_distortion runs no model and no grid: nothing is passed to it
+    assert vall.placement_args("validate.rate_distortion", "ray", None, None, "cuda") == []
+    assert vall.placement_args("validate.phase_transition") == []
+    with pytest.raises(SystemExit):
+        vall.parse_args(["--workers", "2"], ["phase_transition"])
+    assert "--address and --workers are for --executor ray" in capsys.readouterr().err

@@ -136,11 +136,32 @@ def natural_args(module: str, natural: Path | None, quick: bool) -> list[str]:
     return list(hook(natural)) if hook is not None else []
 
 
+def placement_args(module: str, executor: str | None = None, address: str | None = None,
+                   workers: int | None = None, device: str | None = None) -> list[str]:
+    """``--executor``/``--address``/``--workers`` for an experiment that distributes its passes
+    (its module sets ``GRIDS``) and ``--device`` for one whose ``Config`` has a device."""
+    if executor is None and device is None:
+        return []
+    try:
+        mod = importlib.import_module(module)
+    except ImportError:  # the experiment's own run reports the missing module
+        return []
+    out: list[str] = []
+    if executor is not None and getattr(mod, "GRIDS", None):
+        out += ["--executor", executor]
+        out += ["--address", address] if address is not None else []
+        out += ["--workers", str(workers)] if workers is not None else []
+    cfg = getattr(mod, "Config", None)
+    if device is not None and cfg is not None and "device" in getattr(cfg, "__dataclass_fields__", {}):
+        out += ["--device", device]
+    return out
+
+
 def run_experiment(name: str, module: str, root: Path, quick: bool, env: Mapping[str, str],
-                   natural: Path | None = None) -> Outcome:
+                   natural: Path | None = None, placement: Sequence[str] = ()) -> Outcome:
     out = root / name
     cmd = [sys.executable, "-m", module, *(["--quick"] if quick else []), *natural_args(module, natural, quick),
-           "--out", str(out)]
+           *placement, "--out", str(out)]
     shown = ["python", *cmd[1:]]
     before, t0 = _snapshot(out), time.perf_counter()
     try:
@@ -167,6 +188,13 @@ def parse_args(argv: Sequence[str] | None, names: Sequence[str]) -> argparse.Nam
     p.add_argument("--natural", type=Path, default=os.environ.get("LANGQUANT_NTREX") or None,
                    help="a one-file-per-language folder of natural text (NTREX-128) that experiments able to "
                         "read several corpora also run on, in full runs (default $LANGQUANT_NTREX, else none)")
+    p.add_argument("--executor", choices=("inprocess", "ray"), default=None,
+                   help="pass --executor to every experiment that distributes its passes (docs/design.md, "
+                        "\"Executors\"; default: each experiment's own, in process)")
+    p.add_argument("--address", default=None, help="with --executor ray: the Ray cluster every experiment joins")
+    p.add_argument("--workers", type=int, default=None, help="with --executor ray: Ray actors per experiment")
+    p.add_argument("--device", default=None,
+                   help="pass --device (cpu, cuda, cuda:N, auto, offload) to every experiment that runs a model")
     p.add_argument("--pdf", action="store_true", help="then build <root>/paper/main.pdf with latexmk or tectonic")
     p.add_argument("--update-docs", action="store_true",
                    help=f"then copy the headline figure to {DOCS_FIGURE.relative_to(ROOT)} (the README's snapshot; "
@@ -174,6 +202,10 @@ def parse_args(argv: Sequence[str] | None, names: Sequence[str]) -> argparse.Nam
     args = p.parse_args(argv)
     if args.update_docs and args.quick:
         p.error("--update-docs takes the paper's numbers: run without --quick")
+    if (args.address is not None or args.workers is not None) and args.executor != "ray":
+        p.error("--address and --workers are for --executor ray")
+    if args.workers is not None and args.workers < 1:
+        p.error(f"--workers must be a positive integer, got {args.workers}")
     if args.natural is not None and not Path(args.natural).is_dir():
         p.error(f"--natural {args.natural}: not a folder (expected one text file per language, e.g. NTREX-128)")
     return args
@@ -205,10 +237,11 @@ def run_all(argv: Sequence[str] | None = None, experiments: Mapping[str, str] | 
         elif any(o.status == "failed" for o in outcomes) and args.fail_fast:
             outcomes.append(Outcome(name, module, "not_run", reason="an earlier experiment failed (--fail-fast)"))
         else:
-            extra = " ".join(natural_args(module, args.natural, args.quick))
+            placement = placement_args(module, args.executor, args.address, args.workers, args.device)
+            extra = " ".join([*natural_args(module, args.natural, args.quick), *placement])
             say(f"({i}/{len(modules)}) {name}: python -m {module}{' --quick' if args.quick else ''}"
                 f"{' ' + extra if extra else ''}")
-            o = run_experiment(name, module, root, args.quick, env, args.natural)
+            o = run_experiment(name, module, root, args.quick, env, args.natural, placement)
             outcomes.append(o)
             say(f"({i}/{len(modules)}) {name}: " + (f"ok, {o.wall_seconds:.1f} s, {len(o.files)} files"
                 if o.status == "ok" else f"FAILED ({o.reason}); command: {' '.join(o.command)}"), o.status != "ok")
