@@ -45,6 +45,8 @@ from validate._common import ResultCache, save_figure, use_agg, write_csv, write
 from validate._latex import MacroSet, tex_text, write_latex_table
 
 EXPERIMENT = "gradient_norms"
+#: The grids ``--executor ray`` distributes (validate._executor).
+GRIDS = "one backward pass per language"
 GRAD_VERSION = 2
 STATISTICS = ("weight", "output_rms", "taylor", "fisher")
 _LABELS = {"weight": "weight-gradient norm", "output_rms": "output-gradient RMS",
@@ -68,32 +70,94 @@ def _errors(fq, lins) -> dict:
     return {q.name: fq.quantized_weight(q.name) - q.module.weight.detach() for b in lins for q in b}
 
 
-def run(config: Config, cache: ResultCache | None = None) -> protocol.Result:
-    from empirical.fakequant import FakeQuantizer
-    from empirical.gradients import language_gradients
+class LanguageGradients:
+    """Each language's cached gradient statistics (one backward pass per window), computed where
+    the cache lacks them; ``run`` and the remote :class:`GradientWorker` both use it, so that they
+    build identical cache keys."""
 
+    def __init__(self, c: Config, s: mech.Setup, cache):
+        from empirical.fakequant import FakeQuantizer
+
+        self.c, self.s, self.cache = c, s, cache
+        self.lins = s.block_linears()
+        self.fq = FakeQuantizer([q for b in self.lins for q in b], c.quant_config(), seed=c.seed)
+        self._windows = self._errors = None
+        self.passes = 0   # backward passes (windows) computed here
+
+    def key(self, lang: str) -> dict:
+        c = self.c
+        return {**self.s.key, "language": lang, "quant": c.quant_config().key(), "grad_segments": c.grad_segments,
+                "grad_version": GRAD_VERSION, "what": "gradient_norms"}
+
+    def task(self, lang: str):
+        from validate._executor import Task
+
+        return Task(f"gradients {lang}", self.key(lang), {"language": lang})
+
+    def get(self, lang: str) -> dict:
+        """The language's item: read from the cache, else computed and cached."""
+        from empirical.gradients import language_gradients
+
+        key = self.key(lang)
+        item = self.cache.get(key) if self.cache is not None else None
+        if item is None:
+            if self._windows is None:
+                self._windows, self._errors = self.s.windows(), _errors(self.fq, self.lins)
+            ws = self._windows[lang][: self.c.grad_segments]
+            item = {**language_gradients(self.s.model, self.s.view.blocks, self.lins, ws, self._errors).to_json(),
+                    "windows": len(ws)}
+            self.passes += len(ws)
+            if self.cache is not None:
+                self.cache.put(key, item)
+        return item
+
+
+class GradientWorker:
+    """An executor worker (``validate._executor.Worker``): loads the model of ``c`` once; the
+    payload ``{"language": l}`` computes that language's gradients and returns its cache entry."""
+
+    def __init__(self, c: Config, folder=None):
+        from validate._executor import RecordingCache
+
+        self.grads = LanguageGradients(c, mech.setup(c), RecordingCache(read_from=folder))
+
+    def compute(self, payload) -> list:
+        lang = payload["language"]
+        if lang not in self.grads.s.languages:
+            raise ValueError(f"language {lang!r} is not one of this run's {self.grads.s.languages}")
+        self.grads.get(lang)
+        return self.grads.cache.drain()
+
+
+def gradient_worker(c: Config, folder: str | None = None) -> GradientWorker:
+    """The factory of :class:`GradientWorker` (``validate._executor.WorkerSpec``)."""
+    return GradientWorker(c, folder)
+
+
+def prefetch(grads: LanguageGradients, langs, cache) -> int:
+    """Hand the languages' gradients to the current executor ahead of reading them (a Ray
+    executor computes the uncached ones on its workers and writes them into ``cache``; in process
+    nothing happens). Returns the backward passes (windows) those workers ran."""
+    from validate._executor import WorkerSpec, current
+
+    ex = current()
+    if not ex.prefetches or not langs:
+        return 0
+    todo = [l for l in langs if cache is None or cache.get(grads.key(l)) is None]
+    folder = None if cache is None or cache.folder is None else str(cache.folder)
+    spec = WorkerSpec(f"{__name__}:gradient_worker", (grads.c, folder), device=grads.c.device)
+    ex.map(spec, [grads.task(l) for l in todo], cache=cache)
+    return sum(int(cache.get(grads.key(l))["windows"]) for l in todo)
+
+
+def run(config: Config, cache: ResultCache | None = None) -> protocol.Result:
     c = config
     s = mech.setup(c)
-    lins = s.block_linears()
     names, langs = s.block_names, s.languages
-    fq = FakeQuantizer([q for b in lins for q in b], c.quant_config(), seed=c.seed)
-    windows = None
-    errors = None
-    per_lang: dict[str, dict] = {}
-    passes = 0
-    for lang in protocol.progress(langs, desc="gradients", unit="language"):
-        key = {**s.key, "language": lang, "quant": c.quant_config().key(), "grad_segments": c.grad_segments,
-               "grad_version": GRAD_VERSION, "what": "gradient_norms"}
-        item = cache.get(key) if cache is not None else None
-        if item is None:
-            if windows is None:
-                windows, errors = s.windows(), _errors(fq, lins)
-            ws = windows[lang][: c.grad_segments]
-            item = {**language_gradients(s.model, s.view.blocks, lins, ws, errors).to_json(), "windows": len(ws)}
-            passes += len(ws)
-            if cache is not None:
-                cache.put(key, item)
-        per_lang[lang] = item
+    grads = LanguageGradients(c, s, cache)
+    remote = prefetch(grads, langs, cache)
+    per_lang = {lang: grads.get(lang) for lang in protocol.progress(langs, desc="gradients", unit="language")}
+    passes = grads.passes + remote
     used = {l: int(per_lang[l]["windows"]) for l in langs}
     dmg = mech.block_damage(s, cache)
     damage_metric = "kl" if dmg.kl is not None else "bpb"

@@ -1,0 +1,96 @@
+"""Per-language capture and backward grids on the executor (issue 18): each ported experiment's
+tiny-model run gives the same numbers in process and on two Ray actors, the driver computes none
+of its items on Ray, and a rerun after deleting some cached items computes only those.
+
+The block-damage passes (``validate._mechanisms.block_damage``) are not these modules' grids: the
+in-process run writes them to ``<tmp>/_shared/block_damage``, which the Ray run's folder shares
+(``_mechanisms.shared_cache``), so that the Ray run's driver needs no scored pass either and the
+patched ``BpbEngine.score``/``record`` check that.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from validate._common import read_json
+
+TINY = ["--model", "tiny-llama", "--languages", "en", "he", "ja", "--segments", "2", "--max-length", "32",
+        "--bootstrap", "50"]
+RAY = ["--executor", "ray", "--workers", "2"]
+
+
+def _numbers(doc):
+    """A result's measured numbers: everything but provenance, timing and the counts of passes run
+    (the Ray run reads the block damage the in-process run cached in the shared folder)."""
+    out = {k: v for k, v in doc.items() if k not in ("provenance", "timing", "passes")}
+    if "block_damage" in out:
+        out["block_damage"] = {k: v for k, v in out["block_damage"].items() if k != "passes_run"}
+    return out
+
+
+def _no_driver_compute(m, *targets):
+    """Make each ``(object, attribute)`` raise in this process (Ray actors are other processes)."""
+    from empirical.bpb import BpbEngine
+
+    def refuse(*a, **k):
+        raise AssertionError("an item or scored pass was computed in the driver")
+
+    for obj, name in [(BpbEngine, "score"), (BpbEngine, "record"), *targets]:
+        m.setattr(obj, name, refuse)
+
+
+def _items(folder, what):
+    """Cache files of ``folder`` whose stored configuration has ``what`` (a key, value pair)."""
+    k, v = what
+    return sorted(p for p in folder.glob("*.json") if json.loads(p.read_text())["config"].get(k) == v)
+
+
+def _serial_then_ray(module, argv, tmp_path, monkeypatch, targets):
+    """Run ``module`` in process, then on Ray with ``targets`` refused in the driver; returns both
+    result documents (the Ray run's folder is ``tmp_path/ray``)."""
+    name = module.EXPERIMENT
+    assert module.main([*argv, "--out", str(tmp_path / "serial")]) == 0
+    with monkeypatch.context() as m:
+        _no_driver_compute(m, *targets)
+        assert module.main([*argv, *RAY, "--out", str(tmp_path / "ray")]) == 0
+    serial = read_json(tmp_path / "serial" / f"{name}.json")
+    remote = read_json(tmp_path / "ray" / f"{name}.json")
+    assert remote["provenance"]["executor"]["executor"] == "ray"
+    assert remote["provenance"]["executor"]["workers"] == 2
+    assert "executor" in serial["provenance"] and serial["provenance"]["executor"]["executor"] == "inprocess"
+    return serial, remote
+
+
+def test_gradient_norms_on_ray_match_in_process_and_resume(ray_local, tmp_path, monkeypatch):
+    import empirical.gradients
+    from validate import gradient_norms as gn
+
+    argv = [*TINY, "--top-k", "1"]
+    serial, remote = _serial_then_ray(gn, argv, tmp_path, monkeypatch,
+                                      [(empirical.gradients, "language_gradients")])
+    assert _numbers(remote) == _numbers(serial)
+    assert remote["timing"]["backward_passes_run"] == serial["timing"]["backward_passes_run"] == 6
+    assert remote["passes"]["block_damage_passes_run"] == 0   # read from the shared cache
+    # an interrupted run: drop one language's item; the rerun computes that language only
+    items = _items(tmp_path / "ray" / "cache", ("what", "gradient_norms"))
+    assert len(items) == 3
+    items[1].unlink()
+    with monkeypatch.context() as m:
+        _no_driver_compute(m, (empirical.gradients, "language_gradients"))
+        assert gn.main([*argv, *RAY, "--out", str(tmp_path / "ray")]) == 0
+    again = read_json(tmp_path / "ray" / "gradient_norms.json")
+    assert again["timing"]["backward_passes_run"] == 2   # the two windows of one language
+    assert _numbers(again) == _numbers(serial)
+
+
+def test_gradient_worker_refuses_a_language_outside_the_run():
+    from validate import gradient_norms as gn
+
+    w = gn.gradient_worker(gn.Config(model="tiny-llama", languages=("en", "he"), segments=1, max_length=16))
+    with pytest.raises(ValueError, match="'fr' is not one of this run's"):
+        w.compute({"language": "fr"})
+    entries = w.compute({"language": "heb_Hebr"})   # the run's (FLORES) code
+    assert len(entries) == 1 and entries[0][0]["language"] == "heb_Hebr" and entries[0][1]["windows"] == 1
+    assert entries[0][0] == w.grads.key("heb_Hebr")
