@@ -94,3 +94,23 @@ def test_gradient_worker_refuses_a_language_outside_the_run():
     entries = w.compute({"language": "heb_Hebr"})   # the run's (FLORES) code
     assert len(entries) == 1 and entries[0][0]["language"] == "heb_Hebr" and entries[0][1]["windows"] == 1
     assert entries[0][0] == w.grads.key("heb_Hebr")
+
+
+def test_distribution_shift_on_ray_matches_in_process_and_resumes(ray_local, tmp_path, monkeypatch):
+    import empirical.shift
+    from validate import distribution_shift as ds
+
+    refuse = [(empirical.shift, "capture_block_outputs")]
+    serial, remote = _serial_then_ray(ds, TINY, tmp_path, monkeypatch, refuse)
+    assert _numbers(remote) == _numbers(serial)
+    assert remote["passes"]["capture_passes_run"] == serial["passes"]["capture_passes_run"] == 12  # 2 x 2 x 3
+    items = _items(tmp_path / "ray" / "cache", ("what", "distribution_shift"))
+    assert len(items) == 3
+    for p in items[:2]:
+        p.unlink()
+    with monkeypatch.context() as m:
+        _no_driver_compute(m, *refuse)
+        assert ds.main([*TINY, *RAY, "--out", str(tmp_path / "ray")]) == 0
+    again = read_json(tmp_path / "ray" / "distribution_shift.json")
+    assert again["timing"]["forward_passes_run"] == 8   # two languages, two captures of two windows
+    assert _numbers(again) == _numbers(serial)

@@ -53,6 +53,8 @@ from validate._common import ResultCache, save_figure, use_agg, write_csv, write
 from validate._latex import MacroSet, tex_text, write_latex_table
 
 EXPERIMENT = "distribution_shift"
+#: The grids ``--executor ray`` distributes (validate._executor).
+GRIDS = "the two activation captures of each language"
 SHIFT_VERSION = 1
 
 
@@ -115,28 +117,96 @@ def all_quantized_damage(s: mech.Setup, cache: ResultCache | None) -> tuple[dict
     return deg, passes.run_count - before
 
 
-def run(config: Config, cache: ResultCache | None = None) -> protocol.Result:
-    from empirical.fakequant import FakeQuantizer
+class LanguageShifts:
+    """Each language's cached activation shift (two captures of its windows), computed where the
+    cache lacks it; ``run`` and the remote :class:`ShiftWorker` both use it, so that they build
+    identical cache keys."""
 
+    def __init__(self, c: Config, s: mech.Setup, cache):
+        from empirical.fakequant import FakeQuantizer
+
+        self.c, self.s, self.cache = c, s, cache
+        lins = s.block_linears()
+        self.fq = FakeQuantizer([q for b in lins for q in b], c.quant_config(), seed=c.seed)
+        self.windows = s.windows()
+        self.passes = 0   # forward passes computed here
+
+    def _windows(self, lang: str) -> list:
+        return self.windows[lang][: self.c.shift_segments]
+
+    def key(self, lang: str) -> dict:
+        c = self.c
+        return {**self.s.key, "language": lang, "quant": c.quant_config().key(), "bins": c.bins,
+                "eps": float(c.eps), "windows": len(self._windows(lang)), "shift_version": SHIFT_VERSION,
+                "what": "distribution_shift"}
+
+    def task(self, lang: str):
+        from validate._executor import Task
+
+        return Task(f"activation shift {lang}", self.key(lang), {"language": lang})
+
+    def get(self, lang: str) -> dict:
+        """The language's item: read from the cache, else computed and cached."""
+        key = self.key(lang)
+        item = self.cache.get(key) if self.cache is not None else None
+        if item is None:
+            ws = self._windows(lang)
+            item = language_shift(self.s, self.fq, ws, self.c.bins, float(self.c.eps))
+            self.passes += 2 * len(ws)
+            if self.cache is not None:
+                self.cache.put(key, item)
+        return item
+
+    def prefetch(self, langs) -> int:
+        """Hand the languages' items to the current executor ahead of reading them (a Ray executor
+        computes the uncached ones on its workers and writes them into the cache; in process
+        nothing happens). Returns the forward passes those workers ran."""
+        from validate._executor import WorkerSpec, current
+
+        ex = current()
+        if not ex.prefetches or not langs:
+            return 0
+        cache = self.cache
+        todo = [l for l in langs if cache is None or cache.get(self.key(l)) is None]
+        folder = None if cache is None or cache.folder is None else str(cache.folder)
+        spec = WorkerSpec(f"{__name__}:shift_worker", (self.c, folder), device=self.c.device)
+        ex.map(spec, [self.task(l) for l in todo], cache=cache)
+        return sum(2 * len(self._windows(l)) for l in todo)
+
+
+class ShiftWorker:
+    """An executor worker (``validate._executor.Worker``): loads the model of ``c`` once; the
+    payload ``{"language": l}`` captures that language's activation shift and returns its cache
+    entry."""
+
+    def __init__(self, c: Config, folder=None):
+        from validate._executor import RecordingCache
+
+        self.shifts = LanguageShifts(c, mech.setup(c), RecordingCache(read_from=folder))
+
+    def compute(self, payload) -> list:
+        lang = payload["language"]
+        if lang not in self.shifts.s.languages:
+            raise ValueError(f"language {lang!r} is not one of this run's {self.shifts.s.languages}")
+        self.shifts.get(lang)
+        return self.shifts.cache.drain()
+
+
+def shift_worker(c: Config, folder: str | None = None) -> ShiftWorker:
+    """The factory of :class:`ShiftWorker` (``validate._executor.WorkerSpec``)."""
+    return ShiftWorker(c, folder)
+
+
+def run(config: Config, cache: ResultCache | None = None) -> protocol.Result:
     c = config
     s = mech.setup(c)
-    lins = s.block_linears()
-    fq = FakeQuantizer([q for b in lins for q in b], c.quant_config(), seed=c.seed)
-    windows = s.windows()
+    shifts = LanguageShifts(c, s, cache)
+    windows = shifts.windows
     names, langs = s.block_names, s.languages
-    per_lang: dict[str, dict] = {}
-    passes = 0
-    for lang in protocol.progress(langs, desc="activation shift", unit="language"):
-        ws = windows[lang][: c.shift_segments]
-        key = {**s.key, "language": lang, "quant": c.quant_config().key(), "bins": c.bins,
-               "eps": float(c.eps), "windows": len(ws), "shift_version": SHIFT_VERSION, "what": "distribution_shift"}
-        item = cache.get(key) if cache is not None else None
-        if item is None:
-            item = language_shift(s, fq, ws, c.bins, float(c.eps))
-            passes += 2 * len(ws)
-            if cache is not None:
-                cache.put(key, item)
-        per_lang[lang] = item
+    remote = shifts.prefetch(langs)
+    per_lang = {lang: shifts.get(lang)
+                for lang in protocol.progress(langs, desc="activation shift", unit="language")}
+    passes = shifts.passes + remote
     dmg = mech.block_damage(s, cache)
     deg, damage_passes = all_quantized_damage(s, cache)
     metric = "kl" if "kl" in deg else "bpb"
