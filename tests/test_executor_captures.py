@@ -21,12 +21,16 @@ TINY = ["--model", "tiny-llama", "--languages", "en", "he", "ja", "--segments", 
 RAY = ["--executor", "ray", "--workers", "2"]
 
 
+_COUNTS = ("provenance", "timing", "passes", "passes_run", "block_damage_passes_run")
+
+
 def _numbers(doc):
     """A result's measured numbers: everything but provenance, timing and the counts of passes run
     (the Ray run reads the block damage the in-process run cached in the shared folder)."""
-    out = {k: v for k, v in doc.items() if k not in ("provenance", "timing", "passes")}
-    if "block_damage" in out:
-        out["block_damage"] = {k: v for k, v in out["block_damage"].items() if k != "passes_run"}
+    out = {k: v for k, v in doc.items() if k not in _COUNTS}
+    for k in ("block_damage", "quant_damage"):
+        if k in out:
+            out[k] = {kk: v for kk, v in out[k].items() if kk != "passes_run"}
     return out
 
 
@@ -113,4 +117,26 @@ def test_distribution_shift_on_ray_matches_in_process_and_resumes(ray_local, tmp
         assert ds.main([*TINY, *RAY, "--out", str(tmp_path / "ray")]) == 0
     again = read_json(tmp_path / "ray" / "distribution_shift.json")
     assert again["timing"]["forward_passes_run"] == 8   # two languages, two captures of two windows
+    assert _numbers(again) == _numbers(serial)
+
+
+def test_cka_on_ray_matches_in_process_and_resumes(ray_local, tmp_path, monkeypatch):
+    from validate import cka
+
+    refuse = [(cka, "capture_streams")]
+    argv = [*TINY, "--top-pairs", "2"]
+    serial, remote = _serial_then_ray(cka, argv, tmp_path, monkeypatch, refuse)
+    assert _numbers(remote) == _numbers(serial)
+    assert remote["passes_run"] == serial["passes_run"] == 6   # a matrix and a bootstrap per language
+    assert remote["block_damage_passes_run"] == 0
+    matrices = _items(tmp_path / "ray" / "cache", ("item", "matrix"))
+    boots = _items(tmp_path / "ray" / "cache", ("item", "bootstrap"))
+    assert len(matrices) == len(boots) == 3
+    matrices[0].unlink()
+    boots[2].unlink()
+    with monkeypatch.context() as m:
+        _no_driver_compute(m, *refuse)
+        assert cka.main([*argv, *RAY, "--out", str(tmp_path / "ray")]) == 0
+    again = read_json(tmp_path / "ray" / "cka.json")
+    assert again["passes_run"] == 2
     assert _numbers(again) == _numbers(serial)

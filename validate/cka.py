@@ -46,6 +46,8 @@ from validate._mechanisms import MechanismConfig, block_damage, correlation_ci, 
 
 EXPERIMENT = "cka"
 CKA_VERSION = 1
+#: The grids ``--executor ray`` distributes (validate._executor).
+GRIDS = "each language's CKA matrix, then its bootstrap of the top pairs (one capture each)"
 
 
 @dataclass(frozen=True)
@@ -130,43 +132,132 @@ def _interval(v) -> list:
     return [float(x) for x in np.percentile(v, [2.5, 97.5])]
 
 
+def bootstrap_draws(seed: int, n_boot: int, n_seg: int) -> np.ndarray:
+    """Resampled segment ids ``(n_boot, n_seg)``, the same for every language of ``n_seg`` segments."""
+    return np.random.default_rng([seed, n_seg]).integers(0, n_seg, size=(n_boot, n_seg))
+
+
+class CkaItems:
+    """Each language's cached items, a CKA matrix and the bootstrap of the top pairs (each one
+    capture of its windows), computed where the cache lacks them; ``run`` and the remote
+    :class:`CkaWorker` both use it, so that they build identical cache keys."""
+
+    def __init__(self, c: Config, s, cache):
+        self.c, self.s, self.cache = c, s, cache
+        self.base = {**s.key, "experiment": EXPERIMENT, "version": CKA_VERSION}
+        self._windows = None
+        self.passes = 0   # captures computed here
+
+    def key(self, lang: str, top=None) -> dict:
+        """The matrix item's key, or with ``top`` (the depth pairs) the bootstrap item's."""
+        if top is None:
+            return {**self.base, "item": "matrix", "language": lang}
+        return {**self.base, "item": "bootstrap", "language": lang, "pairs": [list(p) for p in top],
+                "n_boot": self.c.bootstrap, "seed": self.c.seed}
+
+    def task(self, lang: str, top=None):
+        from validate._executor import Task
+
+        payload = {"language": lang} if top is None else {"language": lang, "pairs": [list(p) for p in top]}
+        return Task(f"CKA {'matrix' if top is None else 'bootstrap'} {lang}", self.key(lang, top), payload)
+
+    def _streams(self, lang: str):
+        if self._windows is None:
+            self._windows = self.s.windows()
+        self.passes += 1
+        return capture_streams(self.s.model, self._windows[lang])
+
+    def _cached(self, key: dict, compute):
+        got = self.cache.get(key) if self.cache is not None else None
+        if got is None:
+            got = compute()
+            if self.cache is not None:
+                self.cache.put(key, got)
+        return got
+
+    def matrix(self, lang: str) -> dict:
+        """``{"matrix", "tokens", "segments"}`` of the language (module docstring)."""
+        from empirical.similarity import cka_matrix
+
+        def compute():
+            st, seg = self._streams(lang)
+            return {"matrix": cka_matrix(st).tolist(), "tokens": int(seg.size), "segments": int(seg.max()) + 1}
+        return self._cached(self.key(lang), compute)
+
+    def bootstrap(self, lang: str, top) -> dict:
+        """``{"i-j": [CKA of each resample]}`` of the pairs ``top`` over the language's segments."""
+        from empirical.similarity import SegmentMoments
+
+        top = [(int(i), int(j)) for i, j in top]
+
+        def compute():
+            st, seg = self._streams(lang)
+            depths = sorted({d for p in top for d in p})
+            sm = SegmentMoments([st[k] for k in depths], seg)
+            pos = {d: k for k, d in enumerate(depths)}
+            n_seg = int(seg.max()) + 1
+            w = _weights(bootstrap_draws(self.c.seed, self.c.bootstrap, n_seg), n_seg)
+            return {f"{i}-{j}": sm.cka(pos[i], pos[j], w).tolist() for i, j in top}
+        return self._cached(self.key(lang, top), compute)
+
+    def prefetch(self, langs, top=None) -> int:
+        """Hand the languages' matrix (or, with ``top``, bootstrap) items to the current executor
+        ahead of reading them (a Ray executor computes the uncached ones on its workers and writes
+        them into the cache; in process nothing happens). Returns the captures those workers ran."""
+        from validate._executor import WorkerSpec, current
+
+        ex = current()
+        if not ex.prefetches or not langs:
+            return 0
+        cache = self.cache
+        tasks = [self.task(l, top) for l in langs]
+        todo = [t for t in tasks if cache is None or cache.get(t.key) is None]
+        folder = None if cache is None or cache.folder is None else str(cache.folder)
+        spec = WorkerSpec(f"{__name__}:cka_worker", (self.c, folder), device=self.c.device)
+        return ex.map(spec, todo, cache=cache).computed
+
+
+class CkaWorker:
+    """An executor worker (``validate._executor.Worker``): loads the model of ``c`` once; the
+    payload ``{"language": l}`` computes that language's CKA matrix, ``{"language": l, "pairs":
+    [[i, j], ...]}`` its bootstrap of those pairs; returns the cache entry."""
+
+    def __init__(self, c: Config, folder=None):
+        from validate._executor import RecordingCache
+
+        self.items = CkaItems(c, setup(c), RecordingCache(read_from=folder))
+
+    def compute(self, payload) -> list:
+        lang = payload["language"]
+        if lang not in self.items.s.languages:
+            raise ValueError(f"language {lang!r} is not one of this run's {self.items.s.languages}")
+        if "pairs" in payload:
+            self.items.bootstrap(lang, payload["pairs"])
+        else:
+            self.items.matrix(lang)
+        return self.items.cache.drain()
+
+
+def cka_worker(c: Config, folder: str | None = None) -> CkaWorker:
+    """The factory of :class:`CkaWorker` (``validate._executor.WorkerSpec``)."""
+    return CkaWorker(c, folder)
+
+
 def run(config: Config, cache: ResultCache | None = None) -> protocol.Result:
     """Per-language CKA matrices, their spread across languages with bootstrap intervals for the
     top pairs, and the per-block change against the quantization damage."""
-    from empirical.similarity import SegmentMoments, cka_matrix
-
     c = config
     s = setup(c)
     dmg = block_damage(s, cache)
     langs = s.languages
     nb = s.n_blocks
     depths = depth_names(nb)
-    key = {**s.key, "experiment": EXPERIMENT, "version": CKA_VERSION}
-    passes = {"count": 0}
-    wins = {}
-
-    def streams(l):
-        nonlocal wins
-        if not wins:
-            wins = s.windows()
-        passes["count"] += 1
-        return capture_streams(s.model, wins[l])
-
-    def cached(item, compute):
-        k = {**key, **item}
-        got = cache.get(k) if cache is not None else None
-        if got is None:
-            got = compute()
-            if cache is not None:
-                cache.put(k, got)
-        return got
+    items = CkaItems(c, s, cache)
+    remote = items.prefetch(langs)
 
     mats, n_tok, n_seg = {}, {}, {}
     for l in protocol.progress(langs, desc="CKA matrices", unit="language"):
-        def compute(l=l):
-            st, seg = streams(l)
-            return {"matrix": cka_matrix(st).tolist(), "tokens": int(seg.size), "segments": int(seg.max()) + 1}
-        got = cached({"item": "matrix", "language": l}, compute)
+        got = items.matrix(l)
         mats[l], n_tok[l], n_seg[l] = np.asarray(got["matrix"]), got["tokens"], got["segments"]
     m = np.stack([mats[l] for l in langs])  # (languages, L+1, L+1)
     iu = np.triu_indices(nb + 1, k=1)
@@ -176,18 +267,8 @@ def run(config: Config, cache: ResultCache | None = None) -> protocol.Result:
     top = [(int(iu[0][k]), int(iu[1][k])) for k in order]
 
     # bootstrap of the top pairs' range over segments
-    by_size = {n: np.random.default_rng([c.seed, n]).integers(0, n, size=(c.bootstrap, n))
-               for n in sorted(set(n_seg.values()))}
-    boot = {}
-    for l in protocol.progress(langs, desc="CKA bootstrap", unit="language"):
-        def compute(l=l):
-            st, seg = streams(l)
-            sm = SegmentMoments([st[k] for k in sorted({d for p in top for d in p})], seg)
-            pos = {d: k for k, d in enumerate(sorted({d for p in top for d in p}))}
-            w = _weights(by_size[n_seg[l]], n_seg[l])
-            return {f"{i}-{j}": sm.cka(pos[i], pos[j], w).tolist() for i, j in top}
-        boot[l] = cached({"item": "bootstrap", "language": l, "pairs": [list(p) for p in top],
-                          "n_boot": c.bootstrap, "seed": c.seed}, compute)
+    remote += items.prefetch(langs, top)
+    boot = {l: items.bootstrap(l, top) for l in protocol.progress(langs, desc="CKA bootstrap", unit="language")}
     top_rows = []
     for i, j in top:
         b = np.array([boot[l][f"{i}-{j}"] for l in langs], dtype=float)  # (languages, B)
@@ -219,7 +300,7 @@ def run(config: Config, cache: ResultCache | None = None) -> protocol.Result:
         "change_vs_quant": corr, "change_vs_quant_pooled": pooled, "change_vs_quant_pooled_pearson": pooled_pearson,
         "verdict_pooled": resolved(pooled), "quant_damage": dmg.to_json(),
         "most_changing_block": {l: s.block_names[int(np.argmax(change[li]))] for li, l in enumerate(langs)},
-        "passes_run": passes["count"], "block_damage_passes_run": dmg.passes_run,
+        "passes_run": items.passes + remote, "block_damage_passes_run": dmg.passes_run,
     })
 
 
