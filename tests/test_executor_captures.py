@@ -21,14 +21,15 @@ TINY = ["--model", "tiny-llama", "--languages", "en", "he", "ja", "--segments", 
 RAY = ["--executor", "ray", "--workers", "2"]
 
 
-_COUNTS = ("provenance", "timing", "passes", "passes_run", "block_damage_passes_run")
+_COUNTS = ("provenance", "timing", "passes", "passes_run", "block_damage_passes_run", "forward_passes",
+           "block_damage_passes")
 
 
 def _numbers(doc):
     """A result's measured numbers: everything but provenance, timing and the counts of passes run
     (the Ray run reads the block damage the in-process run cached in the shared folder)."""
     out = {k: v for k, v in doc.items() if k not in _COUNTS}
-    for k in ("block_damage", "quant_damage"):
+    for k in ("block_damage", "quant_damage", "damage"):
         if k in out:
             out[k] = {kk: v for kk, v in out[k].items() if kk != "passes_run"}
     return out
@@ -139,4 +140,24 @@ def test_cka_on_ray_matches_in_process_and_resumes(ray_local, tmp_path, monkeypa
         assert cka.main([*argv, *RAY, "--out", str(tmp_path / "ray")]) == 0
     again = read_json(tmp_path / "ray" / "cka.json")
     assert again["passes_run"] == 2
+    assert _numbers(again) == _numbers(serial)
+
+
+def test_bottleneck_on_ray_matches_in_process_and_resumes(ray_local, tmp_path, monkeypatch):
+    from validate import bottleneck as B
+
+    refuse = [(B, "_states")]
+    argv = [*TINY, "--segments", "3", "--top-k", "8"]
+    serial, remote = _serial_then_ray(B, argv, tmp_path, monkeypatch, refuse)
+    assert _numbers(remote) == _numbers(serial)
+    assert serial["forward_passes"] == 9
+    assert remote["forward_passes"] == 18   # the language probe's worker runs every window again
+    tokens = _items(tmp_path / "ray" / "cache", ("task", "token"))
+    assert len(tokens) == 3 and len(_items(tmp_path / "ray" / "cache", ("task", "language"))) == 1
+    tokens[1].unlink()
+    with monkeypatch.context() as m:
+        _no_driver_compute(m, *refuse)
+        assert B.main([*argv, *RAY, "--out", str(tmp_path / "ray")]) == 0
+    again = read_json(tmp_path / "ray" / "bottleneck.json")
+    assert again["forward_passes"] == 3   # one language's three windows
     assert _numbers(again) == _numbers(serial)

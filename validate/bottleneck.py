@@ -58,6 +58,8 @@ from validate._latex import MacroSet, Tex, format_number, tex_text, write_latex_
 from validate._mechanisms import MechanismConfig, block_damage, correlation_ci, resolved, setup
 
 EXPERIMENT = "bottleneck"
+#: The grids ``--executor ray`` distributes (validate._executor).
+GRIDS = "each language's token probes, and the language probe"
 PROBE_VERSION = 1
 ESTIMATOR = ("held-out accuracy of a closed-form ridge least-squares classifier on standardized hidden "
              "states (one-hot targets, argmax); relative penalty chosen on a validation part of the "
@@ -202,34 +204,47 @@ def _states(model, window, blocks) -> list[np.ndarray]:
     return [h[0].numpy() for h in probes.block_states(model, window, blocks)]
 
 
+def _token_key(s, c: Config, lang: str) -> dict:
+    return {**_probe_key(s, c), "task": "token", "language": lang}
+
+
+def _language_key(s, c: Config) -> dict:
+    return {**_probe_key(s, c), "task": "language", "language_positions": c.language_positions}
+
+
+def _features(s, windows, lang: str, bar=None) -> tuple[list, list]:
+    """The hidden states at every depth of each of the language's windows (one forward pass
+    each), and the windows' token ids."""
+    fl = []
+    for w in windows[lang]:
+        fl.append(_states(s.model, w, s.view.blocks))
+        if bar is not None:
+            bar.update()
+    return fl, [w[0].cpu().numpy() for w in windows[lang]]
+
+
 def measure(s, c: Config, cache: ResultCache | None) -> tuple[dict, dict, int]:
     """(token items per language, language item, forward passes run), cached."""
-    key = _probe_key(s, c)
-    lang_key = {**key, "task": "language", "language_positions": c.language_positions}
+    lang_key = _language_key(s, c)
     lang_item = cache.get(lang_key) if cache is not None else None
     items: dict[str, dict] = {}
     todo = []
     for lang in s.languages:
-        items[lang] = cache.get({**key, "task": "token", "language": lang}) if cache is not None else None
+        items[lang] = cache.get(_token_key(s, c, lang)) if cache is not None else None
         if items[lang] is None or lang_item is None:
             todo.append(lang)
     if not todo:
         return items, lang_item, 0
     windows = s.windows()
-    blocks = s.view.blocks
     start = _Counter.passes
     samples: dict[str, list] = {}
     bar = protocol.progress(total=sum(len(windows[l]) for l in todo), desc="probe passes", unit="segment")
     for lang in todo:
-        fl = []
-        for w in windows[lang]:
-            fl.append(_states(s.model, w, blocks))
-            bar.update()
-        il = [w[0].cpu().numpy() for w in windows[lang]]
+        fl, il = _features(s, windows, lang, bar)
         if items[lang] is None:
             items[lang] = token_item(fl, il, c)
             if cache is not None:
-                cache.put({**key, "task": "token", "language": lang}, items[lang])
+                cache.put(_token_key(s, c, lang), items[lang])
         if lang_item is None:
             samples[lang] = language_sample(fl, il, s.languages.index(lang), c)
         del fl
@@ -239,6 +254,71 @@ def measure(s, c: Config, cache: ResultCache | None) -> tuple[dict, dict, int]:
         if cache is not None:
             cache.put(lang_key, lang_item)
     return items, lang_item, _Counter.passes - start
+
+
+class ProbeWorker:
+    """An executor worker (``validate._executor.Worker``): loads the model of ``c`` once; the
+    payload ``{"task": "token", "language": l}`` probes that language's token identities,
+    ``{"task": "language"}`` runs every language's windows and fits the language probe (its
+    sampled states, tens of MB per language on a real model, never leave the worker); returns the
+    cache entry."""
+
+    def __init__(self, c: Config, folder=None):
+        from validate._executor import RecordingCache
+
+        self.c, self.s = c, setup(c)
+        self.cache = RecordingCache(read_from=folder)
+        self.windows = self.s.windows()
+
+    def compute(self, payload) -> list:
+        s, c = self.s, self.c
+        if payload.get("task") == "token":
+            lang = payload["language"]
+            if lang not in s.languages:
+                raise ValueError(f"language {lang!r} is not one of this run's {s.languages}")
+            key = _token_key(s, c, lang)
+            if self.cache.get(key) is None:
+                self.cache.put(key, token_item(*_features(s, self.windows, lang), c))
+        elif payload.get("task") == "language":
+            key = _language_key(s, c)
+            if self.cache.get(key) is None:
+                samples = {}
+                for i, lang in enumerate(s.languages):
+                    fl, il = _features(s, self.windows, lang)
+                    samples[lang] = language_sample(fl, il, i, c)
+                    del fl
+                self.cache.put(key, language_item(samples, c))
+        else:
+            raise ValueError(f"unknown probe task {payload.get('task')!r}; expected 'token' or 'language'")
+        return self.cache.drain()
+
+
+def probe_worker(c: Config, folder: str | None = None) -> ProbeWorker:
+    """The factory of :class:`ProbeWorker` (``validate._executor.WorkerSpec``)."""
+    return ProbeWorker(c, folder)
+
+
+def prefetch(s, c: Config, cache) -> int:
+    """Hand the probes to the current executor ahead of :func:`measure` (a Ray executor computes
+    the uncached items on its workers and writes them into ``cache``; in process nothing happens):
+    one task per language's token probes, and one for the language probe, which runs every
+    language's windows again on its worker (so that no captured state travels), concurrently with
+    the others. Returns the forward passes those workers ran."""
+    from validate._executor import Task, WorkerSpec, current
+
+    ex = current()
+    if not ex.prefetches:
+        return 0
+    tasks = [Task(f"token probes {l}", _token_key(s, c, l), {"task": "token", "language": l}) for l in s.languages]
+    tasks.append(Task("language probe", _language_key(s, c), {"task": "language"}))
+    todo = [t for t in tasks if cache is None or cache.get(t.key) is None]
+    if not todo:
+        return 0
+    folder = None if cache is None or cache.folder is None else str(cache.folder)
+    ex.map(WorkerSpec(f"{__name__}:probe_worker", (c, folder), device=c.device), todo, cache=cache)
+    windows = s.windows()
+    return sum(len(windows[t.payload["language"]]) if t.payload["task"] == "token"
+               else sum(len(w) for w in windows.values()) for t in todo)
 
 
 # ---- summarising ---------------------------------------------------------------------------------------
@@ -337,7 +417,9 @@ def summarise(s_langs: list[str], depths: list[str], items: dict, lang_item: dic
 def run(config: Config, cache: ResultCache | None = None) -> protocol.Result:
     """Probe every depth of every language, then relate the curves to block damage."""
     s = setup(config)
+    remote = prefetch(s, config, cache)
     items, lang_item, passes = measure(s, config, cache)
+    passes += remote
     damage = block_damage(s, cache)
     depths = ["emb", *s.block_names]
     for lang, it in items.items():
