@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from validate._common import read_json
@@ -160,4 +161,33 @@ def test_bottleneck_on_ray_matches_in_process_and_resumes(ray_local, tmp_path, m
         assert B.main([*argv, *RAY, "--out", str(tmp_path / "ray")]) == 0
     again = read_json(tmp_path / "ray" / "bottleneck.json")
     assert again["forward_passes"] == 3   # one language's three windows
+    assert _numbers(again) == _numbers(serial)
+
+
+def test_language_alpha_captures_on_ray_match_in_process_and_resume(ray_local, tmp_path, monkeypatch):
+    import empirical.models
+    from validate import language_alpha as la
+
+    argv = ["--model", "tiny-llama", "--languages", "en", "he", "ja", "--segments", "3", "--reservoir", "1024",
+            "--fit-samples", "1024", "--min-samples", "200"]
+    # on Ray the driver neither loads the model nor captures anything
+    refuse = [(la, "capture_language"), (empirical.models, "load_model")]
+    serial, remote = _serial_then_ray(la, argv, tmp_path, monkeypatch, refuse)
+    assert _numbers(remote) == _numbers(serial)
+    assert remote["timing"]["languages_captured_now"] == serial["timing"]["languages_captured_now"] == 3
+    for run in ("serial", "ray"):   # every capture's samples were stored beside its entry
+        caps = _items(tmp_path / run / "cache", ("item", "capture"))
+        assert len(caps) == 3 and all(p.with_suffix(".npz").exists() for p in caps)
+    caps = _items(tmp_path / "ray" / "cache", ("item", "capture"))
+    for p in caps:   # the same samples, bit for bit (the file names are the keys' hashes)
+        twin = tmp_path / "serial" / "cache" / p.with_suffix(".npz").name
+        with np.load(p.with_suffix(".npz")) as a, np.load(twin) as b:
+            assert sorted(a.files) == sorted(b.files) and all(np.array_equal(a[k], b[k]) for k in a.files)
+    caps[0].with_suffix(".npz").unlink()   # an entry without its samples is not cached
+    caps[2].unlink()
+    with monkeypatch.context() as m:
+        _no_driver_compute(m, *refuse)
+        assert la.main([*argv, *RAY, "--out", str(tmp_path / "ray")]) == 0
+    again = read_json(tmp_path / "ray" / "language_alpha.json")
+    assert again["timing"]["languages_captured_now"] == 2
     assert _numbers(again) == _numbers(serial)

@@ -51,6 +51,8 @@ PREQUANTIZED_NOTE = ("baseline is the dequantized Q4_K_M GGUF (weights already q
 CHOICES = ("mix", "minimax", "weighted")
 #: Part of every cache key: bump it when an item's stored format changes.
 ITEM_VERSION = 1
+#: The grids ``--executor ray`` distributes (validate._executor).
+GRIDS = "each language's activation capture (the per-layer analyses run in the driver)"
 
 
 @dataclass(frozen=True)
@@ -141,12 +143,16 @@ def _cached_capture(cache: ResultCache | None, key: dict) -> tuple[dict, dict] |
         return None  # unreadable: captured again
 
 
+def _npz_bytes(samples: dict) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **samples)
+    return buf.getvalue()
+
+
 def _store_capture(cache: ResultCache | None, key: dict, meta: dict, samples: dict) -> None:
     if cache is None or cache.folder is None:
         return
-    buf = io.BytesIO()
-    np.savez(buf, **samples)
-    atomic_write_bytes(cache.path(key).with_suffix(".npz"), buf.getvalue())
+    atomic_write_bytes(cache.path(key).with_suffix(".npz"), _npz_bytes(samples))
     cache.put(key, meta)  # written last: the entry exists only when its samples do
 
 
@@ -210,23 +216,84 @@ def _model_meta(meta: dict) -> dict[str, Any]:
     return {k: v for k, v in meta.items() if isinstance(v, (str, int, float, bool, type(None)))}
 
 
+def _load(config: Config):
+    """``(model, tokenizer, view)`` and the model's metadata."""
+    from empirical.models import load_model, model_view
+
+    model, tok, meta = load_model(config.model, device=config.device, seed=config.seed, return_metadata=True)
+    return (model, tok, model_view(model)), meta
+
+
+class _CaptureCache:
+    """The driver's cache as the executor sees it for the capture grid: an entry counts as cached
+    only with its samples beside it (``_cached_capture``), and an entry that a worker sends,
+    ``{"meta": ..., "npz": bytes}``, is stored as ``_store_capture`` stores one (samples first)."""
+
+    def __init__(self, cache: ResultCache):
+        self.cache, self.folder = cache, cache.folder
+
+    def get(self, config, check=None):
+        hit = _cached_capture(self.cache, config)
+        return None if hit is None else hit[0]
+
+    def put(self, config, result) -> None:
+        atomic_write_bytes(self.cache.path(config).with_suffix(".npz"), result["npz"])
+        self.cache.put(config, result["meta"])
+
+
+class CaptureWorker:
+    """An executor worker (``validate._executor.Worker``): loads the model and text of ``config``
+    once; the payload ``{"language": l}`` captures that language and returns its entry, the
+    metadata with its samples as ``.npz`` bytes (a few MB on a real model: a reservoir per input)."""
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.corpus = protocol.load_corpus(config.corpus, config.languages, config.segments)
+        self.loaded, self.meta = _load(config)
+
+    def compute(self, payload) -> list:
+        lang = payload["language"]
+        if lang not in self.corpus.languages:
+            raise ValueError(f"language {lang!r} is not one of this run's {self.corpus.languages}")
+        cap_meta, samples = capture_language(self.config, self.loaded, self.corpus, lang)
+        return [(_capture_key(self.config, self.corpus, lang),
+                 {"meta": {**cap_meta, "model": _model_meta(self.meta)}, "npz": _npz_bytes(samples)})]
+
+
+def capture_worker(config: Config) -> CaptureWorker:
+    """The factory of :class:`CaptureWorker` (``validate._executor.WorkerSpec``)."""
+    return CaptureWorker(config)
+
+
+def prefetch_captures(config: Config, corpus, cache: ResultCache | None) -> int:
+    """Hand the languages' captures to the current executor ahead of reading them (a Ray executor
+    captures the uncached ones on its workers and stores them, samples and all, in ``cache``; in
+    process nothing happens). Returns the languages those workers captured."""
+    from validate._executor import Task, WorkerSpec, current
+
+    ex = current()
+    if not ex.prefetches:
+        return 0
+    if cache is None or cache.folder is None:
+        raise ValueError("--executor ray needs a results cache (the captures come back through it)")
+    tasks = [Task(f"capture {l}", _capture_key(config, corpus, l), {"language": l}) for l in corpus.languages]
+    spec = WorkerSpec(f"{__name__}:capture_worker", (config,), device=config.device)
+    return ex.map(spec, tasks, cache=_CaptureCache(cache)).computed
+
+
 def run(config: Config, cache: ResultCache | None = None) -> protocol.Result:
     """Capture every language (one cached item each), then analyse every distinct Linear input
     (one cached item each) and summarise per language and over layers."""
     corpus = protocol.load_corpus(config.corpus, config.languages, config.segments)
     langs = corpus.languages
     captures, samples_by_lang = {}, {}
-    loaded, captured = None, 0
+    loaded, captured = None, prefetch_captures(config, corpus, cache)
     for lang in protocol.progress(langs, desc="capture", unit="language"):
         key = _capture_key(config, corpus, lang)
         hit = _cached_capture(cache, key)
         if hit is None:
             if loaded is None:  # a rerun from the cache loads no model
-                from empirical.models import load_model, model_view
-
-                model, tok, meta = load_model(config.model, device=config.device, seed=config.seed,
-                                              return_metadata=True)
-                loaded = (model, tok, model_view(model))
+                loaded, meta = _load(config)
             cap_meta, samples = capture_language(config, loaded, corpus, lang)
             hit = ({**cap_meta, "model": _model_meta(meta)}, samples)
             _store_capture(cache, key, *hit)
