@@ -191,3 +191,23 @@ def test_language_alpha_captures_on_ray_match_in_process_and_resume(ray_local, t
     again = read_json(tmp_path / "ray" / "language_alpha.json")
     assert again["timing"]["languages_captured_now"] == 2
     assert _numbers(again) == _numbers(serial)
+
+
+def test_distributions_on_ray_match_in_process_and_resume(ray_local, tmp_path, monkeypatch):
+    import empirical.models
+    from validate import distributions as dist
+
+    argv = ["--model", "tiny-llama", "--quick", "--languages", "eng", "heb", "zho_Hans", "--max-segments", "3"]
+    refuse = [(dist, "language_item"), (empirical.models, "load_model")]
+    serial, remote = _serial_then_ray(dist, argv, tmp_path, monkeypatch, refuse)
+    assert _numbers(remote) == _numbers(serial)
+    assert remote["timing"]["languages_captured_now"] == serial["timing"]["languages_captured_now"] == 3
+    items = sorted((tmp_path / "ray" / "cache").glob("*.json"))
+    assert len(items) == 3
+    items[1].unlink()
+    with monkeypatch.context() as m:
+        _no_driver_compute(m, *refuse)
+        assert dist.main([*argv, *RAY, "--out", str(tmp_path / "ray")]) == 0
+    again = read_json(tmp_path / "ray" / "distributions.json")
+    assert again["timing"]["languages_captured_now"] == 1
+    assert _numbers(again) == _numbers(serial)

@@ -74,6 +74,8 @@ from validate._latex import MacroSet, finite, median, tex_text, vmax, vmin, writ
 from validate._synthetic import family_label
 
 EXPERIMENT = "distributions"
+#: The grids ``--executor ray`` distributes (validate._executor).
+GRIDS = "each language's capture, fits and sweeps"
 DEFAULT_LANGUAGES = ("eng_Latn", "fra_Latn", "rus_Cyrl", "zho_Hans", "hin_Deva", "arb_Arab",
                      "heb_Hebr", "swh_Latn", "yor_Latn")
 QUICK_LANGUAGES = ("eng_Latn", "heb_Hebr", "zho_Hans")
@@ -564,24 +566,68 @@ def _model_meta(meta: dict) -> dict[str, Any]:
     return {k: v for k, v in meta.items() if isinstance(v, (str, int, float, bool, type(None)))}
 
 
+def _load(config: Config):
+    """``(model, tokenizer, view)`` and the model's metadata."""
+    from empirical.models import load_model, model_view
+
+    model, tok, meta = load_model(config.model, device=config.device, seed=config.seed, return_metadata=True)
+    return (model, tok, model_view(model)), meta
+
+
+def _corpus(config: Config):
+    return _load_corpus(config.corpus, config.languages, strict=config.strict_languages,
+                        segments=config.max_segments)
+
+
+class LanguageWorker:
+    """An executor worker (``validate._executor.Worker``): loads the model and text of ``config``
+    once; the payload ``{"language": l}`` captures, fits and sweeps that language and returns its
+    cache entry (JSON, as stored)."""
+
+    def __init__(self, config: Config):
+        self.config, self.corpus = config, _corpus(config)
+        self.loaded, self.meta = _load(config)
+
+    def compute(self, payload) -> list:
+        lang = payload["language"]
+        if lang not in self.corpus.languages:
+            raise ValueError(f"language {lang!r} is not one of this run's {self.corpus.languages}")
+        item = {**language_item(self.config, self.loaded, self.corpus, lang), "model": _model_meta(self.meta)}
+        return [(_item_key(self.config, self.corpus, lang), item)]
+
+
+def language_worker(config: Config) -> LanguageWorker:
+    """The factory of :class:`LanguageWorker` (``validate._executor.WorkerSpec``)."""
+    return LanguageWorker(config)
+
+
+def prefetch(config: Config, corpus, cache) -> int:
+    """Hand the languages' items to the current executor ahead of reading them (a Ray executor
+    computes the uncached ones on its workers and writes them into ``cache``; in process nothing
+    happens). Returns the languages those workers captured."""
+    from validate._executor import Task, WorkerSpec, current
+
+    ex = current()
+    if not ex.prefetches:
+        return 0
+    tasks = [Task(f"language {l}", _item_key(config, corpus, l), {"language": l}) for l in corpus.languages]
+    spec = WorkerSpec(f"{__name__}:language_worker", (config,), device=config.device)
+    return ex.map(spec, tasks, cache=cache).computed
+
+
 def run(config: Config, cache=None) -> protocol.Result:
     """Every language's capture, fits and sweeps (one cached item each), then the spread of
     alpha* across languages and the channel energy of the residual layers."""
-    corpus = _load_corpus(config.corpus, config.languages, strict=config.strict_languages,
-                          segments=config.max_segments)
+    corpus = _corpus(config)
     languages = corpus.languages
     items: dict[str, dict] = {}
-    loaded, meta, captured = None, None, 0
+    loaded, meta, captured = None, None, prefetch(config, corpus, cache)
     for lang in protocol.progress(languages, desc="languages", unit="language"):
         key = _item_key(config, corpus, lang)
         item = cache.get(key) if cache is not None else None
         if item is None:
             if loaded is None:  # a rerun from the cache loads no model
-                from empirical.models import load_model, model_view
-
-                model, tok, meta = load_model(config.model, device=config.device, seed=config.seed,
-                                              return_metadata=True)
-                loaded = (model, tok, model_view(model))
+                loaded, meta = _load(config)
             item = {**language_item(config, loaded, corpus, lang), "model": _model_meta(meta)}
             captured += 1
             if cache is not None:
