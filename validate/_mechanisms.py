@@ -32,6 +32,7 @@ from validate._common import ResultCache
 __all__ = [
     "MechanismConfig", "Setup", "setup", "block_damage", "block_passes", "block_key", "BlockDamage", "language_windows",
     "correlation_ci", "resolved", "shared_cache", "DAMAGE_VERSION", "METHODS",
+    "base_config", "block_passes_worker", "worker_setup", "worker_block_passes",
 ]
 
 DAMAGE_VERSION = 1
@@ -224,36 +225,96 @@ def block_passes(s: Setup, cache: ResultCache | None = None, quantizer=None):
 
     With the default quantizer (the config's, over every block's Linears) one ``Passes`` is kept
     per setup and cache folder, so that every experiment step reuses its engine and recorded
-    baseline; ``run_count`` then counts the passes of all of them (take differences).
+    baseline; ``run_count`` then counts the passes of all of them (take differences). These
+    passes carry a worker spec (:func:`block_passes_worker`), so ``Passes.prefetch`` can compute
+    them on remote workers (``validate._executor``), which write into the same shared cache; a
+    custom ``quantizer`` has none (its passes run in this process only).
     """
-    from empirical.bpb import BpbEngine
-    from empirical.fakequant import FakeQuantizer
-    from validate._passes import Passes
-
-    c = s.config
     sc = shared_cache(cache)
     memo = s.__dict__.setdefault("_block_passes", {})
     slot = None if sc is None else str(sc.folder)
     if quantizer is None and slot in memo:
         return memo[slot]
-    lins = s.block_linears()
-    engine = BpbEngine(s.model, s.tokenizer, {l: s.corpus[l] for l in s.languages},
-                       max_length=c.max_length, device=c.device)
-    fq = quantizer or FakeQuantizer([q for b in lins for q in b], c.quant_config(), seed=c.seed)
-    passes = Passes(engine, fq, s.block_names, lins, sc, block_key(s))
+    spec = None
+    if quantizer is None:
+        from validate._executor import WorkerSpec
+
+        spec = WorkerSpec(f"{__name__}:block_passes_worker", (base_config(s.config), slot), s.config.device)
+    passes = _block_passes(s, sc, quantizer, spec)
     if quantizer is None:
         memo[slot] = passes
     return passes
 
 
+def _block_passes(s: Setup, cache, quantizer=None, spec=None):
+    """The ``Passes`` of ``s``'s blocks over ``cache`` (the shared cache itself, or a worker's
+    ``RecordingCache``): one engine over the setup's text, the config's quantizer unless given."""
+    from empirical.bpb import BpbEngine
+    from empirical.fakequant import FakeQuantizer
+    from validate._passes import Passes
+
+    c = s.config
+    lins = s.block_linears()
+    engine = BpbEngine(s.model, s.tokenizer, {l: s.corpus[l] for l in s.languages},
+                       max_length=c.max_length, device=c.device)
+    fq = quantizer or FakeQuantizer([q for b in lins for q in b], c.quant_config(), seed=c.seed)
+    return Passes(engine, fq, s.block_names, lins, cache, block_key(s), spec=spec)
+
+
+def base_config(c: MechanismConfig) -> MechanismConfig:
+    """The :class:`MechanismConfig` part of an experiment's config (what the model, text and
+    block passes depend on): workers of every mechanism experiment build the same setup from it."""
+    if type(c) is MechanismConfig:
+        return c
+    return MechanismConfig(**{f.name: getattr(c, f.name) for f in dataclasses.fields(MechanismConfig)})
+
+
+_WORKER_SETUPS: dict = {}
+_WORKER_PASSES: dict = {}
+
+
+def worker_setup(config: MechanismConfig) -> Setup:
+    """The setup of ``config`` in a worker process, loaded once per process: the workers of one
+    actor (block passes, an experiment's own passes) share one model."""
+    c = base_config(config)
+    if c not in _WORKER_SETUPS:
+        _WORKER_SETUPS[c] = setup(c)
+    return _WORKER_SETUPS[c]
+
+
+def worker_block_passes(config: MechanismConfig, folder: str | None):
+    """The block passes of :func:`worker_setup` under the keys of :func:`block_passes`, once per
+    process and shared cache ``folder``, recording into a ``RecordingCache`` that reads that
+    folder where it is visible (one machine or a shared filesystem)."""
+    from validate._executor import RecordingCache
+
+    k = (base_config(config), folder)
+    if k not in _WORKER_PASSES:
+        _WORKER_PASSES[k] = _block_passes(worker_setup(config), RecordingCache(read_from=folder))
+    return _WORKER_PASSES[k]
+
+
+def block_passes_worker(config: MechanismConfig, folder: str | None):
+    """A remote worker of the block passes (``validate._passes.PassesWorker``; the spec that
+    :func:`block_passes` gives its passes)."""
+    from validate._passes import PassesWorker
+
+    return PassesWorker(worker_block_passes(config, folder))
+
+
 def block_damage(s: Setup, cache: ResultCache | None = None, progress: bool = True) -> BlockDamage:
-    """Single-block damages of every decoder block per language (module docstring), cached."""
+    """Single-block damages of every decoder block per language (module docstring), cached.
+
+    Under a Ray executor (``--executor ray``) the baseline and every single-block pass are
+    computed on the workers in one grid, ahead of being read from the shared cache; in process
+    each is computed when first read."""
     from validate._passes import degradations
 
     passes = block_passes(s, cache)
     before = passes.run_count
     names = s.block_names
     bar = protocol.progress(total=1 + len(names), desc="single-block damage", unit="pass") if progress else None
+    passes.prefetch([[], *[[i] for i in range(len(names))]], bar)
     base = passes.scores([])
     rows = []
     for i in range(len(names)):
