@@ -53,6 +53,11 @@ Outputs under ``--out`` (default ``results/cross_architecture``): ``cross_archit
 ``cross_architecture.csv`` (one row per block and model), ``cross_architecture_table.tex`` and
 ``cross_architecture.png`` (block damage by relative depth on both models with the predicted
 critical blocks; the claims' intervals).
+
+With ``--executor ray [--workers N]`` every quantized pass (single-block, whole-model, the p* steps,
+on both models) runs on Ray workers (``validate._executor``), with the same numbers; the target's
+are handed to the workers only after ``prediction.json`` is written. The zero-pass predictor, the
+block statistics and the sink profiles run in this process.
 """
 
 from __future__ import annotations
@@ -73,6 +78,9 @@ from validate._mechanisms import MechanismConfig, block_damage, correlation_ci, 
 
 EXPERIMENT = "cross_architecture"
 PREDICTION_VERSION = 1
+#: The grids ``--executor ray`` distributes (validate._executor); the target's only after its prediction is recorded.
+GRIDS = ("each model's baseline and single-block passes, its whole-model pass and the p* curve's next steps "
+         "(the target's after the prediction is recorded)")
 STATISTICS = ("weight_kurtosis", "activation_kurtosis", "activation_peak", "relative_depth", "distance_from_middle")
 ZERO_PASS_VARIANTS = ("actual_second_order", "actual")  # need the rounding error only, no weight fits
 
@@ -182,6 +190,7 @@ def whole_model(s, cache: ResultCache | None, n_boot: int, seed: int) -> dict:
     passes = block_passes(s, cache)
     before = passes.run_count
     lins = s.block_linears()
+    passes.prefetch([[], list(range(len(lins)))])  # on the workers under --executor ray
     base = passes.scores([])
     q = passes.scores(list(range(len(lins))))
     parallel = len({len(v) for v in base.nll.values()}) == 1
@@ -226,9 +235,13 @@ def measured_pstar(s, damage: np.ndarray, cache: ResultCache | None, stop_after:
     by one in the order of the additive model's excess damage per parameter on the measured
     single-block damages, every other block quantized, one pass per step, the disparity D (KL
     estimator) of each; stops ``stop_after`` steps past the first D <= 1. Returns the curve and
-    ``critical_fraction`` of it (nan when the curve never reaches 1)."""
+    ``critical_fraction`` of it (nan when the curve never reaches 1).
+
+    Under a Ray executor the next steps are computed ahead, as many at once as there are workers
+    (so a run may compute up to ``workers - 1`` steps past the stop, counted in ``passes_run``)."""
     from empirical.disparity import degradation, disparity, metric_nll
     from theory.protection import DamageModel, critical_fraction, rank_layers
+    from validate._executor import current
     from validate._mechanisms import block_passes
 
     n_params = _n_params(s)
@@ -236,14 +249,18 @@ def measured_pstar(s, damage: np.ndarray, cache: ResultCache | None, stop_after:
                                                      s.reference), "excess")]
     passes = block_passes(s, cache)
     before = passes.run_count
+    width = current().width if current().prefetches else 1
     base = passes.scores([])
     ps, ds, past = [], [], None
-    for k in range(len(order) + 1):
+    n = len(order)
+    for k in range(n + 1):
         quantized = order[k:]
         if not quantized:
             ps.append(1.0)
             ds.append(float("nan"))
             break
+        if k % width == 0:  # the next steps at once, one per worker (Ray); none in process
+            passes.prefetch([order[j:] for j in range(k, min(n, k + width))])
         q = passes.scores(quantized)
         nq = metric_nll("kl", q.nll, base.nll, q.kl) if q.kl is not None else q.nll
         d = disparity(degradation(nq, base.nll), s.reference)

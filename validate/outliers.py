@@ -37,7 +37,10 @@ Per language, on each segment alone (BOS first, ``--max-length`` tokens, no padd
 Everything per language is cached (``<out>/cache``; the block damage in ``<results>/_shared``), so
 a rerun performs no forward pass. Writes ``outliers.json`` (provenance, every number, every
 correlation with its interval), ``outliers.csv`` (one row per language and layer),
-``outliers_table.tex`` and ``outliers.png``.
+``outliers_table.tex`` and ``outliers.png``. With ``--executor ray [--workers N]`` the scored passes
+(block damage, all-quantized, restore, holdout) run on Ray workers (``validate._executor``), with
+the same numbers; the hooked captures (sinks, massive activations, the super-weight search) run in
+this process.
 """
 
 from __future__ import annotations
@@ -51,11 +54,15 @@ import numpy as np
 from validate import _protocol as protocol
 from validate._common import ResultCache, save_figure, use_agg, write_csv, write_json
 from validate._latex import MacroSet, write_latex_table
-from validate._mechanisms import MechanismConfig, block_damage, block_key, block_passes, correlation_ci, resolved, setup
+from validate._mechanisms import (MechanismConfig, base_config, block_damage, block_key, block_passes, correlation_ci,
+                                  resolved, setup)
 from validate._sinks import PROFILE_VERSION, correlations, language_profile, summarize_language
 
 EXPERIMENT = "outliers"
 SUPER_VERSION = 1
+#: The grids ``--executor ray`` distributes (validate._executor).
+GRIDS = ("the baseline and all-quantized passes, the super-weight restore and holdout passes, the single-block "
+         "passes")
 
 
 @dataclass(frozen=True)
@@ -131,34 +138,57 @@ def super_weight_setting(fq, linears: dict, weights: list[dict], mode: str):
                 mod.weight.data = data
 
 
+def _super_key(s) -> dict:
+    """The cache key the super-weight passes share (the block passes' plus this experiment's)."""
+    return {**block_key(s), "outliers_super_version": SUPER_VERSION}
+
+
+def _super_setting(weights: list[dict], mode: str) -> dict:
+    coords = sorted([w["name"], w["row"], w["column"]] for w in weights)
+    return {"quantized": "all", "super_weights": coords, "mode": mode}
+
+
 def super_weight_passes(s, weights: list[dict], cache: ResultCache | None, c: Config, progress: bool = True) -> dict:
     """Per-language degradation of the all-quantized model with and without the super weights in
-    full precision, and their paired differences (module docstring)."""
+    full precision, and their paired differences (module docstring).
+
+    Under a Ray executor (``--executor ray``) the baseline and the all-quantized pass (one grid),
+    then the ``restore`` and ``holdout`` passes (another, :class:`SuperWeightWorker`) are computed
+    on the workers ahead of being read from the cache."""
     from empirical.disparity import paired_difference
+    from validate._executor import WorkerSpec, current
     from validate._passes import ScoredPasses, degradations
 
     if not weights:
         return {"skipped": "no super weight found", "passes_run": 0}
     lins = s.block_linears()
-    key = block_key(s)
     passes = block_passes(s, cache)
     before = passes.run_count
     fq, engine = passes.fq, passes.scored.engine
-    mine = ScoredPasses(engine, cache, {**key, "outliers_super_version": SUPER_VERSION})
+    mine = ScoredPasses(engine, cache, _super_key(s))
     linears = {q.name: q for b in lins for q in b}
     missing = sorted({w["name"] for w in weights} - set(linears))
     if missing:
         raise ValueError(f"super weights in layers the quantizer does not know: {missing}")
-    coords = sorted([w["name"], w["row"], w["column"]] for w in weights)
+    modes = ("restore", "holdout")
     bar = protocol.progress(total=4, desc="super-weight passes", unit="pass") if progress else None
+    passes.prefetch([[], list(range(len(lins)))], bar)
+    ex = current()
+    if ex.prefetches:
+        folder = None if cache is None or cache.folder is None else str(cache.folder)
+        shared = None if passes.scored.cache is None else str(passes.scored.cache.folder)
+        spec = WorkerSpec(f"{__name__}:super_weight_worker", (base_config(c), shared, folder), c.device)
+        tasks = [mine.task(_super_setting(weights, m), {"weights": weights, "mode": m}, f"{m} super weights")
+                 for m in modes]
+        mine.run_count += ex.map(spec, tasks, cache=cache, bar=bar).computed
     base = passes.scores([])
     allq = passes.scores(list(range(len(lins))))
     if bar is not None:
         bar.update(2)
     out = {"modes": {}}
     scores = {}
-    for mode in ("restore", "holdout"):
-        scores[mode] = mine.get({"quantized": "all", "super_weights": coords, "mode": mode},
+    for mode in modes:
+        scores[mode] = mine.get(_super_setting(weights, mode),
                                 lambda mode=mode: super_weight_setting(fq, linears, weights, mode))
         if bar is not None:
             bar.update()
@@ -181,6 +211,39 @@ def super_weight_passes(s, weights: list[dict], cache: ResultCache | None, c: Co
                                for w in weights}
     out["passes_run"] = passes.run_count - before + mine.run_count
     return out
+
+
+class SuperWeightWorker:
+    """The ``restore``/``holdout`` passes as an executor worker (``validate._executor.Worker``):
+    payload ``{"weights": [super weights], "mode": mode}``. It uses the model, engine and
+    quantizer of this process's block passes (``validate._mechanisms.worker_block_passes``) and
+    records into a ``RecordingCache`` reading the driver's cache ``folder`` where visible."""
+
+    def __init__(self, config: MechanismConfig, shared: str | None, folder: str | None):
+        from validate._executor import RecordingCache
+        from validate._mechanisms import worker_block_passes, worker_setup
+        from validate._passes import ScoredPasses
+
+        self.s = worker_setup(config)
+        self.passes = worker_block_passes(config, shared)
+        self.mine = ScoredPasses(self.passes.scored.engine, RecordingCache(read_from=folder), _super_key(self.s))
+        self.linears = {q.name: q for b in self.s.block_linears() for q in b}
+
+    def compute(self, payload) -> list:
+        weights, mode = list(payload["weights"]), payload["mode"]
+        if mode not in ("restore", "holdout"):
+            raise ValueError(f"unknown super-weight mode {mode!r}")
+        missing = sorted({w["name"] for w in weights} - set(self.linears))
+        if missing:
+            raise ValueError(f"super weights in layers the quantizer does not know: {missing}")
+        self.mine.get(_super_setting(weights, mode),
+                      lambda: super_weight_setting(self.passes.fq, self.linears, weights, mode))
+        return self.mine.cache.drain()
+
+
+def super_weight_worker(config: MechanismConfig, shared: str | None, folder: str | None) -> SuperWeightWorker:
+    """The :class:`SuperWeightWorker` of a remote process (the factory of its ``WorkerSpec``)."""
+    return SuperWeightWorker(config, shared, folder)
 
 
 def run(config: Config, cache: ResultCache | None = None) -> protocol.Result:

@@ -39,7 +39,8 @@ Outputs under ``--out`` (default ``results/residual_ablation``): ``residual_abla
 per language, block and mode), ``residual_ablation_table.tex`` (per block: ablation damage per
 language and the quantization damage) and ``residual_ablation.png`` (ablation damage per block and
 language, and against the quantization damage). Forward passes are cached per block and mode, so
-a rerun computes none.
+a rerun computes none. With ``--executor ray [--workers N]`` the quantized and ablation passes run
+on Ray workers (``validate._executor``), with the same numbers.
 """
 
 from __future__ import annotations
@@ -58,6 +59,8 @@ from validate._mechanisms import MechanismConfig, block_damage, correlation_ci, 
 EXPERIMENT = "residual_ablation"
 ABLATION_VERSION = 1
 MODES = ("mean", "zero")
+#: The grids ``--executor ray`` distributes (validate._executor).
+GRIDS = "the baseline and single-block quantized passes; the baseline and every block's ablation passes"
 
 
 @dataclass(frozen=True)
@@ -87,11 +90,17 @@ class Config(MechanismConfig):
 # ---- measuring ------------------------------------------------------------------------------------
 
 class _Passes:
-    """Cached scoring passes; the model and engine are touched only for a missing item."""
+    """Cached scoring passes; the model and engine are touched only for a missing item.
 
-    def __init__(self, s, cache: ResultCache | None, key: dict):
+    ``spec`` (``validate._executor.WorkerSpec``) says how a remote worker builds these same
+    passes (:func:`ablation_worker`); :meth:`prefetch` hands the baseline and ablation passes to
+    the current executor."""
+
+    def __init__(self, s, cache: ResultCache | None, key: dict, spec=None):
         self.s, self.cache, self.key, self.run_count = s, cache, key, 0
+        self.spec = spec
         self._engine = None
+        self._means = None
 
     def _get(self, item: dict, compute):
         k = {**self.key, **item}
@@ -121,7 +130,9 @@ class _Passes:
             self.run_count += 1
             return update_means(self.s.model, [w for l in self.s.languages for w in wins[l]]).to_json()
 
-        return UpdateMeans.from_json(self._get({"item": "means"}, compute))
+        if self._means is None:  # a worker asks once per mean-ablation task
+            self._means = UpdateMeans.from_json(self._get({"item": "means"}, compute))
+        return self._means
 
     def baseline(self):
         def compute():
@@ -148,6 +159,68 @@ class _Passes:
                     "kl": None if sc.kl is None else {l: v.tolist() for l, v in sc.kl.items()}}
 
         return self._get({"item": "ablation", "block": int(block), "mode": mode}, compute)
+
+    def task(self, item: dict):
+        """The executor task (``validate._executor.Task``) of the baseline (``{"item":
+        "baseline"}``) or of one ablation (``{"item": "ablation", "block": b, "mode": m}``)."""
+        from validate._executor import Task
+
+        name = "baseline" if item["item"] == "baseline" else f"{item['mode']}-ablated block{item['block']}"
+        return Task(name, {**self.key, **item}, dict(item))
+
+    def prefetch(self, modes, n_blocks: int, bar=None):
+        """Hand the baseline and every (mode, block) ablation pass to the current executor ahead
+        of reading them: a Ray executor computes the uncached ones on its workers and writes them
+        into the cache; in process nothing happens (each pass is computed when first read)."""
+        from validate._executor import current
+
+        ex = current()
+        if not ex.prefetches:
+            return None
+        items = [{"item": "baseline"}, *({"item": "ablation", "block": b, "mode": m}
+                                         for m in modes for b in range(n_blocks))]
+        report = ex.map(self.spec, [self.task(i) for i in items], cache=self.cache, bar=bar)
+        self.run_count += report.computed
+        return report
+
+
+class AblationWorker:
+    """The ablation passes as an executor worker (``validate._executor.Worker``): the payload is
+    an item of :meth:`_Passes.task`; returns the cache entries computed (the update means among
+    them when the driver's cache was not readable here)."""
+
+    def __init__(self, passes: _Passes):
+        self.passes = passes
+
+    def compute(self, payload) -> list:
+        p = self.passes
+        if payload.get("item") == "baseline":
+            p.baseline()
+        elif payload.get("item") == "ablation":
+            block, mode = int(payload["block"]), payload["mode"]
+            if mode not in MODES:
+                raise ValueError(f"unknown ablation {mode!r}; expected one of {MODES}")
+            if not 0 <= block < p.s.n_blocks:
+                raise ValueError(f"block {block} out of range: the model has {p.s.n_blocks} blocks")
+            p.ablation(block, mode, p.means() if mode == "mean" else None)
+        else:
+            raise ValueError(f"unknown item {payload.get('item')!r}; expected baseline or ablation")
+        return p.cache.drain()
+
+
+def _key(s) -> dict:
+    return {**s.key, "experiment": EXPERIMENT, "version": ABLATION_VERSION}
+
+
+def ablation_worker(c: Config, folder: str | None) -> AblationWorker:
+    """A remote worker (``validate._executor``): the setup of ``c`` and its ablation passes under
+    the keys ``run`` uses, recording into a ``RecordingCache`` that reads the driver's cache
+    ``folder`` where it is visible (the update means, say)."""
+    from validate._executor import RecordingCache
+    from validate._mechanisms import worker_setup
+
+    s = worker_setup(c)  # the model this process's block-pass worker uses, if any
+    return AblationWorker(_Passes(s, RecordingCache(read_from=folder), _key(s)))
 
 
 def _resamples(sizes: dict, n_boot: int, seed: int) -> dict:
@@ -211,16 +284,23 @@ def concordance(profiles: np.ndarray, boot: np.ndarray | None = None) -> dict:
 
 def run(config: Config, cache: ResultCache | None = None) -> protocol.Result:
     """Ablation passes per block and mode (cached), their statistics and the relation to the
-    single-block quantization damage."""
+    single-block quantization damage.
+
+    Under a Ray executor (``--executor ray``) the single-block quantized passes (one grid), then
+    the baseline and every (mode, block) ablation pass (another) are computed on the workers
+    ahead of being read from the cache; the update means are measured here first."""
+    from validate._executor import WorkerSpec
+
     c = config
     s = setup(c)
     dmg = block_damage(s, cache)
-    key = {**s.key, "experiment": EXPERIMENT, "version": ABLATION_VERSION}
-    passes = _Passes(s, cache, key)
+    folder = None if cache is None or cache.folder is None else str(cache.folder)
+    passes = _Passes(s, cache, _key(s), spec=WorkerSpec(f"{__name__}:ablation_worker", (c, folder), c.device))
     langs, names = s.languages, s.block_names
     nb = len(names)
     bar = protocol.progress(total=1 + nb * len(c.modes), desc="residual ablation", unit="pass")
     means = passes.means() if "mean" in c.modes else None
+    passes.prefetch(c.modes, nb, bar)  # after the means, so that workers on this machine read them
     base = passes.baseline()
     bar.update()
     abl = {}
