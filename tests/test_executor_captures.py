@@ -2,10 +2,10 @@
 tiny-model run gives the same numbers in process and on two Ray actors, the driver computes none
 of its items on Ray, and a rerun after deleting some cached items computes only those.
 
-The block-damage passes (``validate._mechanisms.block_damage``) are not these modules' grids: the
-in-process run writes them to ``<tmp>/_shared/block_damage``, which the Ray run's folder shares
-(``_mechanisms.shared_cache``), so that the Ray run's driver needs no scored pass either and the
-patched ``BpbEngine.score``/``record`` check that.
+The two runs have separate results roots, so that each has its own ``_shared/block_damage``
+(``validate._mechanisms.shared_cache``): the Ray run computes the block-damage passes on its
+workers too (``_mechanisms.block_damage`` distributes them), and the patched
+``BpbEngine.score``/``record`` check that the driver scores nothing.
 """
 
 from __future__ import annotations
@@ -53,16 +53,20 @@ def _items(folder, what):
     return sorted(p for p in folder.glob("*.json") if json.loads(p.read_text())["config"].get(k) == v)
 
 
+def _ray(tmp_path):
+    return tmp_path / "ray" / "run"
+
+
 def _serial_then_ray(module, argv, tmp_path, monkeypatch, targets):
     """Run ``module`` in process, then on Ray with ``targets`` refused in the driver; returns both
-    result documents (the Ray run's folder is ``tmp_path/ray``)."""
+    result documents (the Ray run's folder is ``_ray(tmp_path)``)."""
     name = module.EXPERIMENT
-    assert module.main([*argv, "--out", str(tmp_path / "serial")]) == 0
+    assert module.main([*argv, "--out", str(tmp_path / "serial" / "run")]) == 0
     with monkeypatch.context() as m:
         _no_driver_compute(m, *targets)
-        assert module.main([*argv, *RAY, "--out", str(tmp_path / "ray")]) == 0
-    serial = read_json(tmp_path / "serial" / f"{name}.json")
-    remote = read_json(tmp_path / "ray" / f"{name}.json")
+        assert module.main([*argv, *RAY, "--out", str(_ray(tmp_path))]) == 0
+    serial = read_json(tmp_path / "serial" / "run" / f"{name}.json")
+    remote = read_json(_ray(tmp_path) / f"{name}.json")
     assert remote["provenance"]["executor"]["executor"] == "ray"
     assert remote["provenance"]["executor"]["workers"] == 2
     assert "executor" in serial["provenance"] and serial["provenance"]["executor"]["executor"] == "inprocess"
@@ -78,15 +82,15 @@ def test_gradient_norms_on_ray_match_in_process_and_resume(ray_local, tmp_path, 
                                       [(empirical.gradients, "language_gradients")])
     assert _numbers(remote) == _numbers(serial)
     assert remote["timing"]["backward_passes_run"] == serial["timing"]["backward_passes_run"] == 6
-    assert remote["passes"]["block_damage_passes_run"] == 0   # read from the shared cache
+    assert remote["passes"]["block_damage_passes_run"] == serial["passes"]["block_damage_passes_run"] == 3
     # an interrupted run: drop one language's item; the rerun computes that language only
-    items = _items(tmp_path / "ray" / "cache", ("what", "gradient_norms"))
+    items = _items(_ray(tmp_path) / "cache", ("what", "gradient_norms"))
     assert len(items) == 3
     items[1].unlink()
     with monkeypatch.context() as m:
         _no_driver_compute(m, (empirical.gradients, "language_gradients"))
-        assert gn.main([*argv, *RAY, "--out", str(tmp_path / "ray")]) == 0
-    again = read_json(tmp_path / "ray" / "gradient_norms.json")
+        assert gn.main([*argv, *RAY, "--out", str(_ray(tmp_path))]) == 0
+    again = read_json(_ray(tmp_path) / "gradient_norms.json")
     assert again["timing"]["backward_passes_run"] == 2   # the two windows of one language
     assert _numbers(again) == _numbers(serial)
 
@@ -110,14 +114,15 @@ def test_distribution_shift_on_ray_matches_in_process_and_resumes(ray_local, tmp
     serial, remote = _serial_then_ray(ds, TINY, tmp_path, monkeypatch, refuse)
     assert _numbers(remote) == _numbers(serial)
     assert remote["passes"]["capture_passes_run"] == serial["passes"]["capture_passes_run"] == 12  # 2 x 2 x 3
-    items = _items(tmp_path / "ray" / "cache", ("what", "distribution_shift"))
+    assert remote["passes"]["all_quantized_passes_run"] == serial["passes"]["all_quantized_passes_run"] == 1
+    items = _items(_ray(tmp_path) / "cache", ("what", "distribution_shift"))
     assert len(items) == 3
     for p in items[:2]:
         p.unlink()
     with monkeypatch.context() as m:
         _no_driver_compute(m, *refuse)
-        assert ds.main([*TINY, *RAY, "--out", str(tmp_path / "ray")]) == 0
-    again = read_json(tmp_path / "ray" / "distribution_shift.json")
+        assert ds.main([*TINY, *RAY, "--out", str(_ray(tmp_path))]) == 0
+    again = read_json(_ray(tmp_path) / "distribution_shift.json")
     assert again["timing"]["forward_passes_run"] == 8   # two languages, two captures of two windows
     assert _numbers(again) == _numbers(serial)
 
@@ -130,16 +135,16 @@ def test_cka_on_ray_matches_in_process_and_resumes(ray_local, tmp_path, monkeypa
     serial, remote = _serial_then_ray(cka, argv, tmp_path, monkeypatch, refuse)
     assert _numbers(remote) == _numbers(serial)
     assert remote["passes_run"] == serial["passes_run"] == 6   # a matrix and a bootstrap per language
-    assert remote["block_damage_passes_run"] == 0
-    matrices = _items(tmp_path / "ray" / "cache", ("item", "matrix"))
-    boots = _items(tmp_path / "ray" / "cache", ("item", "bootstrap"))
+    assert remote["block_damage_passes_run"] == serial["block_damage_passes_run"] == 3
+    matrices = _items(_ray(tmp_path) / "cache", ("item", "matrix"))
+    boots = _items(_ray(tmp_path) / "cache", ("item", "bootstrap"))
     assert len(matrices) == len(boots) == 3
     matrices[0].unlink()
     boots[2].unlink()
     with monkeypatch.context() as m:
         _no_driver_compute(m, *refuse)
-        assert cka.main([*argv, *RAY, "--out", str(tmp_path / "ray")]) == 0
-    again = read_json(tmp_path / "ray" / "cka.json")
+        assert cka.main([*argv, *RAY, "--out", str(_ray(tmp_path))]) == 0
+    again = read_json(_ray(tmp_path) / "cka.json")
     assert again["passes_run"] == 2
     assert _numbers(again) == _numbers(serial)
 
@@ -153,13 +158,13 @@ def test_bottleneck_on_ray_matches_in_process_and_resumes(ray_local, tmp_path, m
     assert _numbers(remote) == _numbers(serial)
     assert serial["forward_passes"] == 9
     assert remote["forward_passes"] == 18   # the language probe's worker runs every window again
-    tokens = _items(tmp_path / "ray" / "cache", ("task", "token"))
-    assert len(tokens) == 3 and len(_items(tmp_path / "ray" / "cache", ("task", "language"))) == 1
+    tokens = _items(_ray(tmp_path) / "cache", ("task", "token"))
+    assert len(tokens) == 3 and len(_items(_ray(tmp_path) / "cache", ("task", "language"))) == 1
     tokens[1].unlink()
     with monkeypatch.context() as m:
         _no_driver_compute(m, *refuse)
-        assert B.main([*argv, *RAY, "--out", str(tmp_path / "ray")]) == 0
-    again = read_json(tmp_path / "ray" / "bottleneck.json")
+        assert B.main([*argv, *RAY, "--out", str(_ray(tmp_path))]) == 0
+    again = read_json(_ray(tmp_path) / "bottleneck.json")
     assert again["forward_passes"] == 3   # one language's three windows
     assert _numbers(again) == _numbers(serial)
 
@@ -176,19 +181,19 @@ def test_language_alpha_captures_on_ray_match_in_process_and_resume(ray_local, t
     assert _numbers(remote) == _numbers(serial)
     assert remote["timing"]["languages_captured_now"] == serial["timing"]["languages_captured_now"] == 3
     for run in ("serial", "ray"):   # every capture's samples were stored beside its entry
-        caps = _items(tmp_path / run / "cache", ("item", "capture"))
+        caps = _items(tmp_path / run / "run" / "cache", ("item", "capture"))
         assert len(caps) == 3 and all(p.with_suffix(".npz").exists() for p in caps)
-    caps = _items(tmp_path / "ray" / "cache", ("item", "capture"))
+    caps = _items(_ray(tmp_path) / "cache", ("item", "capture"))
     for p in caps:   # the same samples, bit for bit (the file names are the keys' hashes)
-        twin = tmp_path / "serial" / "cache" / p.with_suffix(".npz").name
+        twin = tmp_path / "serial" / "run" / "cache" / p.with_suffix(".npz").name
         with np.load(p.with_suffix(".npz")) as a, np.load(twin) as b:
             assert sorted(a.files) == sorted(b.files) and all(np.array_equal(a[k], b[k]) for k in a.files)
     caps[0].with_suffix(".npz").unlink()   # an entry without its samples is not cached
     caps[2].unlink()
     with monkeypatch.context() as m:
         _no_driver_compute(m, *refuse)
-        assert la.main([*argv, *RAY, "--out", str(tmp_path / "ray")]) == 0
-    again = read_json(tmp_path / "ray" / "language_alpha.json")
+        assert la.main([*argv, *RAY, "--out", str(_ray(tmp_path))]) == 0
+    again = read_json(_ray(tmp_path) / "language_alpha.json")
     assert again["timing"]["languages_captured_now"] == 2
     assert _numbers(again) == _numbers(serial)
 
@@ -202,12 +207,12 @@ def test_distributions_on_ray_match_in_process_and_resume(ray_local, tmp_path, m
     serial, remote = _serial_then_ray(dist, argv, tmp_path, monkeypatch, refuse)
     assert _numbers(remote) == _numbers(serial)
     assert remote["timing"]["languages_captured_now"] == serial["timing"]["languages_captured_now"] == 3
-    items = sorted((tmp_path / "ray" / "cache").glob("*.json"))
+    items = sorted((_ray(tmp_path) / "cache").glob("*.json"))
     assert len(items) == 3
     items[1].unlink()
     with monkeypatch.context() as m:
         _no_driver_compute(m, *refuse)
-        assert dist.main([*argv, *RAY, "--out", str(tmp_path / "ray")]) == 0
-    again = read_json(tmp_path / "ray" / "distributions.json")
+        assert dist.main([*argv, *RAY, "--out", str(_ray(tmp_path))]) == 0
+    again = read_json(_ray(tmp_path) / "distributions.json")
     assert again["timing"]["languages_captured_now"] == 1
     assert _numbers(again) == _numbers(serial)

@@ -112,6 +112,7 @@ def all_quantized_damage(s: mech.Setup, cache: ResultCache | None) -> tuple[dict
 
     passes = mech.block_passes(s, cache)
     before = passes.run_count
+    passes.prefetch([[], list(range(s.n_blocks))])   # on Ray workers (in process: nothing ahead)
     base = passes.scores([])
     deg = degradations(passes.scores(range(s.n_blocks)), base)
     return deg, passes.run_count - before
