@@ -24,7 +24,8 @@ Writes ``disparity_map.json`` (provenance, every cell, corpus effects), ``cells.
 corpus, significance marked) and ``strongest.png`` (per-language degradations with intervals for
 the deployed cell and the most significant cells). Each cell's pass is cached under
 ``<out>/cache`` (``validate._passes``): a rerun performs no forward pass and an interrupted map
-resumes.
+resumes. ``--executor ray [--workers N]`` computes every corpus's baseline and cells on Ray actors
+that each load the model once (``validate._executor``); the numbers are the same.
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ from validate._latex import MacroSet, Tex, tex_text, write_latex_table
 
 EXPERIMENT = "disparity_map"
 CELL_VERSION = 1
+#: The grid ``--executor ray`` distributes (validate._executor).
+GRIDS = "every corpus's baseline and cells"
 GRANULARITIES = ("tensor", "channel", "group")
 DEFAULT_BITS = (2, 3, 4, 8)
 NATURAL_SEGMENTS = 20  # sentences per language of a natural corpus in validate.all's full run
@@ -131,14 +134,56 @@ def cell_name(cell) -> str:
 
 # ---- the experiment -----------------------------------------------------------------------------
 
+def corpus_passes(c: Config, spec: str, model, tok, cache):
+    """The text of corpus ``spec``, its scoring engine and its cached passes
+    (``validate._passes.ScoredPasses``): what ``run`` and a remote worker (:class:`CellsWorker`)
+    both build, so that they name every pass by the same cache key."""
+    from empirical.bpb import BpbEngine
+    from validate._passes import ScoredPasses
+
+    corpus = protocol.load_corpus(spec, c.languages, c.segments)
+    langs = corpus.languages
+    engine = BpbEngine(model, tok, {l: corpus[l] for l in langs}, max_length=c.max_length, device=c.device)
+    key = {"experiment": EXPERIMENT, "version": CELL_VERSION, "model": c.model, "corpus": spec,
+           "languages": langs, "max_length": c.max_length, "seed": c.seed,
+           "corpus_digest": protocol.corpus_digest(corpus)}
+    return corpus, engine, ScoredPasses(engine, cache, key)
+
+
+def cell_quant(c: Config, cell):
+    """The weight quantizer configuration (``empirical.fakequant.QuantConfig``) of one cell."""
+    from empirical.fakequant import QuantConfig
+
+    b, g, k = cell
+    return QuantConfig(bits=int(b), grid=c.grid, granularity=g, group_size=c.group_size, clipping=k)
+
+
+def cell_scores(c: Config, passes, lins, cell):
+    """Scores of the pass with every Linear of ``lins`` quantized as ``cell`` says (cached)."""
+    from empirical.fakequant import FakeQuantizer
+
+    qcfg = cell_quant(c, cell)
+    fq = FakeQuantizer(lins, qcfg, seed=c.seed)
+    s = passes.get({"quant": qcfg.key()}, fq.quantized)
+    del fq
+    return s
+
+
+def layout_key(passes) -> dict:
+    """Cache key of a worker's report of its engine's layout (``packed``, decided at its first
+    scoring): the driver of a distributed run scores nothing itself."""
+    return {**passes.key, "engine_layout": 1}
+
+
 def run(config: Config, cache: ResultCache | None = None) -> protocol.Result:
-    """Baseline and one quantized pass per cell, per corpus; statistics from the cached scores."""
+    """Baseline and one quantized pass per cell, per corpus; statistics from the cached scores.
+
+    Under a Ray executor (``--executor ray``) the baselines and cells of every corpus are computed
+    on the workers (:class:`CellsWorker`) in one grid ahead of being read from the cache."""
     import torch
 
-    from empirical.bpb import BpbEngine
-    from empirical.fakequant import FakeQuantizer, QuantConfig
     from empirical.models import load_model, model_view
-    from validate._passes import ScoredPasses
+    from validate._executor import WorkerSpec, current
 
     c = config
     torch.manual_seed(c.seed)
@@ -147,14 +192,24 @@ def run(config: Config, cache: ResultCache | None = None) -> protocol.Result:
     cells = cells_of(c.bits, c.granularity, c.clipping)
     bar = protocol.progress(total=len(c.corpus) * (1 + len(cells)), desc="forward passes", unit="pass")
     per_corpus, run_count, tokens_per_pass = {}, 0, {}
+    setups, remote = {}, {}
+    if current().prefetches:  # every corpus's baseline and cells on the workers, one grid
+        setups = {spec: corpus_passes(c, spec, model, tok, cache) for spec in c.corpus}
+        tasks = []
+        for spec, (_, _, passes) in setups.items():
+            tasks.append(passes.task({}, {"corpus": spec}, f"{_corpus_label(spec)} baseline"))
+            tasks += [passes.task({"quant": cell_quant(c, cell).key()}, {"corpus": spec, "cell": list(cell)},
+                                  f"{_corpus_label(spec)} {cell_name(cell)}") for cell in cells]
+        # passes of each corpus the workers compute now (all of them, or the grid raises)
+        pending = [t for t in tasks if cache is None or cache.get(t.key) is None]
+        for t in pending:
+            remote[t.payload["corpus"]] = remote.get(t.payload["corpus"], 0) + 1
+        spec_ = WorkerSpec(f"{__name__}:cells_worker",
+                           (c, None if cache is None or cache.folder is None else str(cache.folder)), c.device)
+        run_count += current().map(spec_, tasks, cache=cache, bar=bar).computed
     for spec in c.corpus:
-        corpus = protocol.load_corpus(spec, c.languages, c.segments)
+        corpus, engine, passes = setups.pop(spec, None) or corpus_passes(c, spec, model, tok, cache)
         langs = corpus.languages
-        engine = BpbEngine(model, tok, {l: corpus[l] for l in langs}, max_length=c.max_length, device=c.device)
-        key = {"experiment": EXPERIMENT, "version": CELL_VERSION, "model": c.model, "corpus": spec,
-               "languages": langs, "max_length": c.max_length, "seed": c.seed,
-               "corpus_digest": protocol.corpus_digest(corpus)}
-        passes = ScoredPasses(engine, cache, key)
         base = passes.get({})
         bar.update()
         n_bytes = {l: engine.n_bytes[l] for l in langs}
@@ -162,21 +217,20 @@ def run(config: Config, cache: ResultCache | None = None) -> protocol.Result:
         tokens_per_pass[spec] = int(sum(v.sum() for v in tokens.values()))
         rows = []
         for cell in cells:
-            b, g, k = cell
-            qcfg = QuantConfig(bits=b, grid=c.grid, granularity=g, group_size=c.group_size, clipping=k)
-            fq = FakeQuantizer(lins, qcfg, seed=c.seed)
-            s = passes.get({"quant": qcfg.key()}, fq.quantized)
-            del fq
+            s = cell_scores(c, passes, lins, cell)
             bar.update()
-            rows.append(cell_stats(cell, qcfg.key(), s, base, tokens, n_bytes, list(c.reference),
+            rows.append(cell_stats(cell, cell_quant(c, cell).key(), s, base, tokens, n_bytes, list(c.reference),
                                    corpus.parallel, c))
         run_count += passes.run_count
+        packed = engine.packed if passes.run_count else None
+        if packed is None and remote.get(spec):  # the workers scored this corpus: their layout
+            packed = (cache.get(layout_key(passes)) or {}).get("packed")
         per_corpus[spec] = {
             "languages": langs, "parallel": corpus.parallel, "segments": {l: len(corpus[l]) for l in langs},
             "scored_tokens_per_pass": tokens_per_pass[spec],
             "baseline_bpb": {l: float(base.nll[l].sum() / (math.log(2) * n_bytes[l].sum())) for l in langs},
             "cells": rows,
-            "packed": engine.packed if passes.run_count else None,
+            "packed": packed,
         }
     bar.close()
     data = {
@@ -191,6 +245,53 @@ def run(config: Config, cache: ResultCache | None = None) -> protocol.Result:
         "strongest": strongest(per_corpus, c),
     }
     return protocol.Result(EXPERIMENT, config, data, timing={"forward_passes_run": run_count})
+
+
+class CellsWorker:
+    """The map's passes on a remote worker (``validate._executor.Worker``): one model, and one
+    engine and ``ScoredPasses`` per corpus, built when first asked for. The payload
+    ``{"corpus": spec}`` is that corpus's baseline; ``{"corpus": spec, "cell": [bits,
+    granularity, clipping]}`` is that cell's pass. Returns the cache entries the pass produced
+    (the recorded baseline's among them, the first time, and the engine's layout)."""
+
+    def __init__(self, c: Config, folder: str | None = None):
+        import torch
+
+        from empirical.models import load_model, model_view
+        from validate._executor import RecordingCache
+
+        self.c = c
+        torch.manual_seed(c.seed)
+        self.model, self.tok = load_model(c.model, device=c.device, seed=c.seed)
+        self.lins = model_view(self.model).linears
+        self.cache = RecordingCache(read_from=folder)
+        self.corpora: dict = {}
+        self.cells = cells_of(c.bits, c.granularity, c.clipping)
+
+    def compute(self, payload) -> list:
+        spec = payload.get("corpus")
+        if spec not in self.c.corpus:
+            raise ValueError(f"corpus {spec!r} is not among this map's corpora {list(self.c.corpus)}")
+        if spec not in self.corpora:
+            self.corpora[spec] = corpus_passes(self.c, spec, self.model, self.tok, self.cache)
+        _, engine, passes = self.corpora[spec]
+        if payload.get("cell") is None:
+            passes.get({})
+        else:
+            cell = tuple(payload["cell"])
+            if cell not in self.cells:
+                raise ValueError(f"cell {cell_name(cell)} is not among this map's cells "
+                                 f"({', '.join(cell_name(x) for x in self.cells)})")
+            cell_scores(self.c, passes, self.lins, cell)
+        if engine.baseline_recorded:
+            self.cache.put(layout_key(passes), {"packed": engine.packed})
+        return self.cache.drain()
+
+
+def cells_worker(c: Config, folder: str | None = None) -> CellsWorker:
+    """A remote worker's passes (``validate._executor.WorkerSpec`` factory); ``folder`` is the
+    driver's cache folder, read where this machine sees it."""
+    return CellsWorker(c, folder)
 
 
 def cell_stats(cell, quant_key: str, s, base, tokens, n_bytes, reference, parallel: bool, c: Config) -> dict:
