@@ -37,7 +37,8 @@ thresholds are cached as safetensors files (``<out>/cache/thresholds``) and the 
 are exported to ``<out>/thresholds`` (:func:`empirical.actquant.load_thresholds` reads them); every
 pass is cached (``validate._passes``), so a rerun performs no forward pass and an interrupted run
 resumes. Activation thresholds are calibrated on the model with its own weights, also for settings
-that then quantize the weights.
+that then quantize the weights. ``--executor ray [--workers N]`` computes the passes on Ray actors
+that each load the model once (``validate._executor``); the numbers are the same.
 
 Writes ``language_calibration.json`` (provenance, every cell, the comparisons, the verdict per
 setting), ``cells.csv``, ``language_calibration_table.tex`` and ``language_calibration.png``
@@ -58,6 +59,8 @@ from validate._latex import MacroSet, Tex, tex_text, write_latex_table
 
 EXPERIMENT = "language_calibration"
 CELL_VERSION = 1
+#: The grid ``--executor ray`` distributes (validate._executor).
+GRIDS = "the baseline and every cell's pass (activation, weight and library cells)"
 DEFAULT_LANGUAGES = ("en", "he", "ar", "ja", "hi", "ru", "zh", "fr")
 CALIBRATION_SETS = ("en", "mix", "per_language", "heldout")
 WEIGHT_METHODS = ("absmax", "sweep", "imatrix", "imatrix_minimax")
@@ -289,9 +292,13 @@ class Calibration:
     """The calibration samples (captured once, when first needed) and the thresholds, each cached as
     a safetensors file keyed by its configuration."""
 
-    def __init__(self, model, lins, tok, texts: dict, c: Config, cache: ResultCache | None, key: dict):
+    def __init__(self, model, lins, tok, texts: dict, c: Config, cache: ResultCache | None, key: dict,
+                 write: bool = True):
         self.model, self.lins, self.tok, self.texts, self.c = model, lins, tok, texts, c
         self.folder = None if cache is None or cache.folder is None else cache.folder / "thresholds"
+        #: whether computed thresholds are saved (a remote worker reads the driver's, writes none)
+        self.write = write
+        self._kept: dict = {}
         self.key = key
         self._samples = None
         self.computed = 0
@@ -313,6 +320,9 @@ class Calibration:
                 "calibration_languages": set_languages(cs, self.c), "grid": self.c.grid,
                 "calibrator_version": calibrator_version(calibrator, granularity)}
         path = None if self.folder is None else self.folder / f"{config_key(meta)}.safetensors"
+        kept = self._kept.get(config_key(meta))
+        if kept is not None:
+            return kept, path
         if path is not None and path.exists():
             try:
                 th, stored = load_thresholds(path)
@@ -323,8 +333,10 @@ class Calibration:
         sites = site_thresholds(self.samples, calibrator, bits, granularity, cs, self.c)
         th = linear_thresholds(sites, self.samples.sites)
         self.computed += 1
-        if path is not None:
+        if path is not None and self.write:
             save_thresholds(path, th, {"config": meta, "sites": {k: list(v) for k, v in self.samples.sites.items()}})
+        elif not self.write:  # a remote worker saves nothing: kept for the next cell that asks
+            self._kept[config_key(meta)] = th
         return th, path
 
     def importance(self, cs: str) -> dict:
@@ -342,49 +354,88 @@ class Calibration:
 
 # ---- the experiment -----------------------------------------------------------------------------
 
-def run(config: Config, cache: ResultCache | None = None) -> protocol.Result:
+@dataclass
+class Built:
+    """What ``run`` and a remote worker (:class:`CalibrationWorker`) both build from a ``Config``:
+    the model, the evaluation and calibration text, the scoring engine, the cached passes and the
+    calibration, under the same cache keys."""
+
+    model: object
+    tok: object
+    meta: dict
+    lins: list
+    corpus: object
+    ev: dict
+    cal: dict
+    engine: object
+    key: dict
+    passes: object
+    calib: "Calibration"
+
+
+def build(c: Config, cache, write_thresholds: bool = True) -> Built:
+    """Load the model and text of ``c`` and set up its passes and calibration (``write_thresholds``:
+    whether computed thresholds are saved under the cache folder; a remote worker only reads them)."""
     import torch
 
-    from empirical.actquant import ActivationQuantizer, ActQuantConfig, combined
     from empirical.bpb import BpbEngine
-    from empirical.fakequant import FakeQuantizer, QuantConfig
     from empirical.models import load_model, model_view
     from validate._passes import ScoredPasses
 
-    c = config
     torch.manual_seed(c.seed)
     model, tok, meta = load_model(c.model, device=c.device, seed=c.seed, return_metadata=True)
     lins = model_view(model).linears
     corpus = protocol.load_corpus(c.corpus, c.languages, None)
     langs = corpus.languages
     ev, cal = split_segments(corpus, c)
-    overlap = {l: len(set(ev[l]) & set(cal[l])) for l in langs}
     engine = BpbEngine(model, tok, ev, max_length=c.max_length, device=c.device)
     digest = protocol.corpus_digest({"eval": ev, "calib": cal})
     key = {"experiment": EXPERIMENT, "version": CELL_VERSION, "model": c.model, "corpus": c.corpus, "languages": langs,
            "max_length": c.max_length, "seed": c.seed, "texts_digest": digest}
     passes = ScoredPasses(engine, cache, key)
     calib = Calibration(model, lins, tok, cal, c, cache, {k: key[k] for k in ("model", "corpus", "texts_digest",
-                                                                               "max_length", "seed")})
-    cells, skipped = plan(c)
-    bar = protocol.progress(total=1 + len(cells), desc="forward passes", unit="pass")
-    base = passes.get({})
-    bar.update()
-    n_bytes = {l: engine.n_bytes[l] for l in langs}
-    results, exported, library_info = [], {}, {}
-    weight_q = {}
-    for cell in cells:
-        setting = {"cell": cell["name"], "grid": c.grid}
+                                                                               "max_length", "seed")},
+                        write=write_thresholds)
+    return Built(model, tok, meta, lins, corpus, ev, cal, engine, key, passes, calib)
+
+
+class CellPasses:
+    """The pass of each cell of :func:`plan`: the setting that names it in the cache and the weight
+    setting (a context manager factory) that runs it; shared by ``run`` and the remote worker.
+
+    ``library_info`` collects what each library cell's run reported (its provenance, also cached
+    beside its pass, so that a rerun reports the same call)."""
+
+    def __init__(self, b: Built, c: Config, cache):
+        self.b, self.c, self.cache = b, c, cache
+        self.weight_q: dict = {}
+        self.library_info: dict = {}
+
+    def library_unavailable(self, cell: dict) -> str | None:
+        """Why a library cell cannot run here (None: it can)."""
+        from empirical.baselines import available
+
+        return _library_support(cell["calibrator"], Setting.parse(cell["setting"])) or available(cell["calibrator"])
+
+    def library_provenance_key(self, cell: dict) -> dict:
+        return {**self.b.key, "library_provenance": cell["name"]}
+
+    def pass_of(self, cell: dict):
+        """``(setting, apply, thresholds file)`` of ``cell``; the file is None but for activation
+        cells (whose thresholds this computes, or reads from the cache)."""
+        from empirical.actquant import ActivationQuantizer, ActQuantConfig, combined
+        from empirical.fakequant import FakeQuantizer, QuantConfig
+
+        c, b, lins = self.c, self.b, self.b.lins
+        setting, path = {"cell": cell["name"], "grid": c.grid}, None
         if cell["kind"] == "activation":
             s = Setting.parse(cell["setting"])
-            th, path = calib.thresholds(cell["calibrator"], s.act_bits, s.granularity, cell["set"])
-            if cell["calibrator"] in ("minimax", "weighted") and path is not None:
-                exported[cell["name"]] = path
+            th, path = b.calib.thresholds(cell["calibrator"], s.act_bits, s.granularity, cell["set"])
             # a pass is named by what it quantizes with: cells whose thresholds are equal (max on
             # the mix and max per language, say) share one pass
             setting = {"act": ActQuantConfig(s.act_bits, c.grid, s.granularity).key(), "thresholds": digest_of(th),
                        "weight_bits": s.weight_bits}
-            cell["thresholds_digest"] = setting["thresholds"]
+            weight_q = self.weight_q
 
             def apply(th=th, s=s):
                 aq = ActivationQuantizer(lins, th, ActQuantConfig(s.act_bits, c.grid, s.granularity))
@@ -402,32 +453,88 @@ def run(config: Config, cache: ResultCache | None = None) -> protocol.Result:
                 from empirical.weight_clipping import ImportanceQuantizer
 
                 mode = "minimax" if cell["calibrator"] == "imatrix_minimax" else "mean"
-                return ImportanceQuantizer(lins, qcfg, calib.importance(cell["set"]), mode=mode).quantized()
+                return ImportanceQuantizer(lins, qcfg, b.calib.importance(cell["set"]), mode=mode).quantized()
         else:  # library
-            from empirical.baselines import available, library_version
-
             s = Setting.parse(cell["setting"])
-            why = _library_support(cell["calibrator"], s) or available(cell["calibrator"])
-            if why is not None:
-                library_info[cell["name"]] = why
-                bar.update()
-                continue
-            # the library's provenance is cached beside its pass, so a rerun reports the same call
-            prov_key = {**key, "library_provenance": cell["name"]}
-            cached = cache.get(prov_key) if cache is not None else None
-            library_info[cell["name"]] = cached or {"library": cell["calibrator"],
-                                                    "version": library_version(cell["calibrator"]),
-                                                    "note": "pass read from the cache; provenance not recorded"}
+            cache, info = self.cache, self.library_info
 
             def apply(cell=cell, s=s):
                 from empirical.baselines import LibraryQuantizer
 
-                lq = LibraryQuantizer(model, cell["calibrator"], weight_bits=s.weight_bits, act_bits=s.act_bits)
-                lq.calibrate(library_batches(tok, cal, set_languages(cell["set"], c), c.max_length, c.device))
-                library_info[cell["name"]] = lq.provenance()
+                lq = LibraryQuantizer(b.model, cell["calibrator"], weight_bits=s.weight_bits, act_bits=s.act_bits)
+                lq.calibrate(library_batches(b.tok, b.cal, set_languages(cell["set"], c), c.max_length, c.device))
+                info[cell["name"]] = lq.provenance()
                 if cache is not None:
-                    cache.put({**key, "library_provenance": cell["name"]}, library_info[cell["name"]])
+                    cache.put(self.library_provenance_key(cell), info[cell["name"]])
                 return lq.quantized()
+        return setting, apply, path
+
+
+def calibration_tokens_key(b: Built) -> dict:
+    """Cache key of a worker's report of the calibration tokens it captured (the driver of a
+    distributed run captures none for the passes that need only the samples, imatrix's)."""
+    return {**b.calib.key, "calibration_tokens": 1}
+
+
+def run(config: Config, cache: ResultCache | None = None) -> protocol.Result:
+    """The baseline and one pass per distinct quantizer of :func:`plan`'s cells; statistics, the
+    comparisons and the verdict from the cached scores.
+
+    Under a Ray executor (``--executor ray``) the passes are computed on the workers
+    (:class:`CalibrationWorker`) in one grid ahead of being read from the cache. The driver
+    calibrates the activation cells first (a pass is named by its thresholds' digest, so the
+    driver needs them to know which passes are cached); a worker on the same machine reads those
+    thresholds from the cache, one elsewhere calibrates itself and checks it found the same digest."""
+    from validate._executor import WorkerSpec, current
+
+    c = config
+    b = build(c, cache)
+    meta, corpus, ev, cal, engine = b.meta, b.corpus, b.ev, b.cal, b.engine
+    passes, calib = b.passes, b.calib
+    langs = corpus.languages
+    overlap = {l: len(set(ev[l]) & set(cal[l])) for l in langs}
+    cp = CellPasses(b, c, cache)
+    cells, skipped = plan(c)
+    bar = protocol.progress(total=1 + len(cells), desc="forward passes", unit="pass")
+    remote_run, imatrix_remote = 0, False
+    if current().prefetches:  # the baseline and every cell's pass on the workers, one grid
+        tasks = [passes.task({}, {"cell": None}, "baseline")]
+        for cell in cells:
+            if cell["kind"] == "library" and cp.library_unavailable(cell) is not None:
+                continue
+            setting = cp.pass_of(cell)[0]
+            tasks.append(passes.task(setting, {"cell": dict(cell), "thresholds": setting.get("thresholds")},
+                                     cell["name"]))
+        # whether the workers compute a pass that needs the calibration samples (imatrix's)
+        imatrix_remote = any(t.payload["cell"] and t.payload["cell"]["calibrator"].startswith("imatrix")
+                             and (cache is None or cache.get(t.key) is None) for t in tasks)
+        spec = WorkerSpec(f"{__name__}:calibration_worker",
+                          (c, None if cache is None or cache.folder is None else str(cache.folder)), c.device)
+        remote_run = current().map(spec, tasks, cache=cache, bar=bar).computed
+    base = passes.get({})
+    bar.update()
+    n_bytes = {l: engine.n_bytes[l] for l in langs}
+    results, exported = [], {}
+    library_info = cp.library_info
+    for cell in cells:
+        if cell["kind"] == "library":
+            why = cp.library_unavailable(cell)
+            if why is not None:
+                library_info[cell["name"]] = why
+                bar.update()
+                continue
+            from empirical.baselines import library_version
+
+            # the library's provenance is cached beside its pass, so a rerun reports the same call
+            cached = cache.get(cp.library_provenance_key(cell)) if cache is not None else None
+            library_info[cell["name"]] = cached or {"library": cell["calibrator"],
+                                                    "version": library_version(cell["calibrator"]),
+                                                    "note": "pass read from the cache; provenance not recorded"}
+        setting, apply, path = cp.pass_of(cell)
+        if cell["kind"] == "activation":
+            if cell["calibrator"] in ("minimax", "weighted") and path is not None:
+                exported[cell["name"]] = path
+            cell["thresholds_digest"] = setting["thresholds"]
         scores = passes.get(setting, apply)
         bar.update()
         results.append({**cell, **cell_stats(scores, base, engine.tokens, n_bytes, c, corpus.parallel)})
@@ -436,6 +543,9 @@ def run(config: Config, cache: ResultCache | None = None) -> protocol.Result:
     comparisons = compare(results, base, c, corpus.parallel)
     for r in results:
         r.pop("_scores", None)
+    calibration_tokens = calib._samples.tokens if calib._samples is not None else None
+    if calibration_tokens is None and imatrix_remote:  # the workers captured the samples
+        calibration_tokens = cache.get(calibration_tokens_key(b))
     data = {
         "model_metadata": {k: v for k, v in meta.items() if isinstance(v, (str, int, float, bool, type(None)))},
         "baseline_note": ("baseline is the dequantized Q4_K_M GGUF (weights already quantized to about 4-5 "
@@ -445,14 +555,61 @@ def run(config: Config, cache: ResultCache | None = None) -> protocol.Result:
         "unseen": [l for l in langs if l not in c.held],
         "segments": {"evaluation": {l: len(ev[l]) for l in langs}, "calibration": {l: len(cal[l]) for l in langs},
                      "text_overlap": overlap},
-        "calibration_tokens": calib._samples.tokens if calib._samples is not None else None,
+        "calibration_tokens": calibration_tokens,
         "scored_tokens_per_pass": int(sum(v.sum() for v in engine.tokens.values())),
         "cells": results, "skipped": skipped, "libraries": library_info,
         "comparisons": comparisons, "verdict": verdict(comparisons, c),
         "exported_thresholds": {k: str(v) for k, v in exported.items()},
     }
     return protocol.Result(EXPERIMENT, config, data,
-                           timing={"forward_passes_run": passes.run_count, "thresholds_computed": calib.computed})
+                           timing={"forward_passes_run": passes.run_count + remote_run,
+                                   "thresholds_computed": calib.computed})
+
+
+class CalibrationWorker:
+    """The cells' passes on a remote worker (``validate._executor.Worker``): the same model, text,
+    calibration and cache keys as ``run``'s (:func:`build`), built once. The payload
+    ``{"cell": None}`` is the baseline; ``{"cell": <a cell of plan(c)>, "thresholds": digest}`` is
+    that cell's pass. An activation cell's thresholds are read from the driver's cache folder where
+    this machine sees it, else calibrated here; their digest must be the driver's (``thresholds``),
+    or the pass would be cached under a key the driver never reads. Returns the cache entries the
+    pass produced (the recorded baseline's among them, the first time; a library's provenance; the
+    calibration tokens once the samples were captured here)."""
+
+    def __init__(self, c: Config, folder: str | None = None):
+        from validate._executor import RecordingCache
+
+        self.c = c
+        self.cache = RecordingCache(read_from=folder)
+        self.b = build(c, self.cache, write_thresholds=False)
+        self.cells = CellPasses(self.b, c, self.cache)
+        self.plan = {cell["name"]: cell for cell in plan(c)[0]}
+
+    def compute(self, payload) -> list:
+        cell = payload.get("cell")
+        if cell is None:
+            self.b.passes.get({})
+        else:
+            known = self.plan.get(cell.get("name"))
+            if known is None or any(cell.get(k) != v for k, v in known.items()):
+                raise ValueError(f"cell {cell.get('name')!r} is not a cell of this run's plan")
+            if known["kind"] == "library" and (why := self.cells.library_unavailable(known)) is not None:
+                raise RuntimeError(f"{known['name']}: {why}")
+            setting, apply, _ = self.cells.pass_of(dict(known))
+            if setting.get("thresholds") != payload.get("thresholds"):
+                raise RuntimeError(f"{known['name']}: this worker's thresholds have digest "
+                                   f"{setting.get('thresholds')}, the driver's {payload.get('thresholds')} "
+                                   "(is calibration deterministic here?)")
+            self.b.passes.get(setting, apply)
+        if self.b.calib._samples is not None:
+            self.cache.put(calibration_tokens_key(self.b), self.b.calib._samples.tokens)
+        return self.cache.drain()
+
+
+def calibration_worker(c: Config, folder: str | None = None) -> CalibrationWorker:
+    """A remote worker's passes (``validate._executor.WorkerSpec`` factory); ``folder`` is the
+    driver's cache folder, read where this machine sees it."""
+    return CalibrationWorker(c, folder)
 
 
 def digest_of(thresholds: dict) -> str:
