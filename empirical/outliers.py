@@ -46,6 +46,8 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from empirical.devices import param_tensor, swap_param
+
 __all__ = [
     "sink_importance", "sink_metric", "eager_attention", "attention_sinks", "SinkResult",
     "massive_entries", "massive_activations", "MassiveResult", "down_proj_modules", "down_proj_spikes",
@@ -528,7 +530,7 @@ def super_weights(model, windows: Sequence, threshold: float = SUPER_THRESHOLD, 
         raise ValueError(f"max_iter must be >= 1, got {max_iter}")
     mods = down_proj_modules(model)
     found: list[SuperWeight] = []
-    saved: list[tuple[Any, tuple, float]] = []
+    saved: list = []  # functions restoring the swapped weights, in order
     first = None
     rounds = 0
     try:
@@ -548,7 +550,7 @@ def super_weights(model, windows: Sequence, threshold: float = SUPER_THRESHOLD, 
                 if any(f.layer == b and f.row == r and f.column == c for f in found):
                     continue
                 idx = _weight_index(m, r, c)
-                w = float(m.weight.data[idx])
+                w = float(param_tensor(m, "weight").detach()[idx])  # the real weight, also under offload
                 # the input channel c at the output spike's token, for the weight's share of it
                 x_at = _input_at(model, m, ws[so], int(sp["out_position"][so, b]), c)
                 share = w * x_at / yout if yout != 0 else None
@@ -562,13 +564,15 @@ def super_weights(model, windows: Sequence, threshold: float = SUPER_THRESHOLD, 
                 for sw in new:
                     m = dict((n, mm) for _, n, mm in mods)[sw.name]
                     idx = _weight_index(m, sw.row, sw.column)
-                    saved.append((m, idx, float(m.weight.data[idx])))
-                    m.weight.data[idx] = 0.0
+                    # a zeroed copy swapped in where the forward reads it (also under offload);
+                    # restoring puts back the very tensor that was there
+                    zeroed = param_tensor(m, "weight").detach().clone()
+                    zeroed[idx] = 0.0
+                    saved.append(swap_param(m, "weight", zeroed))
             found.extend(new)
     finally:
-        with torch.no_grad():
-            for m, idx, v in reversed(saved):
-                m.weight.data[idx] = v
+        for restore in reversed(saved):
+            restore()
     return {"weights": found, "rounds": rounds, "first": first, "threshold": threshold}
 
 

@@ -54,6 +54,19 @@ def ray_local():
     ray.shutdown()
 
 
+@pytest.fixture
+def one_thread():
+    """torch on one thread in this process for the test, as in a one-CPU Ray actor: CPU reductions
+    split over threads round differently, so in-process and Ray numbers are compared exactly only
+    at equal thread counts (docs/design.md, "Executors")."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_llama():
     from empirical.models import load_model

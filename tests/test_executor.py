@@ -15,6 +15,9 @@ from validate._common import ResultCache, read_json
 from validate._executor import (GridError, InProcessExecutor, RayExecutor, Task, WorkerSpec, make_executor,
                                 probe_key, using)
 
+# in-process and Ray numbers are compared at equal torch thread counts (conftest.one_thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 PROBE = WorkerSpec("validate._executor:probe_worker", ("t",))
 
 

@@ -16,6 +16,9 @@ import pytest
 
 from validate._common import read_json
 
+# in-process and Ray numbers are compared at equal torch thread counts (conftest.one_thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def _numbers(doc, drop=()):
     """The measured numbers of a result (everything but provenance, timing and ``drop``)."""

@@ -20,6 +20,9 @@ import pytest
 from validate._common import ResultCache, read_json
 from validate._executor import RayExecutor, using
 
+# in-process and Ray numbers are compared at equal torch thread counts (conftest.one_thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TINY = ["--model", "tiny-llama", "--languages", "en", "he", "ja", "--segments", "2", "--max-length", "32",
         "--bootstrap", "50"]
 RAY = ["--executor", "ray", "--workers", "2"]

@@ -406,3 +406,37 @@ def test_gpu_maps_with_cpu_offload_match_one_gpu(name):
             np.testing.assert_allclose(_flat(a.nll), _flat(b.nll), rtol=1e-4, atol=1e-4)
             np.testing.assert_allclose(_flat(a.kl), _flat(b.kl), rtol=1e-3, atol=1e-5)
         assert all(torch.equal(got[4][n], got[5][n]) for n in got[4])
+
+
+# ---- experiments end to end on an offloaded model ------------------------------------------------
+
+def _measured(res) -> dict:
+    """A result's measured numbers (the model's placement metadata left out)."""
+    from validate._common import to_jsonable
+
+    data = to_jsonable(res.data)
+    data.pop("model_metadata", None)
+    data.pop("metadata", None)
+    return data
+
+
+# outliers: thresholds low enough that the tiny model has "super weights" to find, restore and hold out
+EXTRA = {"outliers": dict(sink_eps=0.1, super_threshold=0.001, super_max_iter=1)}
+
+
+@pytest.mark.parametrize("name", ["cka", "residual_ablation", "outliers"])
+def test_mechanism_experiments_under_cpu_offload_equal_the_plain_model(name, tmp_path):
+    """--device offload runs the mechanism experiments (windows built on the execution device,
+    passes, captures and super-weight edits through the hooks) with the plain model's numbers."""
+    import importlib
+
+    from validate._common import ResultCache
+
+    mod = importlib.import_module(f"validate.{name}")
+    tiny = dict(model="tiny-llama", languages=("en", "he", "ja"), segments=2, max_length=32, bootstrap=50,
+                **EXTRA.get(name, {}))
+    plain = mod.run(mod.Config(**tiny), ResultCache(tmp_path / "cpu" / name / "cache"))
+    off = mod.run(mod.Config(**tiny, device="offload"), ResultCache(tmp_path / "off" / name / "cache"))
+    assert _measured(off) == _measured(plain)
+    if name == "outliers":  # the super-weight search and its restore/holdout passes ran
+        assert plain["passes"]["scored"] > 0 and plain["super_weights"]["weights"]

@@ -124,8 +124,11 @@ class Setup:
         return [out[b] for b in sorted(out)]
 
     def windows(self) -> dict[str, list]:
+        from empirical.devices import resolve_device
+
+        # on the model's execution device (also for --device auto/offload, where that is not the flag)
         return language_windows(self.tokenizer, self.corpus, self.languages, self.config.max_length,
-                                self.config.device)
+                                resolve_device(self.model, self.config.device))
 
 
 def setup(c: MechanismConfig) -> Setup:

@@ -105,6 +105,7 @@ def super_weight_setting(fq, linears: dict, weights: list[dict], mode: str):
     """
     import torch
 
+    from empirical.devices import param_tensor, swap_param
     from empirical.fakequant import fake_quantize_weight
 
     if mode not in ("restore", "holdout"):
@@ -112,7 +113,8 @@ def super_weight_setting(fq, linears: dict, weights: list[dict], mode: str):
     by_name: dict[str, list[dict]] = {}
     for w in weights:
         by_name.setdefault(w["name"], []).append(w)
-    originals = {n: linears[n].module.weight.data for n in by_name}
+    # the real weights (also under an accelerate offload hook, empirical.devices)
+    originals = {n: param_tensor(linears[n].module, "weight").detach() for n in by_name}
     with fq.quantized():
         saved = []
         try:
@@ -122,7 +124,7 @@ def super_weight_setting(fq, linears: dict, weights: list[dict], mode: str):
                     transposed = type(mod).__name__ == "Conv1D"
                     idx = [(w["column"], w["row"]) if transposed else (w["row"], w["column"]) for w in ws]
                     if mode == "restore":
-                        new = mod.weight.data.clone()
+                        new = param_tensor(mod, "weight").detach().clone()  # the quantized weight in use
                     else:
                         held = originals[n].clone()
                         for i in idx:
@@ -130,12 +132,11 @@ def super_weight_setting(fq, linears: dict, weights: list[dict], mode: str):
                         new = fake_quantize_weight(held, fq.config, transposed=transposed, seed=fq.seed)
                     for i in idx:
                         new[i] = originals[n][i]
-                    saved.append((mod, mod.weight.data))
-                    mod.weight.data = new
+                    saved.append(swap_param(mod, "weight", new))
             yield
         finally:
-            for mod, data in reversed(saved):
-                mod.weight.data = data
+            for restore in reversed(saved):
+                restore()
 
 
 def _super_key(s) -> dict:
