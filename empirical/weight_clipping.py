@@ -72,6 +72,8 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
+from empirical.devices import param_tensor
+
 from .fakequant import FakeQuantizer, QuantConfig, _round_to_grid, _rows
 
 __all__ = ["IMPORTANCE_MODES", "importance_alpha", "quantize_weight_weighted", "ImportanceQuantizer"]
@@ -502,7 +504,7 @@ class ImportanceQuantizer(FakeQuantizer):
         """The importance-weighted fake-quantized weight of layer ``name`` (cached)."""
         if name not in self._q:
             q = self._by_name(name)
-            w = q.module.weight.data
+            w = param_tensor(q.module, "weight").data  # the real weight, also under offload
             if not torch.isfinite(w).all():
                 raise ValueError(f"linear {name!r}: weight contains NaN or inf")
             s, v = self._importance[name]

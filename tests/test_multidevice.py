@@ -440,3 +440,31 @@ def test_mechanism_experiments_under_cpu_offload_equal_the_plain_model(name, tmp
     assert _measured(off) == _measured(plain)
     if name == "outliers":  # the super-weight search and its restore/holdout passes ran
         assert plain["passes"]["scored"] > 0 and plain["super_weights"]["weights"]
+
+
+@needs_accelerate
+def test_importance_weighted_clipping_under_offload_equals_plain():
+    """empirical.weight_clipping.ImportanceQuantizer quantizes the real weights (not the meta
+    parameters) and its pass scores as on the plain model."""
+    from empirical.fakequant import QuantConfig
+    from empirical.models import model_view
+    from empirical.weight_clipping import ImportanceQuantizer
+
+    out = []
+    for offload in (False, True):
+        model, tok = load_model("tiny-llama", seed=0)
+        if offload:
+            accelerate.cpu_offload(model, execution_device="cpu")
+        lins = model_view(model).linears
+        rng = np.random.default_rng(0)
+        imp = {q.name: rng.gamma(0.5, size=q.weight.shape[1]) for q in lins}
+        fq = ImportanceQuantizer(lins, QuantConfig(bits=3, granularity="channel", n_alphas=16), imp, mode="mean")
+        eng = BpbEngine(model, tok, TEXTS, max_length=64)
+        eng.record()
+        with fq.quantized():
+            s = eng.score()
+        out.append((_flat(s.nll), _flat(s.kl), [fq.quantized_weight(q.name) for q in lins]))
+    (a_nll, a_kl, a_w), (b_nll, b_kl, b_w) = out
+    np.testing.assert_array_equal(a_nll, b_nll)
+    np.testing.assert_array_equal(a_kl, b_kl)
+    assert all(torch.equal(x, y) for x, y in zip(a_w, b_w)) and a_w[0].device.type == "cpu"

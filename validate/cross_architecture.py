@@ -115,7 +115,7 @@ def weight_kurtosis(s) -> np.ndarray:
     """Per block: mean over its Linears of the weights' excess kurtosis (Fisher, all weights)."""
     from scipy.stats import kurtosis
 
-    return np.array([np.mean([float(kurtosis(q.module.weight.detach().double().cpu().numpy().ravel()))
+    return np.array([np.mean([float(kurtosis(q.weight.detach().double().cpu().numpy().ravel()))
                               for q in lins]) for lins in s.block_linears()])
 
 

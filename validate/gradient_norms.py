@@ -67,7 +67,7 @@ class Config(mech.MechanismConfig):
 
 
 def _errors(fq, lins) -> dict:
-    return {q.name: fq.quantized_weight(q.name) - q.module.weight.detach() for b in lins for q in b}
+    return {q.name: fq.quantized_weight(q.name) - q.weight.detach() for b in lins for q in b}
 
 
 class LanguageGradients:
