@@ -245,3 +245,20 @@ def test_validate_all_passes_executor_flags_to_grids_and_device_to_model_experim
     with pytest.raises(SystemExit):
         vall.parse_args(["--workers", "2"], ["phase_transition"])
     assert "--address and --workers are for --executor ray" in capsys.readouterr().err
+
+
+def test_every_experiment_that_runs_passes_takes_the_executor_flags():
+    """The experiments that run a model's passes declare their grids; the two that run none
+    (rate_distortion: formulas; optimal_alpha: weights and synthetic samples) take no executor flags."""
+    from validate import _protocol as protocol
+
+    without = {"rate_distortion", "optimal_alpha"}
+    for name in protocol.EXPERIMENTS:
+        mod = protocol.experiment_module(name)
+        grids = getattr(mod, "EXECUTOR_GRIDS", None)
+        helptext = protocol.build_parser(mod).format_help()
+        if name in without:
+            assert grids is None and "--executor" not in helptext, name
+        else:
+            assert isinstance(grids, str) and grids, name
+            assert "--executor" in helptext and "--gpus-per-worker" in helptext, name

@@ -12,7 +12,11 @@ docs/design.md, "Experiment protocol". A module ``validate.<name>`` defines
   runs without caching);
 * ``write(result, out) -> list[Path]``: figure, table and ``<name>.json`` (with provenance);
 * ``macros(result) -> MacroSet``: the numbers the paper quotes;
-* ``main = protocol.entry_point(__name__)``, so ``main(argv=None) -> int``.
+* ``main = protocol.entry_point(__name__)``, so ``main(argv=None) -> int``;
+* optionally ``EXECUTOR_GRIDS = "<which passes>"``: its independent passes can run on Ray
+  (``validate._executor``); the command line then takes ``--executor``, ``--address``,
+  ``--workers`` and ``--gpus-per-worker``, which ``main_of`` turns into the executor in use
+  around ``run`` and records in provenance.
 
 :func:`main_of` turns ``Config`` into a command line (one flag per field, its default shown in
 ``--help``; ``--quick`` starts from ``Config.quick()`` and explicit flags override), refuses bad
@@ -116,8 +120,8 @@ def build_parser(module) -> argparse.ArgumentParser:
             if seq:
                 kw["nargs"] = "+"
         p.add_argument(_flag(f.name), **kw)
-    if getattr(module, "GRIDS", None):
-        g = p.add_argument_group("executor", f"where the independent passes run ({module.GRIDS}); "
+    if getattr(module, "EXECUTOR_GRIDS", None):
+        g = p.add_argument_group("executor", f"where the independent passes run ({module.EXECUTOR_GRIDS}); "
                                  "the results are the same either way (docs/design.md, \"Executors\")")
         g.add_argument("--executor", choices=("inprocess", "ray"), default="inprocess",
                        help="inprocess (default): one pass after another in this process; ray: on Ray "

@@ -139,7 +139,7 @@ def natural_args(module: str, natural: Path | None, quick: bool) -> list[str]:
 def placement_args(module: str, executor: str | None = None, address: str | None = None,
                    workers: int | None = None, device: str | None = None) -> list[str]:
     """``--executor``/``--address``/``--workers`` for an experiment that distributes its passes
-    (its module sets ``GRIDS``) and ``--device`` for one whose ``Config`` has a device."""
+    (its module sets ``EXECUTOR_GRIDS``) and ``--device`` for one whose ``Config`` has a device."""
     if executor is None and device is None:
         return []
     try:
@@ -147,7 +147,7 @@ def placement_args(module: str, executor: str | None = None, address: str | None
     except ImportError:  # the experiment's own run reports the missing module
         return []
     out: list[str] = []
-    if executor is not None and getattr(mod, "GRIDS", None):
+    if executor is not None and getattr(mod, "EXECUTOR_GRIDS", None):
         out += ["--executor", executor]
         out += ["--address", address] if address is not None else []
         out += ["--workers", str(workers)] if workers is not None else []

@@ -59,7 +59,7 @@ from validate._mechanisms import MechanismConfig, block_damage, correlation_ci, 
 
 EXPERIMENT = "bottleneck"
 #: The grids ``--executor ray`` distributes (validate._executor).
-GRIDS = "each language's token probes, and the language probe"
+EXECUTOR_GRIDS = "each language's token probes, and the language probe"
 PROBE_VERSION = 1
 ESTIMATOR = ("held-out accuracy of a closed-form ridge least-squares classifier on standardized hidden "
              "states (one-hot targets, argmax); relative penalty chosen on a validation part of the "

@@ -47,7 +47,7 @@ from validate._mechanisms import MechanismConfig, block_damage, correlation_ci, 
 EXPERIMENT = "cka"
 CKA_VERSION = 1
 #: The grids ``--executor ray`` distributes (validate._executor).
-GRIDS = "each language's CKA matrix, then its bootstrap of the top pairs (one capture each)"
+EXECUTOR_GRIDS = "each language's CKA matrix, then its bootstrap of the top pairs (one capture each)"
 
 
 @dataclass(frozen=True)

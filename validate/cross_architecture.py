@@ -79,7 +79,7 @@ from validate._mechanisms import MechanismConfig, block_damage, correlation_ci, 
 EXPERIMENT = "cross_architecture"
 PREDICTION_VERSION = 1
 #: The grids ``--executor ray`` distributes (validate._executor); the target's only after its prediction is recorded.
-GRIDS = ("each model's baseline and single-block passes, its whole-model pass and the p* curve's next steps "
+EXECUTOR_GRIDS = ("each model's baseline and single-block passes, its whole-model pass and the p* curve's next steps "
          "(the target's after the prediction is recorded)")
 STATISTICS = ("weight_kurtosis", "activation_kurtosis", "activation_peak", "relative_depth", "distance_from_middle")
 ZERO_PASS_VARIANTS = ("actual_second_order", "actual")  # need the rounding error only, no weight fits

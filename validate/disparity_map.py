@@ -43,7 +43,7 @@ from validate._latex import MacroSet, Tex, tex_text, write_latex_table
 EXPERIMENT = "disparity_map"
 CELL_VERSION = 1
 #: The grid ``--executor ray`` distributes (validate._executor).
-GRIDS = "every corpus's baseline and cells"
+EXECUTOR_GRIDS = "every corpus's baseline and cells"
 GRANULARITIES = ("tensor", "channel", "group")
 DEFAULT_BITS = (2, 3, 4, 8)
 NATURAL_SEGMENTS = 20  # sentences per language of a natural corpus in validate.all's full run

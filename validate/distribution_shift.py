@@ -54,7 +54,7 @@ from validate._latex import MacroSet, tex_text, write_latex_table
 
 EXPERIMENT = "distribution_shift"
 #: The grids ``--executor ray`` distributes (validate._executor).
-GRIDS = "the two activation captures of each language"
+EXECUTOR_GRIDS = "the two activation captures of each language"
 SHIFT_VERSION = 1
 
 

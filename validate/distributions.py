@@ -75,7 +75,7 @@ from validate._synthetic import family_label
 
 EXPERIMENT = "distributions"
 #: The grids ``--executor ray`` distributes (validate._executor).
-GRIDS = "each language's capture, fits and sweeps"
+EXECUTOR_GRIDS = "each language's capture, fits and sweeps"
 DEFAULT_LANGUAGES = ("eng_Latn", "fra_Latn", "rus_Cyrl", "zho_Hans", "hin_Deva", "arb_Arab",
                      "heb_Hebr", "swh_Latn", "yor_Latn")
 QUICK_LANGUAGES = ("eng_Latn", "heb_Hebr", "zho_Hans")

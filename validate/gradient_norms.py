@@ -46,7 +46,7 @@ from validate._latex import MacroSet, tex_text, write_latex_table
 
 EXPERIMENT = "gradient_norms"
 #: The grids ``--executor ray`` distributes (validate._executor).
-GRIDS = "one backward pass per language"
+EXECUTOR_GRIDS = "one backward pass per language"
 GRAD_VERSION = 2
 STATISTICS = ("weight", "output_rms", "taylor", "fisher")
 _LABELS = {"weight": "weight-gradient norm", "output_rms": "output-gradient RMS",

@@ -52,7 +52,7 @@ CHOICES = ("mix", "minimax", "weighted")
 #: Part of every cache key: bump it when an item's stored format changes.
 ITEM_VERSION = 1
 #: The grids ``--executor ray`` distributes (validate._executor).
-GRIDS = "each language's activation capture (the per-layer analyses run in the driver)"
+EXECUTOR_GRIDS = "each language's activation capture (the per-layer analyses run in the driver)"
 
 
 @dataclass(frozen=True)

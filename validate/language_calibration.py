@@ -60,7 +60,7 @@ from validate._latex import MacroSet, Tex, tex_text, write_latex_table
 EXPERIMENT = "language_calibration"
 CELL_VERSION = 1
 #: The grid ``--executor ray`` distributes (validate._executor).
-GRIDS = "the baseline and every cell's pass (activation, weight and library cells)"
+EXECUTOR_GRIDS = "the baseline and every cell's pass (activation, weight and library cells)"
 DEFAULT_LANGUAGES = ("en", "he", "ar", "ja", "hi", "ru", "zh", "fr")
 CALIBRATION_SETS = ("en", "mix", "per_language", "heldout")
 WEIGHT_METHODS = ("absmax", "sweep", "imatrix", "imatrix_minimax")

@@ -61,7 +61,7 @@ from validate._sinks import PROFILE_VERSION, correlations, language_profile, sum
 EXPERIMENT = "outliers"
 SUPER_VERSION = 1
 #: The grids ``--executor ray`` distributes (validate._executor).
-GRIDS = ("the baseline and all-quantized passes, the super-weight restore and holdout passes, the single-block "
+EXECUTOR_GRIDS = ("the baseline and all-quantized passes, the super-weight restore and holdout passes, the single-block "
          "passes")
 
 

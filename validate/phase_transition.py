@@ -61,7 +61,7 @@ from validate._latex import MacroSet, Tex, finite, format_number, tex_text, writ
 
 EXPERIMENT = "phase_transition"
 #: The grids ``--executor ray`` distributes (validate._executor).
-GRIDS = "baseline and single-unit passes, pairs and training sets, the curves' next steps"
+EXECUTOR_GRIDS = "baseline and single-unit passes, pairs and training sets, the curves' next steps"
 RESULT_VERSION = 2  # 2: both metrics, curve models out of sample, rankings measured, zero-pass predictor
 PREQUANTIZED_NOTE = ("baseline is the dequantized Q4_K_M GGUF (weights already quantized to about "
                      "4-5 bits before this experiment)")

@@ -60,7 +60,7 @@ EXPERIMENT = "residual_ablation"
 ABLATION_VERSION = 1
 MODES = ("mean", "zero")
 #: The grids ``--executor ray`` distributes (validate._executor).
-GRIDS = "the baseline and single-block quantized passes; the baseline and every block's ablation passes"
+EXECUTOR_GRIDS = "the baseline and single-block quantized passes; the baseline and every block's ablation passes"
 
 
 @dataclass(frozen=True)
