@@ -203,6 +203,10 @@ class Executor:
 
     def map(self, spec: WorkerSpec | None, tasks: Sequence[Task], *, local: "Worker | Callable[[], Worker] | None" = None,
             cache=None, bar=None, desc: str | None = None) -> GridReport:
+        """Compute the tasks of ``tasks`` whose entry ``cache`` lacks (see the module docstring).
+        Progress goes to ``bar`` (the experiment's, as a postfix) or to a bar of the grid's own
+        (Ray always shows one; in process only with ``desc``). Raises :class:`GridError` naming
+        the failed tasks after the rest have completed."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -411,11 +415,11 @@ class RayExecutor(Executor):
         t0 = time.perf_counter()
         todo, cached = _pending(tasks, cache)
         report = GridReport(cached=cached)
-        own = bar is None and desc is not None
+        own = bar is None and bool(todo)  # without the experiment's bar, the grid shows its own
         if own:
             from validate._protocol import progress
 
-            bar = progress(total=len(todo) + cached, desc=desc, unit="task")
+            bar = progress(total=len(todo) + cached, desc=desc or f"Ray, {self.width} workers", unit="task")
             bar.update(cached)
         if not todo:
             if own:
