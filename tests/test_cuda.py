@@ -171,3 +171,40 @@ def test_cross_architecture_runs_on_cuda(tmp_path):
                   max_length=32, bootstrap=20, device="cuda")
     r = xa.run(c, ResultCache(tmp_path / "r" / xa.EXPERIMENT / "cache"))
     assert r["prediction_before_measurement"] is True and len(xa.claim_rows(r)) == 8
+
+
+def test_phase_transition_on_cuda_ray_workers_matches_cuda_in_process(ray_local, tmp_path):
+    """--device cuda --executor ray: a Ray actor that reserves the GPU computes the same passes as
+    this process on the same GPU (same kernels, so exactly equal)."""
+    import json
+
+    from validate import phase_transition as pt
+
+    if ray_local.cluster_resources().get("GPU", 0) < 1:
+        pytest.skip("the local Ray sees no GPU")
+    args = ["--model", "tiny-gpt2", "--unit", "linear", "--languages", "en", "he", "ja", "--segments", "3",
+            "--bootstrap", "50", "--max-length", "64", "--pairs", "3", "--stop-after", "1", "--device", "cuda"]
+    assert pt.main([*args, "--out", str(tmp_path / "serial")]) == 0
+    assert pt.main([*args, "--executor", "ray", "--workers", "1", "--out", str(tmp_path / "ray")]) == 0
+    docs = [json.loads((tmp_path / f / "phase_transition.json").read_text()) for f in ("serial", "ray")]
+    drop = ("provenance", "timing", "zero_pass")
+    assert [{k: v for k, v in d.items() if k not in drop} for d in docs][0] == \
+        [{k: v for k, v in d.items() if k not in drop} for d in docs][1]
+    assert docs[1]["provenance"]["executor"]["gpus_per_worker"] == 1.0
+
+
+def test_phase_transition_with_device_auto_on_cuda_matches_cuda(tmp_path):
+    """--device auto (accelerate's device map over the GPUs) gives the single-GPU numbers to float
+    round-off (other kernels may run on several devices)."""
+    import json
+
+    from validate import phase_transition as pt
+
+    args = ["--model", "tiny-gpt2", "--unit", "linear", "--languages", "en", "he", "ja", "--segments", "3",
+            "--bootstrap", "50", "--max-length", "64", "--pairs", "0", "--no-compare-rankings", "--stop-after", "1"]
+    assert pt.main([*args, "--device", "cuda", "--out", str(tmp_path / "cuda")]) == 0
+    assert pt.main([*args, "--device", "auto", "--out", str(tmp_path / "auto")]) == 0
+    a, b = [json.loads((tmp_path / f / "phase_transition.json").read_text()) for f in ("cuda", "auto")]
+    for u, v in zip(a["units"], b["units"]):
+        for lang, d in u["single_unit_degradation"].items():
+            assert v["single_unit_degradation"][lang] == pytest.approx(d, rel=1e-3, abs=1e-6)
