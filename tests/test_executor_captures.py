@@ -106,7 +106,7 @@ def test_gradient_worker_refuses_a_language_outside_the_run():
         w.compute({"language": "fr"})
     entries = w.compute({"language": "heb_Hebr"})   # the run's (FLORES) code
     assert len(entries) == 1 and entries[0][0]["language"] == "heb_Hebr" and entries[0][1]["windows"] == 1
-    assert entries[0][0] == w.grads.key("heb_Hebr")
+    assert entries[0][0] == w.items.key("heb_Hebr")
 
 
 def test_distribution_shift_on_ray_matches_in_process_and_resumes(ray_local, tmp_path, monkeypatch):

@@ -32,7 +32,7 @@ from validate._common import ResultCache
 __all__ = [
     "MechanismConfig", "Setup", "setup", "block_damage", "block_passes", "block_key", "BlockDamage", "language_windows",
     "correlation_ci", "resolved", "shared_cache", "DAMAGE_VERSION", "METHODS",
-    "base_config", "block_passes_worker", "worker_setup", "worker_block_passes",
+    "base_config", "block_passes_worker", "worker_setup", "worker_block_passes", "LanguageWorker",
 ]
 
 DAMAGE_VERSION = 1
@@ -303,6 +303,23 @@ def block_passes_worker(config: MechanismConfig, folder: str | None):
     from validate._passes import PassesWorker
 
     return PassesWorker(worker_block_passes(config, folder))
+
+
+class LanguageWorker:
+    """An executor worker (``validate._executor.Worker``) over an experiment's per-language items:
+    ``items`` has ``s`` (its :class:`Setup`, the model loaded once), ``get(language)`` (computes
+    and caches one language's item) and ``cache`` (a ``RecordingCache``). The payload
+    ``{"language": l}`` computes that language's item and returns its cache entries."""
+
+    def __init__(self, items):
+        self.items = items
+
+    def compute(self, payload) -> list:
+        lang = payload["language"]
+        if lang not in self.items.s.languages:
+            raise ValueError(f"language {lang!r} is not one of this run's {self.items.s.languages}")
+        self.items.get(lang)
+        return self.items.cache.drain()
 
 
 def block_damage(s: Setup, cache: ResultCache | None = None, progress: bool = True) -> BlockDamage:

@@ -120,7 +120,7 @@ def all_quantized_damage(s: mech.Setup, cache: ResultCache | None) -> tuple[dict
 
 class LanguageShifts:
     """Each language's cached activation shift (two captures of its windows), computed where the
-    cache lacks it; ``run`` and the remote :class:`ShiftWorker` both use it, so that they build
+    cache lacks it; ``run`` and the remote worker (:func:`shift_worker`) both use it, so that they build
     identical cache keys."""
 
     def __init__(self, c: Config, s: mech.Setup, cache):
@@ -175,27 +175,13 @@ class LanguageShifts:
         return sum(2 * len(self._windows(l)) for l in todo)
 
 
-class ShiftWorker:
-    """An executor worker (``validate._executor.Worker``): loads the model of ``c`` once; the
-    payload ``{"language": l}`` captures that language's activation shift and returns its cache
-    entry."""
+def shift_worker(c: Config, folder: str | None = None):
+    """The remote worker of the per-language activation shift (``validate._executor.WorkerSpec``):
+    loads the model of ``c`` once; the payload ``{"language": l}`` computes that language's item
+    (``validate._mechanisms.LanguageWorker``)."""
+    from validate._executor import RecordingCache
 
-    def __init__(self, c: Config, folder=None):
-        from validate._executor import RecordingCache
-
-        self.shifts = LanguageShifts(c, mech.setup(c), RecordingCache(read_from=folder))
-
-    def compute(self, payload) -> list:
-        lang = payload["language"]
-        if lang not in self.shifts.s.languages:
-            raise ValueError(f"language {lang!r} is not one of this run's {self.shifts.s.languages}")
-        self.shifts.get(lang)
-        return self.shifts.cache.drain()
-
-
-def shift_worker(c: Config, folder: str | None = None) -> ShiftWorker:
-    """The factory of :class:`ShiftWorker` (``validate._executor.WorkerSpec``)."""
-    return ShiftWorker(c, folder)
+    return mech.LanguageWorker(LanguageShifts(c, mech.setup(c), RecordingCache(read_from=folder)))
 
 
 def run(config: Config, cache: ResultCache | None = None) -> protocol.Result:

@@ -72,7 +72,7 @@ def _errors(fq, lins) -> dict:
 
 class LanguageGradients:
     """Each language's cached gradient statistics (one backward pass per window), computed where
-    the cache lacks them; ``run`` and the remote :class:`GradientWorker` both use it, so that they
+    the cache lacks them; ``run`` and the remote worker (:func:`gradient_worker`) both use it, so that they
     build identical cache keys."""
 
     def __init__(self, c: Config, s: mech.Setup, cache):
@@ -112,26 +112,13 @@ class LanguageGradients:
         return item
 
 
-class GradientWorker:
-    """An executor worker (``validate._executor.Worker``): loads the model of ``c`` once; the
-    payload ``{"language": l}`` computes that language's gradients and returns its cache entry."""
+def gradient_worker(c: Config, folder: str | None = None):
+    """The remote worker of the per-language gradients (``validate._executor.WorkerSpec``): loads the
+    model of ``c`` once; the payload ``{"language": l}`` computes that language's item
+    (``validate._mechanisms.LanguageWorker``)."""
+    from validate._executor import RecordingCache
 
-    def __init__(self, c: Config, folder=None):
-        from validate._executor import RecordingCache
-
-        self.grads = LanguageGradients(c, mech.setup(c), RecordingCache(read_from=folder))
-
-    def compute(self, payload) -> list:
-        lang = payload["language"]
-        if lang not in self.grads.s.languages:
-            raise ValueError(f"language {lang!r} is not one of this run's {self.grads.s.languages}")
-        self.grads.get(lang)
-        return self.grads.cache.drain()
-
-
-def gradient_worker(c: Config, folder: str | None = None) -> GradientWorker:
-    """The factory of :class:`GradientWorker` (``validate._executor.WorkerSpec``)."""
-    return GradientWorker(c, folder)
+    return mech.LanguageWorker(LanguageGradients(c, mech.setup(c), RecordingCache(read_from=folder)))
 
 
 def prefetch(grads: LanguageGradients, langs, cache) -> int:
