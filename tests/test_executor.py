@@ -262,3 +262,12 @@ def test_every_experiment_that_runs_passes_takes_the_executor_flags():
         else:
             assert isinstance(grids, str) and grids, name
             assert "--executor" in helptext and "--gpus-per-worker" in helptext, name
+
+
+def test_ray_refuses_workers_no_node_can_hold(ray_local, tmp_path):
+    """A GPU worker on a cluster without GPUs would wait for ever: refused, naming what is missing."""
+    if ray_local.cluster_resources().get("GPU", 0) >= 1:
+        pytest.skip("this Ray has a GPU")
+    with RayExecutor(workers=1, gpus_per_worker=1) as ex:
+        with pytest.raises(RuntimeError, match=r"needs 1 CPU and 1 GPU, but the cluster has 2 CPU and 0 GPU; run with --device cpu"):
+            ex.map(PROBE, probe_tasks([1]), cache=ResultCache(tmp_path / "c"))

@@ -393,7 +393,13 @@ class RayExecutor(Executor):
         return 0.0
 
     def _pool(self, gpu: float) -> list:
-        self._init()
+        ray = self._init()
+        have = ray.cluster_resources()
+        if gpu > have.get("GPU", 0) or self.cpus_per_worker > have.get("CPU", 0):
+            # an actor no node can hold would wait for ever
+            raise RuntimeError(f"a Ray worker needs {self.cpus_per_worker:g} CPU and {gpu:g} GPU, but the cluster has "
+                               f"{have.get('CPU', 0):g} CPU and {have.get('GPU', 0):g} GPU"
+                               + ("; run with --device cpu, or join a cluster with GPUs (--address)" if gpu else ""))
         if gpu != self._gpu and self._actors:
             self._kill_all()
         self._gpu = gpu
