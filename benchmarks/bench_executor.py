@@ -78,7 +78,7 @@ def main(argv=None) -> int:
     reference = entries(tmp / "inprocess")
     rows = [("in process", serial_s, None, True)]
 
-    ray.init(num_cpus=max(args.workers), include_dashboard=False, logging_level=logging.WARNING,
+    ray.init(address="local", num_cpus=max(args.workers), include_dashboard=False, logging_level=logging.WARNING,
              log_to_driver=False, object_store_memory=200 * 1024 * 1024)
     try:
         overhead = {}

@@ -48,7 +48,7 @@ def ray_local():
         ray = pytest.importorskip("ray", reason="Ray is not installed (pip install -e '.[distributed]')")
     import logging
 
-    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False,
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False,
              object_store_memory=200 * 1024 * 1024)
     yield ray
     ray.shutdown()

@@ -271,3 +271,35 @@ def test_ray_refuses_workers_no_node_can_hold(ray_local, tmp_path):
     with RayExecutor(workers=1, gpus_per_worker=1) as ex:
         with pytest.raises(RuntimeError, match=r"needs 1 CPU and 1 GPU, but the cluster has 2 CPU and 0 GPU; run with --device cpu"):
             ex.map(PROBE, probe_tasks([1]), cache=ResultCache(tmp_path / "c"))
+
+
+def test_the_command_line_joins_a_running_ray_by_address(ray_local, tmp_path):
+    """``python -m validate.phase_transition --executor ray --address ADDR`` in another process:
+    the experiment runs as __main__ there, and its workers must still import its factory by the
+    module's real name; the run joins this session's Ray instead of starting one."""
+    import subprocess
+
+    from validate import phase_transition as pt
+
+    address = ray_local.get_runtime_context().gcs_address
+    env = {**os.environ, "LANGQUANT_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "validate.phase_transition", *TINY_PT, "--executor", "ray", "--address", address,
+           "--workers", "2", "--out", str(tmp_path / "cli")]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    doc = read_json(tmp_path / "cli/phase_transition.json")
+    assert doc["provenance"]["executor"]["address"] == address
+    assert pt.main([*TINY_PT, "--out", str(tmp_path / "serial")]) == 0
+    assert _numbers(doc) == _numbers(read_json(tmp_path / "serial/phase_transition.json"))
+
+
+def test_a_spec_named_after_main_takes_the_module_it_was_run_as(monkeypatch):
+    import types
+
+    main = types.ModuleType("__main__")
+    main.__spec__ = types.SimpleNamespace(name="validate.phase_transition")
+    monkeypatch.setitem(sys.modules, "__main__", main)
+    assert WorkerSpec("__main__:passes_worker").factory == "validate.phase_transition:passes_worker"
+    main.__spec__ = None  # a script run by path: nothing a worker could import
+    with pytest.raises(ValueError, match="cannot be imported by a worker"):
+        WorkerSpec("__main__:f")

@@ -84,6 +84,17 @@ class WorkerSpec:
     def __post_init__(self):
         if ":" not in self.factory:
             raise ValueError(f"WorkerSpec.factory {self.factory!r}: expected 'module:function'")
+        module, _, name = self.factory.partition(":")
+        if module == "__main__":
+            # ``python -m validate.x`` runs the module as __main__, a name no worker can import:
+            # name it by what it was run as
+            import sys
+
+            spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+            if spec is None or not spec.name or spec.name == "__main__":
+                raise ValueError(f"WorkerSpec.factory {self.factory!r}: a script's functions cannot be imported "
+                                 "by a worker; put the factory in an importable module")
+            object.__setattr__(self, "factory", f"{spec.name}:{name}")
 
     def build(self) -> "Worker":
         module, _, name = self.factory.partition(":")
@@ -342,7 +353,7 @@ class RayExecutor(Executor):
                 ray.init(address=self.address, **kw)
             else:
                 cpus = int(max(1, round((self._workers or os.cpu_count() or 1) * self.cpus_per_worker)))
-                ray.init(num_cpus=cpus, object_store_memory=200 * 1024 * 1024, **kw)
+                ray.init(address="local", num_cpus=cpus, object_store_memory=200 * 1024 * 1024, **kw)
             self._started = True
         self._ray = ray
         return ray
