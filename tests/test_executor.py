@@ -303,3 +303,15 @@ def test_a_spec_named_after_main_takes_the_module_it_was_run_as(monkeypatch):
     main.__spec__ = None  # a script run by path: nothing a worker could import
     with pytest.raises(ValueError, match="cannot be imported by a worker"):
         WorkerSpec("__main__:f")
+
+
+def test_executor_ray_without_ray_is_refused_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    from validate import phase_transition as pt
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real(name, *a))
+    monkeypatch.setattr(pt, "build", lambda *a, **k: pytest.fail("the model loaded"))
+    assert pt.main([*TINY_PT, "--executor", "ray", "--out", str(tmp_path)]) == 2
+    assert 'Ray is not installed; install it with: pip install -e ".[distributed]"' in capsys.readouterr().err

@@ -41,7 +41,7 @@ from collections import deque
 from typing import Any, Callable, Iterator, Mapping, Protocol, Sequence
 
 __all__ = [
-    "Task", "WorkerSpec", "Worker", "GridReport", "GridError", "Executor", "InProcessExecutor", "RayExecutor",
+    "Task", "WorkerSpec", "Worker", "GridReport", "GridError", "ExecutorError", "Executor", "InProcessExecutor", "RayExecutor",
     "RecordingCache", "make_executor", "current", "using", "EXECUTORS", "probe_worker", "ProbeWorker",
 ]
 
@@ -155,6 +155,10 @@ class GridReport:
     wall_seconds: float = 0.0
     workers_lost: int = 0
     retries: int = 0
+
+
+class ExecutorError(RuntimeError):
+    """The executor cannot run where it was asked to (Ray missing, a worker no node can hold)."""
 
 
 class GridError(RuntimeError):
@@ -343,7 +347,7 @@ class RayExecutor(Executor):
         try:
             import ray
         except ImportError:
-            raise RuntimeError("--executor ray needs Ray: pip install -e \".[distributed]\"") from None
+            raise ExecutorError("--executor ray needs Ray: pip install -e \".[distributed]\"") from None
         if not ray.is_initialized():
             import logging
 
@@ -408,7 +412,7 @@ class RayExecutor(Executor):
         have = ray.cluster_resources()
         if gpu > have.get("GPU", 0) or self.cpus_per_worker > have.get("CPU", 0):
             # an actor no node can hold would wait for ever
-            raise RuntimeError(f"a Ray worker needs {self.cpus_per_worker:g} CPU and {gpu:g} GPU, but the cluster has "
+            raise ExecutorError(f"a Ray worker needs {self.cpus_per_worker:g} CPU and {gpu:g} GPU, but the cluster has "
                                f"{have.get('CPU', 0):g} CPU and {have.get('GPU', 0):g} GPU"
                                + ("; run with --device cpu, or join a cluster with GPUs (--address)" if gpu else ""))
         if gpu != self._gpu and self._actors:

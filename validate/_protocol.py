@@ -160,6 +160,11 @@ def parse_args(module, argv: Sequence[str] | None = None):
         raise ConfigError("--address is for --executor ray")
     if ex.get("workers") is not None and ex["workers"] < 1:
         raise ConfigError(f"--workers must be a positive integer, got {ex['workers']}")
+    if ex.get("executor") == "ray":
+        import importlib.util
+
+        if importlib.util.find_spec("ray") is None:  # refused before any model is loaded
+            raise ConfigError("--executor ray: Ray is not installed; install it with: pip install -e \".[distributed]\"")
     out = args.pop("out") or default_out_dir(module.EXPERIMENT)
     quick = args.pop("quick")
     base = module.Config.quick() if quick else module.Config()
@@ -236,7 +241,7 @@ def main_of(module_name: str, argv: Sequence[str] | None = None) -> int:
         return 2
     except SystemExit as exc:  # argparse: --help (0) or a malformed flag (2, already printed)
         return int(exc.code or 0)
-    from validate._executor import GridError, make_executor, using
+    from validate._executor import ExecutorError, GridError, make_executor, using
 
     t0 = time.perf_counter()
     executor = make_executor(ex_args.get("executor", "inprocess"), ex_args.get("address"), ex_args.get("workers"),
@@ -247,6 +252,9 @@ def main_of(module_name: str, argv: Sequence[str] | None = None) -> int:
         except GridError as exc:  # the rest of the grid is cached; the failed tasks are named
             print(f"{prog}: error: {exc}", file=sys.stderr)
             return 1
+        except ExecutorError as exc:  # workers that cannot start where asked (no Ray, no GPU node)
+            print(f"{prog}: error: {exc}", file=sys.stderr)
+            return 2
         described = executor.describe()
     result.provenance = result.provenance or provenance(**dataclasses.asdict(config), quick=quick)
     if ex_args:
