@@ -55,7 +55,7 @@ from empirical import probes
 from validate import _protocol as protocol
 from validate._common import ResultCache, save_figure, use_agg, write_csv, write_json
 from validate._latex import MacroSet, Tex, format_number, tex_text, write_latex_table
-from validate._mechanisms import MechanismConfig, block_damage, correlation_ci, resolved, setup
+from validate._mechanisms import MechanismConfig, block_damage, correlation_ci, resolved, setup, worker_setup
 
 EXPERIMENT = "bottleneck"
 #: The grids ``--executor ray`` distributes (validate._executor).
@@ -266,7 +266,7 @@ class ProbeWorker:
     def __init__(self, c: Config, folder=None):
         from validate._executor import RecordingCache
 
-        self.c, self.s = c, setup(c)
+        self.c, self.s = c, worker_setup(c)  # shared with this process's block-pass worker
         self.cache = RecordingCache(read_from=folder)
         self.windows = self.s.windows()
 

@@ -42,7 +42,7 @@ import numpy as np
 from validate import _protocol as protocol
 from validate._common import ResultCache, save_figure, use_agg, write_csv, write_json
 from validate._latex import MacroSet, Tex, tex_text, write_latex_table
-from validate._mechanisms import MechanismConfig, block_damage, correlation_ci, resolved, setup
+from validate._mechanisms import MechanismConfig, block_damage, correlation_ci, resolved, setup, worker_setup
 
 EXPERIMENT = "cka"
 CKA_VERSION = 1
@@ -225,7 +225,8 @@ class CkaWorker:
     def __init__(self, c: Config, folder=None):
         from validate._executor import RecordingCache
 
-        self.items = CkaItems(c, setup(c), RecordingCache(read_from=folder))
+        # the model this process's block-pass worker loaded, if any
+        self.items = CkaItems(c, worker_setup(c), RecordingCache(read_from=folder))
 
     def compute(self, payload) -> list:
         lang = payload["language"]

@@ -181,7 +181,7 @@ def shift_worker(c: Config, folder: str | None = None):
     (``validate._mechanisms.LanguageWorker``)."""
     from validate._executor import RecordingCache
 
-    return mech.LanguageWorker(LanguageShifts(c, mech.setup(c), RecordingCache(read_from=folder)))
+    return mech.LanguageWorker(LanguageShifts(c, mech.worker_setup(c), RecordingCache(read_from=folder)))
 
 
 def run(config: Config, cache: ResultCache | None = None) -> protocol.Result:

@@ -118,7 +118,7 @@ def gradient_worker(c: Config, folder: str | None = None):
     (``validate._mechanisms.LanguageWorker``)."""
     from validate._executor import RecordingCache
 
-    return mech.LanguageWorker(LanguageGradients(c, mech.setup(c), RecordingCache(read_from=folder)))
+    return mech.LanguageWorker(LanguageGradients(c, mech.worker_setup(c), RecordingCache(read_from=folder)))
 
 
 def prefetch(grads: LanguageGradients, langs, cache) -> int:
